@@ -1,0 +1,58 @@
+"""The PretrainJob API (group pretrain.dev, version v1alpha1): spec, status, parsing.
+
+Pure: imports pydantic and the trainer's config types, never kopf, kubernetes or torch.
+"""
+
+from .job import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    PLURAL,
+    SHORT_NAMES,
+    SINGULAR,
+    VERSION,
+    ObjectMeta,
+    PretrainJob,
+    parse_job,
+)
+from .spec import ElasticConfig, PretrainJobSpec, Resources, Toleration, WorkerCounts
+from .status import (
+    CheckpointStatus,
+    Condition,
+    ConditionType,
+    JobStatus,
+    Phase,
+    Reason,
+    RestartsStatus,
+    StageRecord,
+    StageStatus,
+    WorkersStatus,
+)
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "KIND",
+    "PLURAL",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "VERSION",
+    "CheckpointStatus",
+    "Condition",
+    "ConditionType",
+    "ElasticConfig",
+    "JobStatus",
+    "ObjectMeta",
+    "Phase",
+    "PretrainJob",
+    "PretrainJobSpec",
+    "Reason",
+    "Resources",
+    "RestartsStatus",
+    "StageRecord",
+    "StageStatus",
+    "Toleration",
+    "WorkerCounts",
+    "WorkersStatus",
+    "parse_job",
+]

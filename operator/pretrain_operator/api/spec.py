@@ -1,0 +1,194 @@
+"""The PretrainJob spec: a :class:`RunConfig` plus how to run it on a cluster.
+
+Owns the rules that need both halves: which worker counts keep each stage's global batch
+exact (DESIGN 4, "only world sizes that divide it are used").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from pretrain_trainer.config import Problem, RunConfig, Spec, Stage
+from pretrain_trainer.config.base import Count
+
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _quantity_text(value: Any) -> Any:
+    # Kubernetes accepts `8` and `"8"` alike; keep one type inside the model.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    Field(pattern=QUANTITY, max_length=64),
+    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+]
+LabelMap = Annotated[dict[str, Annotated[str, Field(max_length=253)]], Field(max_length=64)]
+
+
+class Resources(Spec):
+    """Compute resources of each worker pod (the trainer container)."""
+
+    requests: dict[Annotated[str, Field(max_length=253)], Quantity] = {}
+    """Resources the scheduler reserves, e.g. cpu: 16, memory: 200Gi."""
+    limits: dict[Annotated[str, Field(max_length=253)], Quantity] = {}
+    """Upper bounds; accelerators go here, e.g. nvidia.com/gpu: 8."""
+
+    def gpus(self) -> int | None:
+        value = self.limits.get(GPU_RESOURCE, self.requests.get(GPU_RESOURCE))
+        return int(value) if value is not None and value.isdigit() else None
+
+
+class Toleration(Spec):
+    """A Kubernetes toleration for the worker pods."""
+
+    key: str | None = None
+    """Taint key; empty with operator Exists matches every taint."""
+    operator: Literal["Exists", "Equal"] | None = None
+    """Exists or Equal (the default)."""
+    value: str | None = None
+    """Taint value for operator Equal."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; empty matches all."""
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+    """For NoExecute: how long the pod stays bound after the taint appears."""
+
+
+class ElasticConfig(Spec):
+    """How the worker group grows, shrinks and restarts."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxWorkers) || !has(self.minWorkers) "
+                    "|| self.minWorkers <= self.maxWorkers",
+                    "message": "minWorkers must not exceed maxWorkers",
+                }
+            ]
+        }
+    )
+
+    min_workers: Count = 1
+    """Fewest workers (pods) the job trains with; below it the job waits for capacity."""
+    max_workers: Count | None = None
+    """Most workers the job uses; defaults to minWorkers (a fixed-size job)."""
+    max_restarts: Annotated[int, Field(ge=0, le=1_000_000)] = 10
+    """Group restarts (for any reason but a resize) before the job is marked Failed."""
+    restart_backoff_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    """Delay before a restart after a failure; doubles on consecutive failures."""
+    scale_up_cooldown_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    """Time to wait after a resize before growing again, so flapping nodes do not thrash."""
+
+    @property
+    def max_count(self) -> int:
+        return self.max_workers if self.max_workers is not None else self.min_workers
+
+
+@dataclass(frozen=True)
+class WorkerCounts:
+    """The worker counts a stage may run with, and which of them keep the batch exact."""
+
+    low: int
+    high: int
+    usable: tuple[int, ...]
+
+    def impossible(self) -> str:
+        """The counts in [low, high] that are not usable, as compact ranges."""
+        gaps, previous = [], self.low - 1
+        for count in (*self.usable, self.high + 1):
+            if count - previous > 1:
+                first, last = previous + 1, count - 1
+                gaps.append(str(first) if first == last else f"{first}-{last}")
+            previous = count
+        return ", ".join(gaps)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)})
+
+
+class PretrainJobSpec(RunConfig):
+    """Desired state of a PretrainJob: the training run and how to run it on the cluster."""
+
+    image: Annotated[str, Field(min_length=1, max_length=1024)]
+    """Trainer container image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    """Image pull policy of the trainer container."""
+    resources: Resources = Resources()
+    """Resources of each worker pod."""
+    nproc_per_worker: Annotated[int, Field(ge=1, le=256)] = 1
+    """Trainer processes per worker pod (one per accelerator)."""
+    node_selector: LabelMap = {}
+    """Node labels the worker pods require."""
+    tolerations: Annotated[list[Toleration], Field(max_length=64)] = []
+    """Tolerations of the worker pods."""
+    priority_class_name: Annotated[str, Field(max_length=253)] | None = None
+    """PriorityClass of the worker pods (preemption order)."""
+    scheduler_name: Annotated[str, Field(max_length=253)] | None = None
+    """Scheduler of the worker pods (e.g. volcano)."""
+    queue_name: Annotated[str, Field(max_length=253)] | None = None
+    """Kueue LocalQueue to admit the job through."""
+    elastic: ElasticConfig = ElasticConfig()
+    """Elastic policy: worker bounds, restarts, back-off and cool-down."""
+    suspend: bool = False
+    """Stop all workers and keep the checkpoints; set back to false to resume."""
+
+    def worker_counts(self, stage: Stage) -> WorkerCounts:
+        low, high = (
+            (stage.workers.min, stage.workers.max)
+            if stage.workers is not None
+            else (self.elastic.min_workers, self.elastic.max_count)
+        )
+        unit = stage.micro_batch_size * self.nproc_per_worker
+        if stage.global_batch_size % unit:
+            return WorkerCounts(low, high, ())
+        divisors = _divisors(stage.global_batch_size // unit)
+        return WorkerCounts(low, high, tuple(d for d in divisors if low <= d <= high))
+
+    def problems(self) -> Iterator[Problem]:
+        yield from super().problems()
+        if self.elastic.min_workers > self.elastic.max_count:
+            yield Problem(
+                ("elastic", "minWorkers"),
+                f"({self.elastic.min_workers}) exceeds maxWorkers ({self.elastic.max_count})",
+            )
+        for i, stage in enumerate(self.stages):
+            counts = self.worker_counts(stage)
+            if counts.low > counts.high or counts.usable:
+                continue
+            yield Problem(
+                ("stages", i, "globalBatchSize"),
+                f"({stage.global_batch_size}) is not divisible by microBatchSize "
+                f"({stage.micro_batch_size}) x nprocPerWorker ({self.nproc_per_worker}) x workers "
+                f"for any worker count in {counts.low}..{counts.high}; impossible: "
+                f"{counts.impossible()}",
+            )
+
+    def warnings(self) -> Iterator[Problem]:
+        """Legal but probably unintended settings, worth showing a user."""
+        for i, stage in enumerate(self.stages):
+            counts = self.worker_counts(stage)
+            skipped = counts.impossible()
+            if counts.usable and skipped:
+                yield Problem(
+                    ("stages", i, "globalBatchSize"),
+                    f"worker counts {skipped} cannot keep the global batch of "
+                    f"{stage.global_batch_size} exact and are never used "
+                    f"(usable: {', '.join(map(str, counts.usable))})",
+                )
+        gpus = self.resources.gpus()
+        if gpus is not None and gpus != self.nproc_per_worker:
+            yield Problem(
+                ("nprocPerWorker",),
+                f"({self.nproc_per_worker}) differs from the {gpus} GPUs each worker requests",
+            )

@@ -1,0 +1,95 @@
+"""`pretrainctl`: the command-line entry point. Thin: parses arguments, calls the layers."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from pretrain_trainer.config import SpecError
+
+from . import __version__
+from .api import parse_job
+from .manifests import ManifestError, read_documents
+
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+
+def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            docs = read_documents(Path(path))
+        except ManifestError as error:
+            err.print(f"error: {error}", markup=False, highlight=False)
+            status = EXIT_INVALID
+            continue
+        for index, doc in enumerate(docs):
+            where = path if len(docs) == 1 else f"{path} (document {index + 1})"
+            try:
+                job = parse_job(doc)
+            except SpecError as error:
+                err.print(f"{where}: invalid PretrainJob:", markup=False, highlight=False)
+                for problem in error.problems:
+                    err.print(f"  {problem}", markup=False, highlight=False)
+                status = EXIT_INVALID
+                continue
+            if args.quiet:
+                out.print(f"{where}: valid", markup=False, highlight=False)
+            else:
+                from .summary import summary
+
+                out.print(summary(job))
+    return status
+
+
+def _crd(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from .crd import crd_yaml
+
+    text = crd_yaml()
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="pretrainctl",
+        description="Elastic multi-stage pretraining on Kubernetes or on this machine.",
+    )
+    root.add_argument("--version", action="version", version=f"pretrainctl {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser(
+        "validate",
+        help="check PretrainJob files and summarise their stages",
+        description="Exit 0 and print a summary per valid job; exit 2 listing every problem, "
+        "with its field path, for an invalid one.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("-q", "--quiet", action="store_true", help="print no summary")
+    validate.set_defaults(run=_validate)
+
+    crd = commands.add_parser("crd", help="print the PretrainJob CustomResourceDefinition")
+    crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    crd.set_defaults(run=_crd)
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    out, err = Console(), Console(stderr=True)
+    try:
+        return int(args.run(args, out, err))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""A one-screen summary of a validated job: what `pretrainctl validate` prints."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.text import Text
+
+from pretrain_trainer.config import Stage
+
+from .api import PretrainJob
+
+
+def human(n: float) -> str:
+    """Compact counts for people: 1.3B, 200M, 12.5K."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:g}"
+
+
+def _budget(stage: Stage, job: PretrainJob) -> str:
+    model = job.spec.model
+    steps, tokens = stage.total_steps(model), stage.tokens_per_step(model)
+    shape = f"{stage.global_batch_size} seqs x {stage.seq_len_for(model)} tokens"
+    if stage.budget.steps is not None:
+        return f"{human(steps)} steps x {shape} = {human(steps * tokens)} tokens"
+    return f"{human(stage.budget.tokens or 0)} tokens = {human(steps)} steps x {shape}"
+
+
+def _world_sizes(stage: Stage, job: PretrainJob) -> str:
+    nproc = job.spec.nproc_per_worker
+    shown = [
+        f"{w} (accum {stage.gradient_accumulation(w * nproc)})"
+        for w in job.spec.worker_counts(stage).usable
+    ]
+    if len(shown) > 8:
+        shown = [*shown[:4], "...", *shown[-3:]]
+    return f"micro batch {stage.micro_batch_size}; workers " + ", ".join(shown)
+
+
+def _schedule(stage: Stage) -> str:
+    schedule, lr = stage.lr_schedule, stage.optimizer.lr
+    warmup = f"warmup {schedule.warmup_steps} to " if schedule.warmup_steps else ""
+    if schedule.decay == "constant":
+        return f"{warmup}{lr:g}, constant"
+    return f"{warmup}{lr:g}, {schedule.decay} decay to {schedule.final_lr_for(lr):g}"
+
+
+def _mix(stage: Stage) -> str:
+    total = sum(stage.data_mix.values())
+    return ", ".join(f"{name} {w / total:.0%}" for name, w in stage.data_mix.items() if w)
+
+
+def _training(stage: Stage) -> str:
+    parts = [
+        stage.precision,
+        f"ZeRO-{stage.zero_stage}",
+        f"weight decay {stage.optimizer.weight_decay:g}",
+        f"clip {stage.grad_clip:g}" if stage.grad_clip else "no clipping",
+    ]
+    if stage.dropout:
+        parts.append(f"dropout {stage.dropout:g}")
+    if stage.label_smoothing:
+        parts.append(f"label smoothing {stage.label_smoothing:g}")
+    if stage.freeze:
+        parts.append("frozen " + ", ".join(stage.freeze))
+    return ", ".join(parts)
+
+
+def summary(job: PretrainJob) -> Group:
+    spec, model = job.spec, job.spec.model
+    kv = f" ({model.kv_head_count} kv)" if model.kv_heads else ""
+    moe = f", MoE {model.moe.experts} experts top-{model.moe.top_k}" if model.moe else ""
+    lines = [
+        Text.assemble((job.name, "bold"), ": valid PretrainJob"),
+        Text(
+            f"  model     {human(model.num_params())} params: {model.layers} layers, hidden "
+            f"{model.hidden}, {model.heads} heads{kv}, vocab {model.vocab_size}, "
+            f"context {model.seq_len}{moe}"
+        ),
+        Text(
+            f"  workers   {spec.elastic.min_workers}..{spec.elastic.max_count} x "
+            f"{spec.nproc_per_worker} process(es); checkpoint every "
+            f"{spec.checkpoint.interval_steps} steps to {spec.checkpoint.path}"
+        ),
+    ]
+    for i, stage in enumerate(spec.stages):
+        lines += [
+            Text.assemble((f"  stage {i} {stage.name}", "bold cyan")),
+            Text(f"    budget  {_budget(stage, job)}"),
+            Text(f"    batch   {_world_sizes(stage, job)}"),
+            Text(f"    lr      {_schedule(stage)}"),
+            Text(f"    data    {_mix(stage)}"),
+            Text(f"    train   {_training(stage)}"),
+        ]
+    lines += [Text(f"warning: {w}", style="yellow") for w in job.warnings()]
+    return Group(*lines)

@@ -1,0 +1,36 @@
+"""Typed configuration of a training run. Imports neither torch nor Kubernetes libraries."""
+
+from .base import Checked, Problem, Spec, SpecError, format_counts, format_path
+from .model import MODULE_ROOTS, ModelConfig, MoE
+from .training import (
+    Budget,
+    CheckpointConfig,
+    DataConfig,
+    DataSource,
+    LRSchedule,
+    Optimizer,
+    RunConfig,
+    Stage,
+    WorkerRange,
+)
+
+__all__ = [
+    "MODULE_ROOTS",
+    "Budget",
+    "CheckpointConfig",
+    "Checked",
+    "DataConfig",
+    "DataSource",
+    "LRSchedule",
+    "MoE",
+    "ModelConfig",
+    "Optimizer",
+    "Problem",
+    "RunConfig",
+    "Spec",
+    "SpecError",
+    "Stage",
+    "WorkerRange",
+    "format_counts",
+    "format_path",
+]
