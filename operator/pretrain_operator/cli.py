@@ -7,9 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
-
 from pretrain_trainer.config import SpecError
+from rich.console import Console
 
 from . import __version__
 from .api import parse_job
@@ -19,13 +18,18 @@ EXIT_OK = 0
 EXIT_INVALID = 2
 
 
-def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _error(line: str) -> None:
+    # Plain lines, never wrapped or styled: people grep them and tests read them.
+    print(line, file=sys.stderr)
+
+
+def _validate(args: argparse.Namespace, out: Console) -> int:
     status = EXIT_OK
     for path in args.files:
         try:
             docs = read_documents(Path(path))
         except ManifestError as error:
-            err.print(f"error: {error}", markup=False, highlight=False)
+            _error(f"error: {error}")
             status = EXIT_INVALID
             continue
         for index, doc in enumerate(docs):
@@ -33,9 +37,9 @@ def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
             try:
                 job = parse_job(doc)
             except SpecError as error:
-                err.print(f"{where}: invalid PretrainJob:", markup=False, highlight=False)
+                _error(f"{where}: invalid PretrainJob:")
                 for problem in error.problems:
-                    err.print(f"  {problem}", markup=False, highlight=False)
+                    _error(f"  {problem}")
                 status = EXIT_INVALID
                 continue
             if args.quiet:
@@ -47,7 +51,7 @@ def _validate(args: argparse.Namespace, out: Console, err: Console) -> int:
     return status
 
 
-def _crd(args: argparse.Namespace, out: Console, err: Console) -> int:
+def _crd(args: argparse.Namespace, out: Console) -> int:
     from .crd import crd_yaml
 
     text = crd_yaml()
@@ -84,9 +88,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    out, err = Console(), Console(stderr=True)
+    out = Console(soft_wrap=True)
     try:
-        return int(args.run(args, out, err))
+        return int(args.run(args, out))
     except KeyboardInterrupt:
         return 130
 

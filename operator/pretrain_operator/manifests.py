@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-
 from pretrain_trainer.config import SpecError
 
 from .api import PretrainJob, parse_job
@@ -20,7 +19,8 @@ def read_documents(path: Path) -> list[object]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ManifestError(f"{path}: cannot read: {getattr(error, 'strerror', None) or error}")
+        reason = getattr(error, "strerror", None) or error
+        raise ManifestError(f"{path}: cannot read: {reason}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as error:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from pretrain_trainer.config import Stage
 from rich.console import Group
 from rich.text import Text
-
-from pretrain_trainer.config import Stage
 
 from .api import PretrainJob
 

@@ -6,9 +6,9 @@ import copy
 from typing import Any
 
 import pytest
-
 from pretrain_operator.api import PretrainJob, parse_job
 from pretrain_trainer.config import SpecError
+
 from tests.conftest import minimal_job, with_stage
 
 BASE = minimal_job()
@@ -260,8 +260,12 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("doc", "path", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_invalid_spec_is_rejected_naming_the_field(doc: dict[str, Any], path: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("doc", "path", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_invalid_spec_is_rejected_naming_the_field(
+    doc: dict[str, Any], path: str, words: str
+) -> None:
     with pytest.raises(SpecError) as caught:
         parse_job(doc)
     matching = [str(p) for p in caught.value.problems if str(p).startswith(f"{path}: ")]

@@ -9,11 +9,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
-
 from pretrain_trainer.config import Problem, SpecError
 from pretrain_trainer.config.base import DNS_LABEL, problems_from_validation_error
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
 
 from .spec import PretrainJobSpec
 from .status import JobStatus

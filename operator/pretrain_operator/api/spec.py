@@ -11,10 +11,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
-
 from pretrain_trainer.config import Problem, RunConfig, Spec, Stage
 from pretrain_trainer.config.base import Count
+from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 GPU_RESOURCE = "nvidia.com/gpu"

@@ -17,8 +17,8 @@ from .training import (
 __all__ = [
     "MODULE_ROOTS",
     "Budget",
-    "CheckpointConfig",
     "Checked",
+    "CheckpointConfig",
     "DataConfig",
     "DataSource",
     "LRSchedule",

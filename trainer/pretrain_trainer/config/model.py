@@ -45,7 +45,7 @@ class ModelConfig(Spec):
     kv_heads: Annotated[int, Field(gt=0, le=1024)] | None = None
     """Key/value heads for grouped-query attention; defaults to heads (multi-head attention)."""
     ffn_hidden: Annotated[int, Field(gt=0, le=1048576)] | None = None
-    """Feed-forward width; defaults to 8/3 x hidden rounded up to a multiple of 64."""
+    """Feed-forward width; defaults to 8/3 x hidden rounded up to a multiple of 256 (as Llama)."""
     vocab_size: Annotated[int, Field(gt=0, le=2**24)]
     """Vocabulary size; token shards must hold ids below it."""
     seq_len: Annotated[int, Field(gt=0, le=2**20)]
@@ -71,7 +71,7 @@ class ModelConfig(Spec):
     def ffn_width(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        return -(-8 * self.hidden // (3 * 64)) * 64
+        return -(-8 * self.hidden // (3 * 256)) * 256
 
     def num_params(self, *, active: bool = False) -> int:
         """Parameter count; with ``active``, only the experts a token is routed to count."""
@@ -108,10 +108,15 @@ class ModelConfig(Spec):
         """Why a `freeze` prefix names no module of this model, or None when it does."""
         parts = prefix.split(".")
         if parts[0] not in MODULE_ROOTS:
-            return f"{prefix!r} names no module; prefixes start with one of {', '.join(MODULE_ROOTS)}"
-        if parts[0] == "layers" and len(parts) > 1:
-            if not parts[1].isdigit() or int(parts[1]) >= self.layers:
-                return f"{prefix!r}: layer index must be 0..{self.layers - 1}"
+            return (
+                f"{prefix!r} names no module; prefixes start with one of {', '.join(MODULE_ROOTS)}"
+            )
+        if (
+            parts[0] == "layers"
+            and len(parts) > 1
+            and (not parts[1].isdigit() or int(parts[1]) >= self.layers)
+        ):
+            return f"{prefix!r}: layer index must be 0..{self.layers - 1}"
         if parts[0] == "head" and self.tie_embeddings:
             return "'head' is tied to 'embed' (tieEmbeddings); freeze 'embed' instead"
         return None

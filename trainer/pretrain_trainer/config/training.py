@@ -92,9 +92,9 @@ class LRSchedule(Spec):
     decay_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     """Cosine/linear: fraction of the post-warmup steps spent decaying; the lr holds at its peak
     before that (warmup-stable-decay when below 1)."""
-    milestones: Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(max_length=64)] | None = (
-        None
-    )
+    milestones: (
+        Annotated[list[Annotated[float, Field(gt=0, lt=1)]], Field(max_length=64)] | None
+    ) = None
     """Step decay: fractions of the post-warmup steps at which the lr drops by equal factors,
     reaching finalLr at the last one; defaults to [0.8, 0.9]."""
 
@@ -128,7 +128,9 @@ class LRSchedule(Spec):
         elif self.final_lr is not None and self.final_lr > lr:
             yield Problem(("finalLr",), f"({self.final_lr:g}) is above the peak lr ({lr:g})")
         if self.decay not in ("cosine", "linear") and self.decay_fraction != 1.0:
-            yield Problem(("decayFraction",), f"applies to cosine and linear decay, not {self.decay}")
+            yield Problem(
+                ("decayFraction",), f"applies to cosine and linear decay, not {self.decay}"
+            )
         if self.milestones is not None:
             if self.decay != "step":
                 yield Problem(("milestones",), f"applies to step decay, not {self.decay}")
@@ -224,7 +226,9 @@ class Stage(Spec):
             )
         total = sum(self.data_mix.values())
         if not unknown and (total <= 0 or not math.isfinite(total)):
-            yield Problem(("dataMix",), f"weights must sum to a positive finite number, not {total}")
+            yield Problem(
+                ("dataMix",), f"weights must sum to a positive finite number, not {total}"
+            )
         if self.global_batch_size % self.micro_batch_size:
             yield Problem(
                 ("globalBatchSize",),
@@ -258,7 +262,7 @@ class CheckpointConfig(Spec):
     """Where and how often checkpoints are written."""
 
     path: Annotated[str, Field(min_length=1, max_length=4096)] = "/checkpoints"
-    """Root directory (a shared volume on Kubernetes); the job's checkpoints go under <path>/<job>/."""
+    """Root directory (a shared volume on Kubernetes); checkpoints go under <path>/<job>/."""
     interval_steps: Count = 100
     """Save every this many optimizer steps (and always at the end of a stage)."""
     keep: Annotated[int, Field(ge=1, le=10000)] = 3

@@ -1,0 +1,124 @@
+"""The pure arithmetic the trainer and planner rely on: lr schedules, batch splits, sizes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pretrain_operator.api import WorkerCounts
+from pretrain_operator.api.spec import _divisors
+from pretrain_trainer.config import LRSchedule, ModelConfig, MoE, Stage
+
+LR = 1e-3
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "expected"),
+    [
+        (LRSchedule(warmup_steps=10, decay="constant"), 0, LR / 10),
+        (LRSchedule(warmup_steps=10, decay="constant"), 4, LR / 2),
+        (LRSchedule(warmup_steps=10, decay="constant"), 99, LR),
+        (LRSchedule(decay="cosine", final_lr=1e-4), 0, LR),
+        (LRSchedule(decay="cosine", final_lr=1e-4), 50, (LR + 1e-4) / 2),
+        (LRSchedule(decay="cosine", final_lr=1e-4), 100, 1e-4),
+        (LRSchedule(decay="cosine"), 100, LR / 10),  # default final lr
+        (LRSchedule(decay="linear", final_lr=0.0), 25, 0.75 * LR),
+        (LRSchedule(decay="linear", final_lr=0.0, decay_fraction=0.2), 79, LR),  # stable phase
+        (LRSchedule(decay="linear", final_lr=0.0, decay_fraction=0.2), 90, LR / 2),
+        (LRSchedule(decay="step", final_lr=1e-5), 79, LR),
+        (LRSchedule(decay="step", final_lr=1e-5), 80, 1e-4),  # one of two drops
+        (LRSchedule(decay="step", final_lr=1e-5), 95, 1e-5),
+        (LRSchedule(decay="step", final_lr=1e-5, milestones=[0.5]), 60, 1e-5),
+        (LRSchedule(warmup_steps=20, decay="linear", final_lr=0.0), 60, LR / 2),
+    ],
+)
+def test_lr_schedule(schedule: LRSchedule, step: int, expected: float) -> None:
+    assert math.isclose(schedule.lr_at(step, total_steps=100, lr=LR), expected, rel_tol=1e-9)
+
+
+@given(
+    decay=st.sampled_from(["constant", "cosine", "linear", "step"]),
+    warmup=st.integers(0, 50),
+    total=st.integers(51, 500),
+)
+def test_lr_never_exceeds_peak_nor_falls_below_final(decay: str, warmup: int, total: int) -> None:
+    schedule = LRSchedule(warmup_steps=warmup, decay=decay, final_lr=None)  # type: ignore[arg-type]
+    final = schedule.final_lr_for(LR)
+    rates = [schedule.lr_at(s, total_steps=total, lr=LR) for s in range(total)]
+    assert max(rates) <= LR * (1 + 1e-12)
+    assert min(rates[warmup:]) >= final * (1 - 1e-12)
+    assert all(
+        b <= a * (1 + 1e-12) for a, b in zip(rates[warmup:], rates[warmup + 1 :], strict=False)
+    )
+
+
+def test_llama_7b_shape_has_its_published_parameter_count() -> None:
+    model = ModelConfig(
+        layers=32, hidden=4096, heads=32, ffn_hidden=11008, vocab_size=32000, seq_len=4096
+    )
+    assert model.num_params() == 6_738_415_616
+
+
+def test_moe_counts_all_experts_but_activates_top_k() -> None:
+    dense = ModelConfig(layers=4, hidden=256, heads=4, vocab_size=1000, seq_len=64)
+    moe = dense.model_copy(update={"moe": MoE(experts=8, top_k=2)})
+    expert = 3 * 256 * dense.ffn_width
+    router = 256 * 8
+    assert moe.num_params() - dense.num_params() == 4 * (7 * expert + router)
+    assert moe.num_params(active=True) - dense.num_params() == 4 * (expert + router)
+
+
+def test_default_ffn_width_is_eight_thirds_rounded_to_256() -> None:
+    assert ModelConfig(layers=1, hidden=4096, heads=32, vocab_size=8, seq_len=8).ffn_width == 11008
+
+
+def test_gradient_accumulation_keeps_the_global_batch_or_refuses() -> None:
+    stage = Stage.model_validate(
+        {
+            "name": "s",
+            "budget": {"steps": 1},
+            "dataMix": {"a": 1},
+            "globalBatchSize": 64,
+            "microBatchSize": 4,
+        }
+    )
+    assert [stage.gradient_accumulation(w) for w in (1, 2, 4, 16)] == [16, 8, 4, 1]
+    with pytest.raises(ValueError, match="not divisible by microBatchSize 4 x world size 3"):
+        stage.gradient_accumulation(3)
+
+
+def test_token_budget_rounds_up_to_whole_steps() -> None:
+    model = ModelConfig(layers=1, hidden=8, heads=2, vocab_size=8, seq_len=100)
+    stage = Stage.model_validate(
+        {"name": "s", "budget": {"tokens": 1001}, "dataMix": {"a": 1}, "globalBatchSize": 10}
+    )
+    assert stage.tokens_per_step(model) == 1000
+    assert stage.total_steps(model) == 2
+
+
+@given(n=st.integers(1, 10**7))
+def test_divisors_are_exactly_the_numbers_dividing_n(n: int) -> None:
+    found = _divisors(n)
+    assert found == sorted(found)
+    assert all(n % d == 0 for d in found)
+    if n <= 5000:
+        assert found == [d for d in range(1, n + 1) if n % d == 0]
+
+
+@given(
+    low=st.integers(1, 40),
+    span=st.integers(0, 40),
+    usable=st.sets(st.integers(1, 80)),
+)
+def test_impossible_counts_are_the_complement_of_the_usable_ones(
+    low: int, span: int, usable: set[int]
+) -> None:
+    high = low + span
+    counts = WorkerCounts(low, high, tuple(sorted(u for u in usable if low <= u <= high)))
+    listed: set[int] = set()
+    for part in filter(None, counts.impossible().split(", ")):
+        first, _, last = part.partition("-")
+        listed |= set(range(int(first), int(last or first) + 1))
+    assert listed == set(range(low, high + 1)) - set(counts.usable)
