@@ -94,13 +94,13 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "no worker count keeps the global batch exact",
         _set(with_stage(BASE, globalBatchSize=8), "spec/elastic", {"minWorkers": 3}),
         "spec.stages[0].globalBatchSize",
-        "for any worker count in 3..3; impossible: 3",
+        "for any allowed worker count (3); impossible: 3",
     ),
     (
         "no worker count in a stage's own range",
         with_stage(BASE, globalBatchSize=16, workers={"min": 5, "max": 7}),
         "spec.stages[0].globalBatchSize",
-        "worker count in 5..7; impossible: 5-7",
+        "any allowed worker count (5..7); impossible: 5-7",
     ),
     (
         "processes per worker break every count",
@@ -336,3 +336,11 @@ def test_status_written_by_another_version_keeps_known_fields() -> None:
     doc = {**BASE, "status": {"phase": "Running", "step": 40, "futureField": {"x": 1}}}
     status = parse_job(doc).status
     assert (status.phase, status.step) == ("Running", 40)
+
+
+def test_batch_not_divisible_by_micro_batch_is_reported_once() -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_job(with_stage(BASE, globalBatchSize=10, microBatchSize=4))
+    assert [str(p) for p in caught.value.problems] == [
+        "spec.stages[0].globalBatchSize: (10) is not divisible by microBatchSize (4)"
+    ]

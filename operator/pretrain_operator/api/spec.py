@@ -100,6 +100,9 @@ class WorkerCounts:
     high: int
     usable: tuple[int, ...]
 
+    def allowed(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}..{self.high}"
+
     def impossible(self) -> str:
         """The counts in [low, high] that are not usable, as compact ranges."""
         gaps, previous = [], self.low - 1
@@ -165,11 +168,13 @@ class PretrainJobSpec(RunConfig):
             counts = self.worker_counts(stage)
             if counts.low > counts.high or counts.usable:
                 continue
+            if stage.global_batch_size % stage.micro_batch_size:
+                continue  # already reported against the micro batch alone
             yield Problem(
                 ("stages", i, "globalBatchSize"),
                 f"({stage.global_batch_size}) is not divisible by microBatchSize "
                 f"({stage.micro_batch_size}) x nprocPerWorker ({self.nproc_per_worker}) x workers "
-                f"for any worker count in {counts.low}..{counts.high}; impossible: "
+                f"for any allowed worker count ({counts.allowed()}); impossible: "
                 f"{counts.impossible()}",
             )
 
