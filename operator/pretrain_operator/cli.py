@@ -62,6 +62,35 @@ def _crd(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _data_prepare(args: argparse.Namespace, out: Console) -> int:
+    try:  # numpy and tokenizers are trainer dependencies; `validate` must not need them
+        from pretrain_trainer.data import DataError, prepare
+    except ImportError as error:
+        _error(
+            f"error: {error}; install the trainer extra: pip install 'pretrain-operator[trainer]'"
+        )
+        return EXIT_INVALID
+    try:
+        done = prepare(
+            [Path(s) for s in args.sources],
+            Path(args.out),
+            tokenizer=args.tokenizer,
+            name=args.name,
+        )
+    except (DataError, OSError) as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    if done.skipped:
+        _error(f"warning: skipped {done.skipped} files that are not UTF-8 text")
+    out.print(
+        f"wrote {done.header}: {done.tokens} tokens from {done.files} files "
+        f"(vocab {done.vocab_size})",
+        markup=False,
+        highlight=False,
+    )
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="pretrainctl",
@@ -83,6 +112,26 @@ def parser() -> argparse.ArgumentParser:
     crd = commands.add_parser("crd", help="print the PretrainJob CustomResourceDefinition")
     crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     crd.set_defaults(run=_crd)
+
+    data = commands.add_parser("data", help="prepare token shards for DataConfig.sources")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="tokenize text files into one shard",
+        description="Tokenize every file of SRC (directories recursively, in sorted order; "
+        "each file one document, followed by the end-of-sequence token) into the shard "
+        "DIR/NAME.bin with its header DIR/NAME.json. Exit 2 with one line on error.",
+    )
+    prepare.add_argument("sources", nargs="+", metavar="SRC", help="text file or directory")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="directory of the shard")
+    prepare.add_argument(
+        "--tokenizer",
+        default="byte",
+        metavar="byte|FILE",
+        help="'byte' (UTF-8 bytes, vocab 256) or a Hugging Face tokenizers JSON file",
+    )
+    prepare.add_argument("--name", default="tokens", help="shard name (default: tokens)")
+    prepare.set_defaults(run=_data_prepare)
     return root
 
 
