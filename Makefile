@@ -2,16 +2,21 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-dev
-# Pure modules type-checked strictly (no torch, no cluster I/O).
-MYPY_TARGETS := trainer/pretrain_trainer/config trainer/pretrain_trainer/contract.py \
-	operator/pretrain_operator
+STAMP := $(VENV)/.installed
+# A pinned torch first: unpinned, pip resolves torch to a multi-gigabyte CUDA build. DeepSpeed
+# builds against the installed torch (no isolated build env, which would fetch another torch).
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+# Type-checked strictly: the whole of both packages.
+MYPY_TARGETS := trainer/pretrain_trainer operator/pretrain_operator
 
 .PHONY: demo test lint typecheck unit crd venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PIP) '$(TORCH_SPEC)'
+	$(PIP) --no-build-isolation 'deepspeed==0.19.8'
+	$(PIP) -e '.[dev,trainer]'
 	touch $@
 
 venv: $(STAMP)

@@ -51,3 +51,13 @@ def with_stage(doc: dict[str, Any], index: int = 0, **fields: Any) -> dict[str, 
 @pytest.fixture(params=EXAMPLES, ids=[p.name for p in EXAMPLES])
 def example_doc(request: pytest.FixtureRequest) -> Any:
     return load_yaml(request.param)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A port nothing listens on right now (each test gets its own)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -11,6 +11,7 @@ from .training import (
     Optimizer,
     RunConfig,
     Stage,
+    TrainerOptions,
     WorkerRange,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "Spec",
     "SpecError",
     "Stage",
+    "TrainerOptions",
     "WorkerRange",
     "format_counts",
     "format_path",

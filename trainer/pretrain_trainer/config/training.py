@@ -39,6 +39,11 @@ class DataConfig(Spec):
     seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     """Seed of the mixture sampler; the same seed gives the same sample stream at any world size."""
 
+    def seed_for(self, stage: int) -> int:
+        """The sampler seed of one stage: stages that read the same source do not replay its
+        windows in the same order."""
+        return (self.seed * 1_000_003 + stage) % 2**63
+
 
 class Budget(Spec):
     """When a stage is done: after a number of optimizer steps or of training tokens."""
@@ -271,6 +276,25 @@ class CheckpointConfig(Spec):
     """Also keep a snapshot in host memory (/dev/shm) that survives a process restart in place."""
 
 
+class TrainerOptions(Spec):
+    """How the trainer processes behave, whatever the stage."""
+
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    """Seed of the model's initial weights (and of dropout)."""
+    log_every_steps: Count = 10
+    """Log a line (step, loss, lr, tokens/s) every this many steps."""
+    spike_factor: Annotated[float, Field(ge=0, le=1e6)] = 10.0
+    """Skip an optimizer step whose gradient norm exceeds this multiple of the recent median
+    (non-finite norms are always skipped); 0 disables the spike check."""
+    spike_window: Annotated[int, Field(ge=1, le=100000)] = 50
+    """Accepted steps the median gradient norm is taken over."""
+    step_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    """/healthz fails when no step has finished for this long (hang detection)."""
+    collective_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    """Timeout of collective operations, so a silently lost peer fails the step instead of
+    hanging forever."""
+
+
 class RunConfig(Checked):
     """Everything the trainer needs to run any stage of a job."""
 
@@ -282,6 +306,8 @@ class RunConfig(Checked):
     """Ordered stages; each starts from the previous stage's final weights."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpointing."""
+    trainer: TrainerOptions = TrainerOptions()
+    """Trainer process behaviour: seed, logging, stability guard, hang detection."""
 
     def problems(self) -> Iterator[Problem]:
         yield from (p.under("model") for p in self.model.problems())

@@ -1,0 +1,169 @@
+"""Run the real trainer (torchrun + DeepSpeed on CPU) and a plain PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pretrain_trainer.config import RunConfig
+from pretrain_trainer.data import MixtureSampler, open_source
+from pretrain_trainer.train import build_model, lm_loss, micro_batches
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def run_config(
+    corpus: dict[str, Path], *, stages: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """A small job's run config over the stdlib corpus (two sources: code and prose)."""
+    config: dict[str, Any] = {
+        "model": {"layers": 2, "hidden": 64, "heads": 4, "vocabSize": 256, "seqLen": 64},
+        "data": {"sources": [{"name": n, "path": str(p)} for n, p in sorted(corpus.items())]},
+        "stages": stages,
+        "trainer": {"logEverySteps": 5, "spikeFactor": 0.0},
+    }
+    config.update(extra)
+    return config
+
+
+def stage(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "name": "foundation",
+        "budget": {"steps": 20},
+        "dataMix": {"prose": 1, "code": 1},
+        "globalBatchSize": 8,
+        "microBatchSize": 2,
+        "precision": "fp32",
+        "optimizer": {"lr": 3e-3},
+        "lrSchedule": {"warmupSteps": 2},
+    }
+    base.update(fields)
+    return base
+
+
+@dataclass
+class Run:
+    returncode: int
+    stderr: str
+    steps: list[dict[str, Any]]
+    report: dict[str, Any] | None
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.steps]
+
+
+def run_trainer(
+    workdir: Path,
+    config: dict[str, Any],
+    *,
+    nproc: int = 1,
+    stage_index: int = 0,
+    env: dict[str, str] | None = None,
+    torchrun: bool = True,
+    timeout: float = 300,
+) -> Run:
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "run.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    steps, report = workdir / f"steps-{stage_index}.jsonl", workdir / f"report-{stage_index}.json"
+    steps.unlink(missing_ok=True)
+    environ = {
+        **os.environ,
+        "PRETRAIN_JOB": "test",
+        "PRETRAIN_STAGE": str(stage_index),
+        "PRETRAIN_RUN_CONFIG": str(config_path),
+        "PRETRAIN_CHECKPOINT_ROOT": str(workdir / "checkpoints"),
+        "PRETRAIN_REPORT_PATH": str(report),
+        "PRETRAIN_STEP_LOG": str(steps),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "pretrain_trainer"]
+    if torchrun:  # --standalone picks a free rendezvous port: parallel runs never collide
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "pretrain_trainer",
+        ]
+    result = subprocess.run(
+        command,
+        env=environ,
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    records = (
+        [json.loads(line) for line in steps.read_text().splitlines()] if steps.exists() else []
+    )
+    return Run(
+        returncode=result.returncode,
+        stderr=result.stderr,
+        steps=records,
+        report=json.loads(report.read_text()) if report.exists() else None,
+    )
+
+
+def reference_losses(config: dict[str, Any], *, steps: int) -> list[float]:
+    """The same model, data, AdamW, schedule and clipping in a plain single-process loop."""
+    parsed = RunConfig.parse(config)
+    stage_ = parsed.stages[0]
+    torch.manual_seed(0)
+    paths = {s.name: s.path for s in parsed.data.sources}
+    sources = {name: open_source(paths[name]) for name in stage_.data_mix}
+    sampler = MixtureSampler(
+        lengths={n: len(s) for n, s in sources.items()},
+        mix=dict(stage_.data_mix),
+        seq_len=stage_.seq_len_for(parsed.model),
+        global_batch=stage_.global_batch_size,
+        seed=parsed.data.seed_for(0),
+    )
+    model = build_model(parsed, stage_)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2]},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=stage_.optimizer.lr,
+        betas=stage_.optimizer.betas,
+        eps=stage_.optimizer.eps,
+        weight_decay=stage_.optimizer.weight_decay,
+    )
+    total, peak = stage_.total_steps(parsed.model), stage_.optimizer.lr
+    scheduler = LambdaLR(
+        optimizer, lambda s: stage_.lr_schedule.lr_at(s, total_steps=total, lr=peak) / peak
+    )
+    losses = []
+    for _ in range(steps):
+        batches = micro_batches(
+            sources,
+            sampler.next_global_batch(),
+            seq_len=stage_.seq_len_for(parsed.model),
+            micro=stage_.micro_batch_size,
+            device=torch.device("cpu"),
+        )
+        step_loss = 0.0
+        for inputs, targets in batches:
+            loss = lm_loss(model(inputs), targets, label_smoothing=stage_.label_smoothing)
+            (loss / len(batches)).backward()
+            step_loss += float(loss.detach())
+        if stage_.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, stage_.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        losses.append(step_loss / len(batches))
+    return losses

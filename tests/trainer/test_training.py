@@ -1,0 +1,200 @@
+"""The trainer really trains: DeepSpeed ZeRO on CPU with torchrun, a real corpus, MoE,
+metrics over HTTP, and clean permanent errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pretrain_trainer.contract import ExitCode
+from pretrain_trainer.data import build_stdlib_corpus
+
+from tests.trainer.harness import reference_losses, run_config, run_trainer, stage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_stdlib_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_zero3_on_two_processes_matches_plain_pytorch(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    config = run_config(corpus, stages=[stage(zeroStage=3, budget={"steps": 20})])
+    run = run_trainer(tmp_path, config, nproc=2)
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    expected = reference_losses(config, steps=20)
+    assert len(run.losses) == 20
+    assert max(abs(a - b) for a, b in zip(run.losses, expected, strict=True)) <= 1e-5
+    assert run.report is not None
+    assert (run.report["step"], run.report["tokens"], run.report["worldSize"]) == (
+        20,
+        20 * 8 * 64,
+        2,
+    )
+    assert Path(run.report["checkpoint"]).name == "step-20"
+    assert (Path(run.report["checkpoint"]).parent / "latest").read_text() == "step-20"
+
+
+def test_training_on_a_real_corpus_lowers_the_loss(corpus: dict[str, Path], tmp_path: Path) -> None:
+    # ZeRO-0 in fp32: the path where the trainer's own optimizer computes the norm and clips.
+    config = run_config(
+        corpus,
+        stages=[
+            stage(
+                zeroStage=0,
+                budget={"steps": 80},
+                globalBatchSize=16,
+                microBatchSize=8,
+                lrSchedule={"warmupSteps": 5, "decay": "cosine"},
+            )
+        ],
+    )
+    run = run_trainer(tmp_path, config, nproc=1)
+    assert run.returncode == 0, run.stderr
+    first, last = run.losses[0], sum(run.losses[-10:]) / 10
+    assert first > 5.0  # about ln(256): an untrained byte-level model
+    assert last < 0.6 * first, run.losses
+    assert all(0 < s["gradNorm"] < 100 for s in run.steps)
+    assert not any(s["skipped"] for s in run.steps)
+
+
+def _scrape(port: int, found: dict[str, Any], stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+                .read()
+                .decode()
+            )
+            step = re.search(r"^pretrainjob_step\{[^}]*\} (\S+)$", text, re.M)
+            if step and float(step.group(1)) > 0:
+                found["metrics"] = text
+                found["healthz"] = urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/healthz", timeout=2
+                ).status
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
+def test_moe_trains_in_bf16_and_exports_expert_load(
+    corpus: dict[str, Path], tmp_path: Path, free_port: int
+) -> None:
+    config = run_config(
+        corpus,
+        stages=[stage(zeroStage=2, precision="bf16", budget={"steps": 60})],
+    )
+    config["model"]["moe"] = {"experts": 4, "topK": 2, "auxLossCoef": 0.01}
+    found: dict[str, Any] = {}
+    stop = threading.Event()
+    scraper = threading.Thread(target=_scrape, args=(free_port, found, stop))
+    scraper.start()
+    try:
+        run = run_trainer(tmp_path, config, nproc=2, env={"PRETRAIN_METRICS_PORT": str(free_port)})
+    finally:
+        stop.set()
+        scraper.join()
+    assert run.returncode == 0, run.stderr
+    assert all(s["auxLoss"] == s["auxLoss"] and s["auxLoss"] < 10 for s in run.steps)
+    assert all(abs(sum(s["expertLoad"]) - 1) < 1e-3 for s in run.steps)
+    assert sum(run.losses[-5:]) < sum(run.losses[:5])
+    assert "metrics" in found, "no metrics were scraped while the trainer ran"
+    for name in (
+        "pretrainjob_loss",
+        "pretrainjob_tokens_total",
+        "pretrainjob_tokens_per_second",
+        "pretrainjob_step_seconds_bucket",
+        "pretrainjob_learning_rate",
+        "pretrainjob_grad_norm",
+        "pretrainjob_skipped_steps_total",
+        "pretrainjob_world_size",
+        'pretrainjob_moe_expert_load{expert="3"',
+    ):
+        assert name in found["metrics"], name
+    assert found["healthz"] == 200
+
+
+def test_next_stage_starts_from_the_previous_stages_final_weights(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    stages = [stage(budget={"steps": 30}), stage(name="enhancement", budget={"steps": 5})]
+    config = run_config(corpus, stages=stages)
+    first = run_trainer(tmp_path, config, nproc=1, stage_index=0)
+    assert first.returncode == 0, first.stderr
+    second = run_trainer(tmp_path, config, nproc=1, stage_index=1)
+    assert second.returncode == 0, second.stderr
+    assert "restored weights from" in second.stderr
+    assert "stage-0/step-30" in second.stderr
+    fresh = reference_losses(config, steps=1)[0]
+    assert second.losses[0] < fresh - 0.5  # it starts trained, not from scratch
+    assert second.report is not None
+    assert second.report["stageName"] == "enhancement"
+
+
+def _permanent(run: Any, *words: str) -> None:
+    assert run.returncode == ExitCode.PERMANENT, run.stderr
+    assert "Traceback" not in run.stderr
+    line = [ln for ln in run.stderr.splitlines() if "permanent error" in ln]
+    assert line, run.stderr
+    text = run.stderr[run.stderr.index(line[0]) :]
+    for word in words:
+        assert word in text, text
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ("missing shard", ("data source 'code'", "nowhere", "no such shard")),
+        ("bad header", ("header", "not valid JSON")),
+        ("batch not divisible", ("globalBatchSize 6 is not divisible", "world size 4")),
+        ("unknown field", ("invalid run config", "stages[0].bogus: unknown field")),
+        ("stage out of range", ("stage index 5 out of range",)),
+    ],
+)
+def test_bad_input_fails_permanently_with_one_clear_message(
+    corpus: dict[str, Path], tmp_path: Path, change: str, words: tuple[str, ...]
+) -> None:
+    config = run_config(corpus, stages=[stage()])
+    env = {"WORLD_SIZE": "1"}
+    stage_index = 0
+    if change == "missing shard":
+        config["data"]["sources"][0]["path"] = str(tmp_path / "nowhere")
+    elif change == "bad header":
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "tokens.json").write_text("{not json")
+        (broken / "tokens.bin").write_bytes(b"\0" * 64)
+        config["data"]["sources"][0]["path"] = str(broken)
+    elif change == "batch not divisible":
+        config["stages"][0].update(globalBatchSize=6, microBatchSize=1)
+        env = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"}
+    elif change == "unknown field":
+        config["stages"][0]["bogus"] = 1
+    else:
+        stage_index = 5
+    run = run_trainer(tmp_path, config, stage_index=stage_index, env=env, torchrun=False)
+    _permanent(run, *words)
+
+
+def test_missing_environment_is_a_permanent_error(tmp_path: Path) -> None:
+    run = run_trainer(tmp_path, {}, env={"PRETRAIN_JOB": ""}, torchrun=False)
+    _permanent(run, "PRETRAIN_JOB")
+
+
+def test_step_log_records_are_json_lines(corpus: dict[str, Path], tmp_path: Path) -> None:
+    run = run_trainer(
+        tmp_path, run_config(corpus, stages=[stage(budget={"steps": 3})]), torchrun=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert [s["step"] for s in run.steps] == [1, 2, 3]
+    assert json.loads(json.dumps(run.steps[0]))["worldSize"] == 1

@@ -1,0 +1,45 @@
+"""The DeepSpeed configuration, generated from the typed stage config (no "auto" values).
+
+Pure and torch-free so it can be tested and shown without a training environment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import Stage
+
+
+def owns_clipping(stage: Stage) -> bool:
+    """Whether the trainer's optimizer clips gradients itself.
+
+    DeepSpeed's ZeRO and bf16 optimizers compute the global gradient norm before clipping and
+    clip inside their step, which is where the stability guard reads that norm. Without ZeRO
+    in fp32 the engine clips the module's gradients and keeps no norm, so the guarded optimizer
+    computes the norm and clips itself.
+    """
+    return stage.zero_stage == 0 and stage.precision == "fp32"
+
+
+def deepspeed_config(stage: Stage, *, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config for ``stage`` at ``world_size`` processes; the global batch is exact
+    or this raises ValueError naming the stage."""
+    accumulation = stage.gradient_accumulation(world_size)
+    zero: dict[str, Any] = {"stage": stage.zero_stage}
+    if stage.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if stage.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_batch_size": stage.global_batch_size,
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 0.0 if owns_clipping(stage) else stage.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": stage.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # The optimizer is the trainer's own torch AdamW subclass (nothing compiled at run time).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,81 @@
+"""AdamW with a stability guard: a step whose gradient norm is not finite, or spikes far above
+the recent median, is skipped (the update is not applied) and counted.
+
+DeepSpeed skips steps only on fp16 overflow. Its ZeRO/bf16 optimizers call this optimizer's
+``step`` once per parameter group after computing the global norm, so the decision is made
+once per training step (:meth:`GuardedAdamW.begin_step` resets it) from a norm supplied by
+``norm_source``; without such a wrapper the optimizer computes the norm and clips itself.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    def __init__(
+        self,
+        params: Iterable[Any],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        spike_factor: float,
+        spike_window: int,
+        clip: float = 0.0,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.spike_factor = spike_factor
+        self.clip = clip
+        self.norm_source: Callable[[], float | None] | None = None
+        self.history: deque[float] = deque(maxlen=spike_window)
+        self.skipped_steps = 0
+        self.last_grad_norm = float("nan")
+        self.last_skipped = False
+        self._decided = False
+
+    def begin_step(self) -> None:
+        """Call before each training step's (boundary) engine.step()."""
+        self._decided = False
+
+    def _local_norm(self) -> float:
+        squares = [
+            p.grad.detach().float().pow(2).sum()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+
+    def _decide(self) -> None:
+        norm = self.norm_source() if self.norm_source is not None else None
+        norm = self._local_norm() if norm is None else float(norm)
+        median = statistics.median(self.history) if len(self.history) >= 5 else None
+        spike = self.spike_factor > 0 and median is not None and norm > self.spike_factor * median
+        self.last_grad_norm, self.last_skipped = norm, not math.isfinite(norm) or spike
+        if self.last_skipped:
+            self.skipped_steps += 1
+        else:
+            self.history.append(norm)
+        self._decided = True
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        if not self._decided:
+            self._decide()
+        if self.last_skipped:
+            return None
+        if self.clip > 0 and self.last_grad_norm > self.clip:
+            scale = self.clip / (self.last_grad_norm + 1e-6)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+        return super().step(closure)  # type: ignore[no-any-return]

@@ -1,0 +1,260 @@
+"""One stage's training loop: ``train_step`` (one optimizer step over the rank's share of a
+global batch) apart from ``Trainer.train`` (budget, metrics, logging, checkpoints, report)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import Checkpoints
+from .config import RunConfig, Stage
+from .data import MixtureSampler, TokenSource
+from .logging import log0
+from .metrics import Health, TrainerMetrics
+from .model import Transformer
+from .optim import GuardedAdamW
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        label_smoothing=label_smoothing,
+    )
+
+
+def micro_batches(
+    sources: dict[str, TokenSource],
+    samples: list[tuple[str, int]],
+    *,
+    seq_len: int,
+    micro: int,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's samples as (inputs, targets) micro-batches of ``micro`` sequences."""
+    windows = np.stack([sources[name].window(offset, seq_len + 1) for name, offset in samples])
+    tokens = torch.from_numpy(windows).to(device)
+    return [
+        (tokens[i : i + micro, :-1], tokens[i : i + micro, 1:])
+        for i in range(0, len(samples), micro)
+    ]
+
+
+def train_step(
+    engine: Any,
+    optimizer: GuardedAdamW,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    label_smoothing: float,
+    aux_loss_coef: float,
+) -> float:
+    """Forward/backward over every micro-batch and one optimizer step; returns this rank's
+    mean loss. DeepSpeed accumulates gradients and steps at the last micro-batch."""
+    optimizer.begin_step()
+    total = 0.0
+    for inputs, targets in batches:
+        loss = lm_loss(engine(inputs), targets, label_smoothing=label_smoothing)
+        if aux_loss_coef:
+            loss = loss + aux_loss_coef * engine.module.aux_loss()
+        engine.backward(loss)
+        engine.step()
+        total += float(loss.detach())
+    return total / len(batches)
+
+
+def global_mean(value: float) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item()) / dist.get_world_size()
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    tokens: int = 0
+    loss: float = float("nan")
+
+
+@dataclass
+class Trainer:
+    config: RunConfig
+    stage_index: int
+    engine: Any
+    optimizer: GuardedAdamW
+    sampler: MixtureSampler
+    sources: dict[str, TokenSource]
+    checkpoints: Checkpoints
+    metrics: TrainerMetrics
+    health: Health
+    rank: int
+    world_size: int
+    step_log: Path | None = None
+    progress: Progress = field(default_factory=Progress)
+    last_checkpoint: Path | None = None
+    _window_start: float = field(default_factory=time.perf_counter)
+    _window_steps: int = 0
+
+    @property
+    def stage(self) -> Stage:
+        return self.config.stages[self.stage_index]
+
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage_index,
+            "stage_name": self.stage.name,
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "loss": self.progress.loss,
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def resume(self, state: dict[str, Any], *, path: Path) -> None:
+        self.last_checkpoint = path
+        self.progress.step = int(state["step"])
+        self.progress.tokens = int(state["tokens"])
+        self.progress.loss = float(state.get("loss", float("nan")))
+        self.sampler.load_state_dict(state["sampler"])
+
+    def save(self) -> Path:
+        path, seconds = self.checkpoints.save(
+            self.engine, step=self.progress.step, client_state=self.client_state()
+        )
+        self.metrics.checkpoint_save_seconds.observe(seconds)
+        self.metrics.checkpoint_save_blocking_seconds.observe(seconds)
+        log0(f"saved checkpoint {path} in {seconds:.2f}s")
+        self.last_checkpoint = path
+        return path
+
+    @property
+    def total_steps(self) -> int:
+        return self.stage.total_steps(self.config.model)
+
+    def train(self) -> Path:
+        """Train to the stage's budget; returns the final checkpoint's path."""
+        total, interval = self.total_steps, self.config.checkpoint.interval_steps
+        self.metrics.world_size.set(self.world_size)
+        if self.progress.step >= total and self.last_checkpoint is not None:
+            return self.last_checkpoint  # restored from this stage's final checkpoint
+        while self.progress.step < total:
+            self.train_one()
+            if self.progress.step % interval == 0 and self.progress.step < total:
+                self.save()
+        return self.save()
+
+    def train_one(self) -> float:
+        """One optimizer step over the next global batch, with metrics and logging; returns
+        the step's loss (mean over the global batch)."""
+        model_config, stage = self.config.model, self.stage
+        tokens_per_step = stage.tokens_per_step(model_config)
+        started = time.perf_counter()
+        mine = self.sampler.rank_slice(self.sampler.next_global_batch(), self.rank, self.world_size)
+        batches = micro_batches(
+            self.sources,
+            mine,
+            seq_len=stage.seq_len_for(model_config),
+            micro=stage.micro_batch_size,
+            device=self.engine.device,
+        )
+        loss = global_mean(
+            train_step(
+                self.engine,
+                self.optimizer,
+                batches,
+                label_smoothing=stage.label_smoothing,
+                aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
+            )
+        )
+        seconds = time.perf_counter() - started
+        self.progress.step += 1
+        self.progress.tokens += tokens_per_step
+        self.progress.loss = loss
+        self._record(loss=loss, seconds=seconds, tokens=tokens_per_step)
+        self._log_step(loss=loss, seconds=seconds)
+        self._window_steps += 1
+        if (
+            self.progress.step % self.config.trainer.log_every_steps == 0
+            or self.progress.step == self.total_steps
+        ):
+            elapsed = time.perf_counter() - self._window_start
+            skipped = self.optimizer.skipped_steps
+            log0(
+                f"stage {stage.name} step {self.progress.step}/{self.total_steps} "
+                f"loss {loss:.4f} lr {self.engine.get_lr()[0]:.3g} "
+                f"tokens/s {self._window_steps * tokens_per_step / elapsed:,.0f} "
+                f"grad norm {self.optimizer.last_grad_norm:.3g}"
+                + (f" skipped {skipped}" if skipped else "")
+            )
+            self._window_start, self._window_steps = time.perf_counter(), 0
+        return loss
+
+    def _log_step(self, *, loss: float, seconds: float) -> None:
+        if self.step_log is None or self.rank != 0:
+            return
+        load = self.engine.module.expert_load()
+        record = {
+            "stage": self.stage_index,
+            "step": self.progress.step,
+            "tokens": self.progress.tokens,
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "gradNorm": self.optimizer.last_grad_norm,
+            "skipped": self.optimizer.last_skipped,
+            "seconds": seconds,
+            "worldSize": self.world_size,
+        }
+        if load is not None:
+            record["auxLoss"] = float(self.engine.module.aux_loss().detach())
+            record["expertLoad"] = load.tolist()
+        with self.step_log.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+
+    def _record(self, *, loss: float, seconds: float, tokens: int) -> None:
+        m = self.metrics
+        m.step.set(self.progress.step)
+        m.loss.set(loss)
+        m.tokens.inc(tokens)
+        m.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
+        m.step_seconds.observe(seconds)
+        m.learning_rate.set(self.engine.get_lr()[0])
+        m.grad_norm.set(self.optimizer.last_grad_norm)
+        if self.optimizer.last_skipped:
+            m.skipped_steps.inc()
+        m.last_step_timestamp.set(time.time())
+        load = self.engine.module.expert_load()
+        if load is not None:
+            m.expert_load(load.tolist())
+        self.health.progressed()
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """The stage report, written atomically (a reader never sees half a report)."""
+    target, text = Path(path), json.dumps(report, sort_keys=True) + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, target)
+    except OSError:
+        # A kubelet termination-message file is a bind mount: it cannot be renamed over.
+        temporary.unlink(missing_ok=True)
+        target.write_text(text)
+
+
+def build_model(config: RunConfig, stage: Stage) -> Transformer:
+    torch.manual_seed(config.trainer.seed)
+    return Transformer(
+        config.model,
+        dropout=stage.dropout,
+        activation_checkpointing=stage.activation_checkpointing,
+    )
