@@ -1,0 +1,157 @@
+"""Trainer overhead: our training loop vs a minimal bare DeepSpeed loop, same run, same model.
+
+    .venv/bin/python bench/trainer_overhead.py [--nproc 2] [--steps 20] [--rounds 5]
+
+Both loops use the same model, the same generated DeepSpeed config and the same world size, in
+the same processes, alternating in rounds so that machine noise hits both alike. Ours reads
+real token shards through the mixture sampler, runs the stability guard, averages the loss
+across ranks and updates metrics every step; the bare loop feeds pre-built tensors to
+``engine(x)``, ``engine.backward``, ``engine.step``. Prints the median step time of each and
+their ratio (goal: <= 1.03).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _config(corpus: Path, args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "model": {
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "heads": args.hidden // 64,
+            "vocabSize": 256,
+            "seqLen": args.seq_len,
+        },
+        "data": {"sources": [{"name": n, "path": str(corpus / n)} for n in ("code", "prose")]},
+        "stages": [
+            {
+                "name": "bench",
+                "budget": {"steps": 10**9},
+                "dataMix": {"code": 1, "prose": 1},
+                "globalBatchSize": args.global_batch,
+                "microBatchSize": args.micro_batch,
+                "precision": args.precision,
+                "zeroStage": args.zero,
+            }
+        ],
+        "checkpoint": {"path": str(corpus.parent / "checkpoints"), "intervalSteps": 10**9},
+        "trainer": {"logEverySteps": 10**9},
+    }
+
+
+def launch(args: argparse.Namespace) -> int:
+    from pretrain_trainer.data import build_stdlib_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus"
+        build_stdlib_corpus(corpus)
+        config = Path(tmp) / "run.yaml"
+        config.write_text(yaml.safe_dump(_config(corpus, args)))
+        env = {
+            **os.environ,
+            "PRETRAIN_JOB": "bench",
+            "PRETRAIN_STAGE": "0",
+            "PRETRAIN_RUN_CONFIG": str(config),
+            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc)),
+        }
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={args.nproc}", __file__, "--worker",
+            f"--steps={args.steps}", f"--rounds={args.rounds}", f"--warmup={args.warmup}",
+        ]  # fmt: skip
+        return subprocess.run(command, env=env, check=False).returncode
+
+
+def worker(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from pretrain_trainer.contract import TrainerEnv
+    from pretrain_trainer.dsconfig import deepspeed_config
+    from pretrain_trainer.main import load_run_config, setup
+    from pretrain_trainer.train import build_model, lm_loss
+
+    env = TrainerEnv.from_environ(os.environ)
+    config = load_run_config(env.run_config)
+    trainer = setup(env, config)
+    stage, world = config.stages[0], dist.get_world_size()
+
+    # The bare loop: same model and DeepSpeed config, torch AdamW, tensors already in memory.
+    model = build_model(config, stage)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.optimizer.lr)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(stage, world_size=world)
+    )
+    accumulation = stage.gradient_accumulation(world)
+    seq = stage.seq_len_for(config.model)
+    tokens = torch.randint(0, 256, (accumulation, stage.micro_batch_size, seq + 1))
+
+    def bare_step() -> None:
+        for micro in tokens:
+            loss = lm_loss(engine(micro[:, :-1]), micro[:, 1:], label_smoothing=0.0)
+            engine.backward(loss)
+            engine.step()
+
+    def timed(step: object, n: int) -> float:
+        dist.barrier()
+        started = time.perf_counter()
+        for _ in range(n):
+            step()  # type: ignore[operator]
+        dist.barrier()
+        return (time.perf_counter() - started) / n
+
+    for _ in range(args.warmup):
+        trainer.train_one()
+        bare_step()
+    ours, bare = [], []
+    for _ in range(args.rounds):
+        ours.append(timed(trainer.train_one, args.steps))
+        bare.append(timed(bare_step, args.steps))
+    if dist.get_rank() == 0:
+        o, b = statistics.median(ours), statistics.median(bare)
+        print(
+            f"model {config.model.num_params() / 1e6:.1f}M params, world size {world}, "
+            f"ZeRO-{stage.zero_stage} {stage.precision}, global batch {stage.global_batch_size} "
+            f"x {seq} tokens, {args.rounds} rounds x {args.steps} steps"
+        )
+        print(f"ours  median step {o * 1000:8.1f} ms  (rounds: {', '.join(f'{x * 1000:.0f}' for x in ours)})")
+        print(f"bare  median step {b * 1000:8.1f} ms  (rounds: {', '.join(f'{x * 1000:.0f}' for x in bare)})")
+        print(f"ratio ours/bare = {o / b:.3f}  (goal <= 1.03)")
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--zero", type=int, default=1)
+    parser.add_argument("--precision", default="fp32")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
