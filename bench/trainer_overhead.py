@@ -77,7 +77,6 @@ def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
-
     from pretrain_trainer.contract import TrainerEnv
     from pretrain_trainer.dsconfig import deepspeed_config
     from pretrain_trainer.main import load_run_config, setup
@@ -126,8 +125,9 @@ def worker(args: argparse.Namespace) -> None:
             f"ZeRO-{stage.zero_stage} {stage.precision}, global batch {stage.global_batch_size} "
             f"x {seq} tokens, {args.rounds} rounds x {args.steps} steps"
         )
-        print(f"ours  median step {o * 1000:8.1f} ms  (rounds: {', '.join(f'{x * 1000:.0f}' for x in ours)})")
-        print(f"bare  median step {b * 1000:8.1f} ms  (rounds: {', '.join(f'{x * 1000:.0f}' for x in bare)})")
+        for name, median, rounds in (("ours", o, ours), ("bare", b, bare)):
+            shown = ", ".join(f"{x * 1000:.0f}" for x in rounds)
+            print(f"{name}  median step {median * 1000:8.1f} ms  (rounds: {shown})")
         print(f"ratio ours/bare = {o / b:.3f}  (goal <= 1.03)")
     dist.destroy_process_group()
 

@@ -117,7 +117,12 @@ def run_trainer(
 
 
 def reference_losses(config: dict[str, Any], *, steps: int) -> list[float]:
-    """The same model, data, AdamW, schedule and clipping in a plain single-process loop."""
+    return reference_run(config, steps=steps)[0]
+
+
+def reference_run(config: dict[str, Any], *, steps: int) -> tuple[list[float], list[float]]:
+    """The same model, data, AdamW, schedule and clipping in a plain single-process loop;
+    returns the losses and the gradient norms before clipping."""
     parsed = RunConfig.parse(config)
     stage_ = parsed.stages[0]
     torch.manual_seed(0)
@@ -146,7 +151,7 @@ def reference_losses(config: dict[str, Any], *, steps: int) -> list[float]:
     scheduler = LambdaLR(
         optimizer, lambda s: stage_.lr_schedule.lr_at(s, total_steps=total, lr=peak) / peak
     )
-    losses = []
+    losses, norms = [], []
     for _ in range(steps):
         batches = micro_batches(
             sources,
@@ -160,10 +165,10 @@ def reference_losses(config: dict[str, Any], *, steps: int) -> list[float]:
             loss = lm_loss(model(inputs), targets, label_smoothing=stage_.label_smoothing)
             (loss / len(batches)).backward()
             step_loss += float(loss.detach())
-        if stage_.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, stage_.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, stage_.grad_clip or float("inf"))
+        norms.append(float(norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
         losses.append(step_loss / len(batches))
-    return losses
+    return losses, norms
