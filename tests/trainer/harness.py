@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import yaml
 from pretrain_trainer.config import RunConfig
-from pretrain_trainer.data import MixtureSampler, open_source
-from pretrain_trainer.train import build_model, lm_loss, micro_batches
+from pretrain_trainer.data import open_source
+from pretrain_trainer.optim import param_groups
+from pretrain_trainer.train import build_model, build_sampler, lm_loss, micro_batches
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -128,20 +129,11 @@ def reference_run(config: dict[str, Any], *, steps: int) -> tuple[list[float], l
     torch.manual_seed(0)
     paths = {s.name: s.path for s in parsed.data.sources}
     sources = {name: open_source(paths[name]) for name in stage_.data_mix}
-    sampler = MixtureSampler(
-        lengths={n: len(s) for n, s in sources.items()},
-        mix=dict(stage_.data_mix),
-        seq_len=stage_.seq_len_for(parsed.model),
-        global_batch=stage_.global_batch_size,
-        seed=parsed.data.seed_for(0),
-    )
+    sampler = build_sampler(parsed, 0, sources)
     model = build_model(parsed, stage_)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.dim() >= 2]},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ],
+        param_groups(model),
         lr=stage_.optimizer.lr,
         betas=stage_.optimizer.betas,
         eps=stage_.optimizer.eps,

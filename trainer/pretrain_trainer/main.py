@@ -79,13 +79,13 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     import torch.distributed as dist
 
     from .checkpoint import Checkpoints
-    from .data import DataError, MixtureSampler, check_vocab, open_source
+    from .data import DataError, check_vocab, open_source
     from .dsconfig import deepspeed_config, owns_clipping
     from .logging import log0
     from .metrics import Health, TrainerMetrics, serve
     from .model import freeze
-    from .optim import GuardedAdamW
-    from .train import Trainer, build_model
+    from .optim import GuardedAdamW, param_groups
+    from .train import Trainer, build_model, build_sampler
 
     if env.stage >= len(config.stages):
         raise PermanentError(f"stage index {env.stage} out of range: {len(config.stages)} stages")
@@ -106,13 +106,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
         except DataError as error:
             raise PermanentError(f"data source {name!r}: {error}") from None
     try:
-        sampler = MixtureSampler(
-            lengths={name: len(source) for name, source in sources.items()},
-            mix=dict(stage.data_mix),
-            seq_len=stage.seq_len_for(config.model),
-            global_batch=stage.global_batch_size,
-            seed=config.data.seed_for(env.stage),
-        )
+        sampler = build_sampler(config, env.stage, sources)
     except DataError as error:
         raise PermanentError(str(error)) from None
 
@@ -121,12 +115,8 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
 
     model = build_model(config, stage)
     frozen = freeze(model, list(stage.freeze))
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = GuardedAdamW(
-        [
-            {"params": [p for p in trainable if p.dim() >= 2]},
-            {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
-        ],
+        param_groups(model),
         lr=stage.optimizer.lr,
         betas=stage.optimizer.betas,
         eps=stage.optimizer.eps,

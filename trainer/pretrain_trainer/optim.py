@@ -18,6 +18,15 @@ from typing import Any
 import torch
 
 
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: matrices decay, vectors (norm gains) do not."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trainable if p.dim() >= 2]},
+        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 class GuardedAdamW(torch.optim.AdamW):
     def __init__(
         self,

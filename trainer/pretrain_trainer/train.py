@@ -251,6 +251,19 @@ def write_report(path: str, report: dict[str, Any]) -> None:
         target.write_text(text)
 
 
+def build_sampler(
+    config: RunConfig, stage_index: int, sources: dict[str, TokenSource]
+) -> MixtureSampler:
+    stage = config.stages[stage_index]
+    return MixtureSampler(
+        lengths={name: len(source) for name, source in sources.items()},
+        mix=dict(stage.data_mix),
+        seq_len=stage.seq_len_for(config.model),
+        global_batch=stage.global_batch_size,
+        seed=config.data.seed_for(stage_index),
+    )
+
+
 def build_model(config: RunConfig, stage: Stage) -> Transformer:
     torch.manual_seed(config.trainer.seed)
     return Transformer(
