@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -60,7 +61,61 @@ class Run:
         return [s["loss"] for s in self.steps]
 
 
-def run_trainer(
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, queue = [], [root]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+@dataclass
+class Started:
+    process: subprocess.Popen[str]
+    steps: Path
+    report: Path
+    log: Path
+
+    def step_count(self) -> int:
+        if not self.steps.exists():
+            return 0
+        lines = self.steps.read_text().splitlines()
+        return json.loads(lines[-1])["step"] if lines else 0
+
+    def signal(self, signum: int) -> None:
+        """Signal torchrun and every process under it. torchrun starts each worker in a
+        session of its own, so signalling its process group would miss them."""
+        for pid in [self.process.pid, *_descendants(self.process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    def wait(self, timeout: float = 300) -> Run:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(9)
+            raise
+        stderr = self.log.read_text()
+        records = (
+            [json.loads(line) for line in self.steps.read_text().splitlines()]
+            if self.steps.exists()
+            else []
+        )
+        return Run(
+            returncode=self.process.returncode,
+            stderr=stderr,
+            steps=records,
+            report=json.loads(self.report.read_text()) if self.report.exists() else None,
+        )
+
+
+def start_trainer(
     workdir: Path,
     config: dict[str, Any],
     *,
@@ -68,13 +123,14 @@ def run_trainer(
     stage_index: int = 0,
     env: dict[str, str] | None = None,
     torchrun: bool = True,
-    timeout: float = 300,
-) -> Run:
+) -> Started:
+    """Start the trainer in its own process group; the step log is fresh for each start."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
     steps, report = workdir / f"steps-{stage_index}.jsonl", workdir / f"report-{stage_index}.json"
     steps.unlink(missing_ok=True)
+    report.unlink(missing_ok=True)
     environ = {
         **os.environ,
         "PRETRAIN_JOB": "test",
@@ -89,32 +145,37 @@ def run_trainer(
     command = [sys.executable, "-m", "pretrain_trainer"]
     if torchrun:  # --standalone picks a free rendezvous port: parallel runs never collide
         command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "pretrain_trainer",
-        ]
-    result = subprocess.run(
-        command,
-        env=environ,
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", "pretrain_trainer",
+        ]  # fmt: skip
+    log = workdir / f"stderr-{stage_index}.log"
+    with log.open("w") as sink:  # a file, not a pipe: a chatty run can never block on it
+        process = subprocess.Popen(
+            command,
+            env=environ,
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+            text=True,
+            start_new_session=True,
+        )
+    return Started(process, steps, report, log)
+
+
+def run_trainer(
+    workdir: Path,
+    config: dict[str, Any],
+    *,
+    nproc: int = 1,
+    stage_index: int = 0,
+    env: dict[str, str] | None = None,
+    torchrun: bool = True,
+    timeout: float = 300,
+) -> Run:
+    started = start_trainer(
+        workdir, config, nproc=nproc, stage_index=stage_index, env=env, torchrun=torchrun
     )
-    records = (
-        [json.loads(line) for line in steps.read_text().splitlines()] if steps.exists() else []
-    )
-    return Run(
-        returncode=result.returncode,
-        stderr=result.stderr,
-        steps=records,
-        report=json.loads(report.read_text()) if report.exists() else None,
-    )
+    return started.wait(timeout=timeout)
 
 
 def reference_losses(config: dict[str, Any], *, steps: int) -> list[float]:

@@ -7,6 +7,7 @@ control plane understands: 0 stage complete, 75 retryable, 78 permanent (bad con
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -78,7 +79,8 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     import torch.distributed as dist
 
-    from .checkpoint import Checkpoints
+    from .ckpt.manager import CheckpointManager
+    from .ckpt.store import config_hash
     from .data import DataError, check_vocab, open_source
     from .dsconfig import deepspeed_config, owns_clipping
     from .logging import log0
@@ -112,8 +114,27 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
 
     deepspeed = init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    checkpoints = CheckpointManager(
+        root=Path(env.checkpoint_root or config.checkpoint.path) / env.job,
+        job=env.job,
+        stage=env.stage,
+        stage_name=stage.name,
+        rank=rank,
+        world_size=world_size,
+        keep=config.checkpoint.keep,
+        zero_stage=stage.zero_stage,
+        config_hash=config_hash(config.model_dump(mode="json", by_alias=True)),
+    )
+    try:
+        plan = checkpoints.plan()
+    except FileNotFoundError as error:
+        raise PermanentError(str(error)) from None
 
     model = build_model(config, stage)
+    restore_seconds = 0.0
+    if plan is not None and not plan.full:
+        restore_seconds = plan.verify_seconds + checkpoints.load_weights(model, plan)
+        log0(f"stage {stage.name} starts from the final weights of {plan.directory}")
     frozen = freeze(model, list(stage.freeze))
     optimizer = GuardedAdamW(
         param_groups(model),
@@ -135,6 +156,14 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
             opt, lambda step: schedule.lr_at(step, total_steps=total_steps, lr=peak) / peak
         )
 
+    conversion = 0.0
+    if plan is not None and plan.universal:
+        conversion = checkpoints.convert_to_universal(plan)
+        ds_config["checkpoint"] = {"load_universal": True}
+        log0(
+            f"{plan.directory} was written at world size {plan.manifest.world_size}; "
+            f"converted to the universal format in {conversion:.1f}s"
+        )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -146,8 +175,6 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     if env.metrics_port is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         serve(port=env.metrics_port, metrics=metrics, health=health)
 
-    root = Path(env.checkpoint_root or config.checkpoint.path) / env.job
-    checkpoints = Checkpoints(root=root, stage=env.stage)
     trainer = Trainer(
         config=config,
         stage_index=env.stage,
@@ -162,17 +189,20 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
         world_size=world_size,
         step_log=Path(env.step_log) if env.step_log else None,
     )
-    try:
-        restored = checkpoints.restore(engine)
-    except FileNotFoundError as error:
-        raise PermanentError(str(error)) from None
-    if restored is not None:
-        metrics.checkpoint_restore_seconds.set(restored.seconds)
-        if restored.full:
-            trainer.resume(restored.client_state, path=restored.path)
+    checkpoints.attach(engine, on_saved=trainer.on_saved)
+    if plan is not None and plan.full:
+        restored = checkpoints.restore(engine, plan, extra_seconds=conversion)
+        optimizer.repair_after_load()
+        trainer.resume(restored.manifest, path=restored.path)
+        restore_seconds = restored.seconds
+    if plan is not None:
+        metrics.checkpoint_restore_seconds.set(restore_seconds)
+        size = plan.manifest.total_bytes
         log0(
-            f"restored {'everything' if restored.full else 'weights'} from {restored.path} "
-            f"in {restored.seconds:.2f}s"
+            f"restored {'everything' if plan.full else 'weights'} from {plan.directory}: "
+            f"{size / 1e9:.3f} GB in {restore_seconds:.2f}s "
+            f"({size / 1e9 / max(restore_seconds, 1e-9):.2f} GB/s; verified "
+            f"{plan.bytes_verified / 1e9:.3f} GB in {plan.verify_seconds:.2f}s)"
         )
     log0(
         f"stage {env.stage} {stage.name}: {total_steps} steps, world size {world_size}, "
@@ -185,10 +215,15 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
 def run(env: TrainerEnv, config: RunConfig) -> int:
     import torch.distributed as dist
 
-    from .train import write_report
+    from .train import Preempted, write_report
 
     trainer = setup(env, config)
-    final = trainer.train()
+    signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
+    try:
+        final = trainer.train()
+    except Preempted:
+        dist.destroy_process_group()
+        return ExitCode.RETRYABLE
     if trainer.rank == 0 and env.report_path:
         write_report(
             env.report_path,

@@ -41,6 +41,9 @@ class GuardedAdamW(torch.optim.AdamW):
         clip: float = 0.0,
     ) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self._group_settings = [
+            {k: group[k] for k in ("weight_decay", "betas", "eps")} for group in self.param_groups
+        ]
         self.spike_factor = spike_factor
         self.clip = clip
         self.norm_source: Callable[[], float | None] | None = None
@@ -49,6 +52,20 @@ class GuardedAdamW(torch.optim.AdamW):
         self.last_grad_norm = float("nan")
         self.last_skipped = False
         self._decided = False
+
+    def repair_after_load(self) -> None:
+        """Undo two side effects of DeepSpeed's ZeRO-3 universal-checkpoint load.
+
+        It copies the first group's hyper-parameters onto every group (the norm gains would
+        start to decay), and it gives every parameter state the *same* ``step`` tensor, which
+        AdamW increments in place once per group: Adam's bias correction would then run ahead.
+        Harmless after any other load."""
+        for group, settings in zip(self.param_groups, self._group_settings, strict=False):
+            group.update(settings)
+        for state in self.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone()
 
     def begin_step(self) -> None:
         """Call before each training step's (boundary) engine.step()."""

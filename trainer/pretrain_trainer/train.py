@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import Checkpoints
+from .ckpt.engine import Saved
+from .ckpt.manager import CheckpointManager, stage_dir
+from .ckpt.store import Manifest
 from .config import RunConfig, Stage
 from .data import MixtureSampler, TokenSource
 from .logging import log0
@@ -71,12 +73,21 @@ def train_step(
     return total / len(batches)
 
 
-def global_mean(value: float) -> float:
+def reduce_step(loss: float, *, stop: bool) -> tuple[float, bool]:
+    """The mean loss over all ranks, and whether any rank must stop."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+        return loss, stop
+    tensor = torch.tensor([loss, float(stop)], dtype=torch.float64)
     dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+    return float(tensor[0]) / dist.get_world_size(), bool(tensor[1] > 0)
+
+
+class Preempted(Exception):  # noqa: N818 - a signal, not an error
+    """Training stopped on request (SIGTERM); the exit code is the retryable one."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"preempted at step {step}")
+        self.step = step
 
 
 @dataclass
@@ -94,7 +105,7 @@ class Trainer:
     optimizer: GuardedAdamW
     sampler: MixtureSampler
     sources: dict[str, TokenSource]
-    checkpoints: Checkpoints
+    checkpoints: CheckpointManager
     metrics: TrainerMetrics
     health: Health
     rank: int
@@ -102,6 +113,9 @@ class Trainer:
     step_log: Path | None = None
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
+    stop_requested: bool = False  # set by the SIGTERM handler
+    _saved_at: float = field(default_factory=time.monotonic)
+    _last_save_seconds: float = 0.0
     _window_start: float = field(default_factory=time.perf_counter)
     _window_steps: int = 0
 
@@ -109,55 +123,75 @@ class Trainer:
     def stage(self) -> Stage:
         return self.config.stages[self.stage_index]
 
-    def client_state(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage_index,
-            "stage_name": self.stage.name,
-            "step": self.progress.step,
-            "tokens": self.progress.tokens,
-            "loss": self.progress.loss,
-            "sampler": self.sampler.state_dict(),
-        }
-
-    def resume(self, state: dict[str, Any], *, path: Path) -> None:
-        self.last_checkpoint = path
-        self.progress.step = int(state["step"])
-        self.progress.tokens = int(state["tokens"])
-        self.progress.loss = float(state.get("loss", float("nan")))
-        self.sampler.load_state_dict(state["sampler"])
-
-    def save(self) -> Path:
-        path, seconds = self.checkpoints.save(
-            self.engine, step=self.progress.step, client_state=self.client_state()
-        )
-        self.metrics.checkpoint_save_seconds.observe(seconds)
-        self.metrics.checkpoint_save_blocking_seconds.observe(seconds)
-        log0(f"saved checkpoint {path} in {seconds:.2f}s")
-        self.last_checkpoint = path
-        return path
-
     @property
     def total_steps(self) -> int:
         return self.stage.total_steps(self.config.model)
 
+    def resume(self, manifest: Manifest, *, path: Path) -> None:
+        self.last_checkpoint = path
+        self.progress.step, self.progress.tokens = manifest.step, manifest.tokens
+        self.sampler.load_state_dict(manifest.sampler)
+
+    def save(self, *, final: bool = False) -> Path:
+        blocking = self.checkpoints.save(
+            self.engine,
+            step=self.progress.step,
+            tokens=self.progress.tokens,
+            sampler=self.sampler.state_dict(),
+            final=final,
+        )
+        self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
+        self._saved_at = time.monotonic()
+        self.last_checkpoint = stage_dir(self.checkpoints.root, self.stage_index) / (
+            f"step-{self.progress.step}"
+        )
+        log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
+        return self.last_checkpoint
+
+    def on_saved(self, saved: Saved) -> None:
+        """Called on rank 0's writer thread once a checkpoint is complete."""
+        self._last_save_seconds = saved.seconds
+        self.metrics.checkpoint_save_seconds.observe(saved.seconds)
+        gigabytes = saved.manifest.total_bytes / 1e9
+        log0(f"saved {saved.directory} ({gigabytes:.3f} GB) in {saved.seconds:.2f}s")
+
     def train(self) -> Path:
-        """Train to the stage's budget; returns the final checkpoint's path."""
+        """Train to the stage's budget; returns the final checkpoint's path. Raises
+        :class:`Preempted` when asked to stop (after saving if worthwhile)."""
         total, interval = self.total_steps, self.config.checkpoint.interval_steps
         self.metrics.world_size.set(self.world_size)
         if self.progress.step >= total and self.last_checkpoint is not None:
             return self.last_checkpoint  # restored from this stage's final checkpoint
         while self.progress.step < total:
             self.train_one()
+            if self.stop_requested:
+                self.preempt()
             if self.progress.step % interval == 0 and self.progress.step < total:
                 self.save()
-        return self.save()
+        final = self.save(final=True)
+        self.checkpoints.wait()
+        return final
+
+    def preempt(self) -> None:
+        """Save on the way out when the newest checkpoint is old enough and a save fits in the
+        grace period, then stop with the retryable exit code."""
+        config, age = self.config.checkpoint, time.monotonic() - self._saved_at
+        if age >= config.preemption_min_age_seconds and (
+            self._last_save_seconds <= config.preemption_grace_seconds
+        ):
+            self.save()
+            self.checkpoints.wait()
+            log0(f"preempted: saved step {self.progress.step}, exiting to be restarted")
+        else:
+            log0(f"preempted: newest checkpoint is {age:.0f}s old, exiting without saving")
+        raise Preempted(self.progress.step)
 
     def train_one(self) -> float:
         """One optimizer step over the next global batch, with metrics and logging; returns
         the step's loss (mean over the global batch)."""
         model_config, stage = self.config.model, self.stage
         tokens_per_step = stage.tokens_per_step(model_config)
-        started = time.perf_counter()
+        started, lr = time.perf_counter(), self.engine.get_lr()[0]  # this step's rate
         mine = self.sampler.rank_slice(self.sampler.next_global_batch(), self.rank, self.world_size)
         batches = micro_batches(
             self.sources,
@@ -166,21 +200,23 @@ class Trainer:
             micro=stage.micro_batch_size,
             device=self.engine.device,
         )
-        loss = global_mean(
-            train_step(
-                self.engine,
-                self.optimizer,
-                batches,
-                label_smoothing=stage.label_smoothing,
-                aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
-            )
+        local = train_step(
+            self.engine,
+            self.optimizer,
+            batches,
+            label_smoothing=stage.label_smoothing,
+            aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
         )
+        # One all-reduce carries the loss and whether any rank was asked to stop, so every
+        # rank leaves (and saves) after the same step.
+        loss, stop = reduce_step(local, stop=self.stop_requested)
+        self.stop_requested = stop
         seconds = time.perf_counter() - started
         self.progress.step += 1
         self.progress.tokens += tokens_per_step
         self.progress.loss = loss
-        self._record(loss=loss, seconds=seconds, tokens=tokens_per_step)
-        self._log_step(loss=loss, seconds=seconds)
+        self._record(loss=loss, lr=lr, seconds=seconds, tokens=tokens_per_step)
+        self._log_step(loss=loss, lr=lr, seconds=seconds)
         self._window_steps += 1
         if (
             self.progress.step % self.config.trainer.log_every_steps == 0
@@ -190,7 +226,7 @@ class Trainer:
             skipped = self.optimizer.skipped_steps
             log0(
                 f"stage {stage.name} step {self.progress.step}/{self.total_steps} "
-                f"loss {loss:.4f} lr {self.engine.get_lr()[0]:.3g} "
+                f"loss {loss:.4f} lr {lr:.3g} "
                 f"tokens/s {self._window_steps * tokens_per_step / elapsed:,.0f} "
                 f"grad norm {self.optimizer.last_grad_norm:.3g}"
                 + (f" skipped {skipped}" if skipped else "")
@@ -198,7 +234,7 @@ class Trainer:
             self._window_start, self._window_steps = time.perf_counter(), 0
         return loss
 
-    def _log_step(self, *, loss: float, seconds: float) -> None:
+    def _log_step(self, *, loss: float, lr: float, seconds: float) -> None:
         if self.step_log is None or self.rank != 0:
             return
         load = self.engine.module.expert_load()
@@ -207,7 +243,7 @@ class Trainer:
             "step": self.progress.step,
             "tokens": self.progress.tokens,
             "loss": loss,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "gradNorm": self.optimizer.last_grad_norm,
             "skipped": self.optimizer.last_skipped,
             "seconds": seconds,
@@ -219,14 +255,14 @@ class Trainer:
         with self.step_log.open("a") as out:
             out.write(json.dumps(record) + "\n")
 
-    def _record(self, *, loss: float, seconds: float, tokens: int) -> None:
+    def _record(self, *, loss: float, lr: float, seconds: float, tokens: int) -> None:
         m = self.metrics
         m.step.set(self.progress.step)
         m.loss.set(loss)
         m.tokens.inc(tokens)
         m.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
         m.step_seconds.observe(seconds)
-        m.learning_rate.set(self.engine.get_lr()[0])
+        m.learning_rate.set(lr)
         m.grad_norm.set(self.optimizer.last_grad_norm)
         if self.optimizer.last_skipped:
             m.skipped_steps.inc()

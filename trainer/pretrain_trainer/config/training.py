@@ -272,8 +272,10 @@ class CheckpointConfig(Spec):
     """Save every this many optimizer steps (and always at the end of a stage)."""
     keep: Annotated[int, Field(ge=1, le=10000)] = 3
     """Recent checkpoints kept; each stage's final checkpoint is always kept as well."""
-    in_memory: bool = False
-    """Also keep a snapshot in host memory (/dev/shm) that survives a process restart in place."""
+    preemption_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 25.0
+    """After SIGTERM, save a checkpoint only if the last save took less than this."""
+    preemption_min_age_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
+    """After SIGTERM, skip the save when the newest checkpoint is younger than this."""
 
 
 class TrainerOptions(Spec):
