@@ -44,7 +44,9 @@ def test_zero3_on_two_processes_matches_plain_pytorch(
         2,
     )
     assert Path(run.report["checkpoint"]).name == "step-20"
-    assert (Path(run.report["checkpoint"]).parent / "latest").read_text() == "step-20"
+    final = Path(run.report["checkpoint"])
+    assert (final / "manifest.json").is_file()
+    assert (final.parent.parent / "latest").read_text().strip() == "stage-0/step-20"
 
 
 def test_training_on_a_real_corpus_lowers_the_loss(corpus: dict[str, Path], tmp_path: Path) -> None:

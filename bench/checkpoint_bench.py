@@ -1,0 +1,198 @@
+"""Checkpoint benchmarks: save blocking time and restore time, each against a baseline in the
+same run.
+
+    .venv/bin/python bench/checkpoint_bench.py save     [--params 100M] [--nproc 2]
+    .venv/bin/python bench/checkpoint_bench.py restore  [--params 100M] [--nproc 2]
+
+save:    the time training is blocked by our save (state copied to host memory; files written
+         in the background) vs a synchronous DeepSpeed ``save_checkpoint`` of the same state
+         (goal: ratio <= 0.1).
+restore: our restore (rank 0 verifies sizes and checksums, every rank loads through DeepSpeed
+         with memory-mapped files) vs ``cat`` of the same files to /dev/null, both with the files
+         in the page cache (goal: ratio <= 1.3), and the projection to a 67B-parameter model at a
+         given disk bandwidth.
+Model sizes: ``--params 100M`` (hidden 768, 12 layers) or ``300M`` (hidden 1024, 24 layers),
+ZeRO-1 fp32 on CPU processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+SIZES = {"100M": (12, 768, 32768), "300M": (24, 1024, 32768)}
+
+
+def _config(corpus: Path, ckpt: Path, size: str) -> dict[str, object]:
+    layers, hidden, vocab = SIZES[size]
+    return {
+        "model": {
+            "layers": layers,
+            "hidden": hidden,
+            "heads": hidden // 64,
+            "vocabSize": vocab,
+            "seqLen": 64,
+        },
+        "data": {"sources": [{"name": n, "path": str(corpus / n)} for n in ("code", "prose")]},
+        "stages": [
+            {
+                "name": "bench",
+                "budget": {"steps": 10**6},
+                "dataMix": {"code": 1, "prose": 1},
+                "globalBatchSize": 2,
+                "microBatchSize": 1,
+                "precision": "fp32",
+                "zeroStage": 1,
+            }
+        ],
+        "checkpoint": {"path": str(ckpt), "intervalSteps": 10**6, "keep": 100},
+        "trainer": {"logEverySteps": 10**6},
+    }
+
+
+def launch(args: argparse.Namespace) -> int:
+    from pretrain_trainer.data import build_stdlib_corpus
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        corpus, ckpt = Path(tmp) / "corpus", Path(tmp) / "checkpoints"
+        build_stdlib_corpus(corpus, max_files=200)
+        config = Path(tmp) / "run.yaml"
+        config.write_text(yaml.safe_dump(_config(corpus, ckpt, args.params)))
+        env = {
+            **os.environ,
+            "PRETRAIN_JOB": "bench",
+            "PRETRAIN_STAGE": "0",
+            "PRETRAIN_RUN_CONFIG": str(config),
+            "OMP_NUM_THREADS": "1",
+        }
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={args.nproc}", __file__, args.what, "--worker",
+            f"--rounds={args.rounds}", f"--bandwidth={args.bandwidth}",
+        ]  # fmt: skip
+        return subprocess.run(command, env=env, check=False).returncode
+
+
+def _cat(paths: list[Path]) -> float:
+    started = time.perf_counter()
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - started
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from pretrain_trainer.ckpt.store import list_checkpoints
+    from pretrain_trainer.contract import TrainerEnv
+    from pretrain_trainer.main import load_run_config, setup
+
+    env = TrainerEnv.from_environ(os.environ)
+    trainer = setup(env, load_run_config(env.run_config))
+    rank, manager, engine = trainer.rank, trainer.checkpoints, trainer.engine
+    trainer.train_one()
+    params = trainer.config.model.num_params()
+
+    def barrier_timed(action: object) -> float:
+        dist.barrier()
+        started = time.perf_counter()
+        action()  # type: ignore[operator]
+        dist.barrier()
+        return time.perf_counter() - started
+
+    if args.what == "save":
+        ours, sync, total = [], [], []
+        ours_engine = engine.checkpoint_engine
+        for round_ in range(args.rounds):
+            trainer.train_one()
+            started = time.perf_counter()
+            ours.append(barrier_timed(trainer.save))
+            manager.wait()
+            dist.barrier()
+            total.append(time.perf_counter() - started)
+            engine.checkpoint_engine = TorchCheckpointEngine()
+            target = manager.root / "sync"
+            save = functools.partial(engine.save_checkpoint, str(target), tag=f"r{round_}")
+            sync.append(barrier_timed(save))
+            engine.checkpoint_engine = ours_engine
+            if rank == 0:
+                shutil.rmtree(target, ignore_errors=True)
+        if rank == 0:
+            o, s, t = statistics.median(ours), statistics.median(sync), statistics.median(total)
+            size = list_checkpoints(manager.root)[0].manifest.total_bytes / 1e9
+            print(
+                f"model {params / 1e6:.0f}M params, {dist.get_world_size()} processes, "
+                f"ZeRO-1 fp32, checkpoint {size:.2f} GB, {args.rounds} rounds"
+            )
+            print(
+                f"blocking (ours)        {o:7.3f} s   rounds {', '.join(f'{x:.3f}' for x in ours)}"
+            )
+            print(f"complete (ours, bg)    {t:7.3f} s")
+            print(
+                f"synchronous DeepSpeed  {s:7.3f} s   rounds {', '.join(f'{x:.3f}' for x in sync)}"
+            )
+            print(f"ratio blocking/sync = {o / s:.3f}  (goal <= 0.1)")
+    else:
+        trainer.save()
+        manager.wait()
+        dist.barrier()
+        restores, raws = [], []
+        for _ in range(args.rounds):
+            restore_seconds = barrier_timed(lambda: manager.restore(engine, manager.plan()))
+            plan = manager.plan()
+            assert plan is not None
+            files = [plan.directory / f.path for f in plan.manifest.files]
+            raw = _cat(files) if rank == 0 else 0.0
+            restores.append(restore_seconds)
+            raws.append(raw)
+        if rank == 0:
+            plan = manager.plan()
+            assert plan is not None
+            size = plan.manifest.total_bytes
+            r, w = statistics.median(restores), statistics.median(raws)
+            per_byte = r / size
+            big = 67e9 * (size / params)
+            print(
+                f"model {params / 1e6:.0f}M params, {dist.get_world_size()} processes, "
+                f"ZeRO-1 fp32, checkpoint {size / 1e9:.2f} GB (files in the page cache)"
+            )
+            print(f"restore (verify + load)  {r:7.3f} s  ({size / 1e9 / r:.2f} GB/s)")
+            print(f"raw read (cat)           {w:7.3f} s  ({size / 1e9 / w:.2f} GB/s)")
+            print(f"ratio restore/raw = {r / w:.2f}  (goal <= 1.3)")
+            print(
+                f"projection, 67B params ({big / 1e9:.0f} GB at this bytes/param): "
+                f"{big / (args.bandwidth * 1e9) * (r / w):.0f} s at {args.bandwidth:g} GB/s "
+                f"disk read x the measured ratio ({big * per_byte:.0f} s at this machine's "
+                f"page-cache speed)"
+            )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["save", "restore"])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--params", choices=sorted(SIZES), default="100M")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bandwidth", type=float, default=2.0, help="GB/s, for the projection")
+    parser.add_argument("--dir", default=None, help="where to write checkpoints (default: /tmp)")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    return launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
