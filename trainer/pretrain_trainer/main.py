@@ -191,10 +191,11 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     )
     checkpoints.attach(engine, on_saved=trainer.on_saved)
     if plan is not None and plan.full:
-        restored = checkpoints.restore(engine, plan, extra_seconds=conversion)
+        restored = _restore(checkpoints, engine, plan, extra_seconds=conversion)
         optimizer.repair_after_load()
         trainer.resume(restored.manifest, path=restored.path)
         restore_seconds = restored.seconds
+        plan = restored.plan
     if plan is not None:
         metrics.checkpoint_restore_seconds.set(restore_seconds)
         size = plan.manifest.total_bytes
@@ -210,6 +211,23 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
         f"{config.model.num_params():,} parameters ({frozen:,} frozen)"
     )
     return trainer
+
+
+def _restore(checkpoints: Any, engine: Any, plan: Any, *, extra_seconds: float) -> Any:
+    """Restore the newest checkpoint that loads and verifies, falling back past corrupt ones
+    while the next candidate needs the same engine set-up (else restart cleanly)."""
+    from .ckpt.manager import CorruptCheckpoint
+
+    while True:
+        try:
+            return checkpoints.restore(engine, plan, extra_seconds=extra_seconds)
+        except CorruptCheckpoint:
+            previous, plan = plan, checkpoints.plan()
+            if plan is None or not plan.full or plan.universal != previous.universal:
+                raise RuntimeError(
+                    "the newest checkpoint was corrupt and the previous one needs a fresh "
+                    "start; restarting"
+                ) from None
 
 
 def run(env: TrainerEnv, config: RunConfig) -> int:

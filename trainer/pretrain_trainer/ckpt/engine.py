@@ -44,22 +44,41 @@ from .store import (
 )
 
 
-def snapshot(value: Any) -> Any:
-    """A copy of ``value`` that later training steps cannot change: tensors go to host memory."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, OrderedDict):
-        return OrderedDict((k, snapshot(v)) for k, v in value.items())
-    if isinstance(value, dict):
-        return {k: snapshot(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [snapshot(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(snapshot(v) for v in value)
-    try:
-        return copy.deepcopy(value)
-    except Exception:  # an opaque object DeepSpeed stores by reference; it is not mutated
-        return value
+class Snapshots:
+    """Copies state into host buffers kept from one save to the next.
+
+    Fresh host memory costs far more to touch than to copy into (page faults, zeroing), so the
+    first save allocates and every later save of the same shapes only copies: that copy is all
+    the training loop waits for. Safe because a save starts only after the previous one has been
+    written out entirely.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def take(self, value: Any, key: tuple[Any, ...] = ()) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._copy(value.detach(), key)
+        if isinstance(value, OrderedDict):
+            return OrderedDict((k, self.take(v, (*key, k))) for k, v in value.items())
+        if isinstance(value, dict):
+            return {k: self.take(v, (*key, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.take(v, (*key, i)) for i, v in enumerate(value)]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(self.take(v, (*key, i)) for i, v in enumerate(value))
+        try:
+            return copy.deepcopy(value)
+        except Exception:  # an opaque object DeepSpeed stores by reference; it is not mutated
+            return value
+
+    def _copy(self, tensor: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            self._buffers[key] = buffer
+        buffer.copy_(tensor)
+        return buffer
 
 
 @dataclass(frozen=True)
@@ -97,6 +116,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self.manifest_fields: dict[str, Any] = {}  # set before each save by the manager
         self.extra_files: dict[str, Any] = {}  # relative path -> object, saved by this rank
         self._pending: _Pending | None = None
+        self._snapshots = Snapshots()
         self._queue: queue.Queue[Callable[[], None]] = queue.Queue()
         self._error: BaseException | None = None
         threading.Thread(target=self._work, name="checkpoint-writer", daemon=True).start()
@@ -113,7 +133,8 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         pending = self._pending
         if pending is None:
             raise RuntimeError("save() outside create()/commit()")
-        target, frozen = Path(path), snapshot(state_dict)
+        target = Path(path)
+        frozen = self._snapshots.take(state_dict, (str(target.relative_to(pending.directory)),))
         self._queue.put(lambda: self._write(pending, target, frozen))
 
     def load(self, path: str, map_location: Any = None) -> Any:

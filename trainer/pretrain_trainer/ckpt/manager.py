@@ -2,9 +2,10 @@
 
 Restore is decided before DeepSpeed is initialised, because loading a checkpoint written at
 another world size needs DeepSpeed's universal format (``load_universal`` is an engine
-setting). Rank 0 picks the newest checkpoint that verifies (sizes and checksums; a corrupt one
-is skipped with a logged reason) and tells the others, so one process reads the bytes to
-verify them, not all.
+setting). Rank 0 picks the newest complete checkpoint whose file sizes match its manifest and
+tells the others. Checksums are then computed on rank 0 *while* every rank loads the same
+files, so verification costs no second pass over the disk; a mismatch quarantines the
+checkpoint (renamed, kept for inspection) and the caller loads the previous one.
 
 Stage hand-over does not go through DeepSpeed at all: a stage's final checkpoint also holds
 the full fp32 weights (sharded by parameter across ranks), which the next stage loads into the
@@ -18,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import torch.distributed as dist
 
 from ..logging import log0
 from .engine import AsyncCheckpointEngine, Saved
-from .store import Manifest, clean_incomplete, newest_valid
+from .store import Manifest, clean_incomplete, newest_valid, verify
 
 WEIGHTS = "weights"
 RNG = "rng"
@@ -48,12 +50,22 @@ class RestorePlan:
     bytes_verified: int
 
 
+class CorruptCheckpoint(Exception):  # noqa: N818 - named for what it is
+    """A checkpoint failed checksum verification while it was being loaded."""
+
+
 @dataclass(frozen=True)
 class Restored:
-    path: Path
-    manifest: Manifest
-    full: bool
+    plan: RestorePlan
     seconds: float
+
+    @property
+    def path(self) -> Path:
+        return self.plan.directory
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.plan.manifest
 
 
 def _has_zero_partitions(directory: Path) -> bool:
@@ -98,7 +110,7 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         for path in clean_incomplete(self.root):
             log0(f"removed incomplete checkpoint {path} (no manifest: its save never finished)")
-        found = newest_valid(self.root, stage=self.stage, log=log0)
+        found = newest_valid(self.root, stage=self.stage, checksums=False, log=log0)
         full = found is not None
         if found is None and self.stage > 0:
             found = newest_valid(self.root, stage=self.stage - 1, final=True, log=log0)
@@ -178,10 +190,29 @@ class CheckpointManager:
         engine.checkpoint_engine = self.engine
 
     def restore(self, engine: Any, plan: RestorePlan, *, extra_seconds: float = 0.0) -> Restored:
-        """Load everything from a checkpoint of this stage."""
+        """Load everything from a checkpoint of this stage, verifying its checksums on rank 0
+        in parallel with the load; raises :class:`CorruptCheckpoint` (on every rank) after
+        quarantining a checkpoint that fails."""
         started = time.perf_counter()
-        tag = plan.directory.name + (f"/{UNIVERSAL}" if plan.universal else "")
-        path, _ = engine.load_checkpoint(str(plan.directory.parent), tag=tag)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            checked = (
+                pool.submit(verify, plan.directory, plan.manifest, checksums=True)
+                if self.rank == 0
+                else None
+            )
+            tag = plan.directory.name + (f"/{UNIVERSAL}" if plan.universal else "")
+            path, _ = engine.load_checkpoint(str(plan.directory.parent), tag=tag)
+            verification = checked.result() if checked is not None else None
+        problems = _broadcast(None if verification is None else verification.problems)
+        if problems:
+            if self.rank == 0:
+                quarantined = plan.directory.with_name(f"{plan.directory.name}.corrupt")
+                shutil.rmtree(quarantined, ignore_errors=True)
+                plan.directory.rename(quarantined)
+                log0(f"skipping {plan.directory}: {'; '.join(problems)}; kept as {quarantined}")
+            if dist.is_initialized():
+                dist.barrier()
+            raise CorruptCheckpoint(f"{plan.directory}: {'; '.join(problems)}")
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {plan.directory}")
         rng = plan.directory / RNG / f"rank-{self.rank}.pt"
@@ -191,7 +222,7 @@ class CheckpointManager:
             if torch.cuda.is_available() and state.get("cuda") is not None:
                 torch.cuda.set_rng_state_all(state["cuda"])
         seconds = plan.verify_seconds + extra_seconds + time.perf_counter() - started
-        return Restored(plan.directory, plan.manifest, True, seconds)
+        return Restored(plan, seconds)
 
     def save(
         self,
