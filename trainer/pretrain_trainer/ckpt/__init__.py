@@ -1,7 +1,17 @@
-"""Checkpoints: the torch-free on-disk store (:mod:`.store`: layout, manifests, ``latest``,
-verification, retention). The DeepSpeed side that fills it lives in a sibling module and is
-imported from there explicitly, so importing this package never pulls in torch."""
+"""Checkpoints. Torch-free: :mod:`.store` (layout, manifests, atomic writes, ``latest``, rank
+markers) and :mod:`.catalog` (verification, choosing, retention). The DeepSpeed side,
+:mod:`.engine` and :mod:`.manager`, is imported explicitly, so this package never pulls in
+torch."""
 
+from .catalog import (
+    clean_incomplete,
+    incomplete,
+    list_checkpoints,
+    newest_valid,
+    prune,
+    retention,
+    verify,
+)
 from .store import (
     CHUNK,
     LATEST,
@@ -14,21 +24,14 @@ from .store import (
     Manifest,
     Verification,
     checkpoint_dir,
-    clean_incomplete,
     collect_rank_markers,
     config_hash,
     hash_files,
-    incomplete,
-    list_checkpoints,
-    newest_valid,
-    prune,
     read_latest,
     read_manifest,
     remove_rank_markers,
-    retention,
     set_latest,
     utc_now,
-    verify,
     write_json_atomic,
     write_manifest,
     write_rank_marker,

@@ -31,12 +31,12 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
     CheckpointEngine,
 )
 
+from .catalog import prune
 from .store import (
     FileRecord,
     HashingFile,
     Manifest,
     collect_rank_markers,
-    prune,
     remove_rank_markers,
     set_latest,
     write_manifest,

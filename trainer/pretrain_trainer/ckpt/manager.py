@@ -28,8 +28,9 @@ import torch
 import torch.distributed as dist
 
 from ..logging import log0
+from .catalog import clean_incomplete, newest_valid, verify
 from .engine import AsyncCheckpointEngine, Saved
-from .store import Manifest, clean_incomplete, newest_valid, verify
+from .store import Manifest
 
 WEIGHTS = "weights"
 RNG = "rng"

@@ -1,4 +1,4 @@
-"""The on-disk checkpoint store: layout, manifests, the ``latest`` pointer, checks and retention.
+"""The on-disk checkpoint store: layout, manifests, atomic writes, ``latest``, rank markers.
 
 Layout under a job's root::
 
@@ -10,7 +10,7 @@ A checkpoint directory without a valid manifest does not exist: the manifest is 
 after every file is on disk, by an atomic rename, so a crash at any moment leaves either a
 complete checkpoint or an incomplete directory that readers skip and ``clean_incomplete``
 removes. The manifest records every file's size and crc32, so a torn or bit-rotted checkpoint
-is detected before it is loaded and the newest *valid* one is used instead.
+is detected before it is loaded and the newest *valid* one is used instead (see ``catalog``).
 
 This module imports neither torch nor numpy: the operator side and tools can inspect, verify
 and prune checkpoints without the trainer's dependencies.
@@ -25,13 +25,11 @@ import io
 import json
 import os
 import re
-import shutil
-import sys
 import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -297,6 +295,26 @@ def _is_bookkeeping(name: str) -> bool:
     return name == MANIFEST or bool(_MARKER.fullmatch(name)) or name.endswith(_TMP_SUFFIX)
 
 
+_buffers = threading.local()  # one read buffer per hashing thread
+
+
+def _crc32(path: Path, *, sync: bool = False) -> tuple[int, int]:
+    """crc32 and size of a file, read in large chunks into this thread's reusable buffer
+    (zlib.crc32 releases the GIL, so threads hash files in parallel)."""
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    crc = size = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(view):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+        if sync:
+            os.fsync(f.fileno())
+    return crc, size
+
+
 def hash_files(
     directory: Path, *, paths: Iterable[Path] | None = None, sync: bool = True, workers: int = 4
 ) -> list[FileRecord]:
@@ -400,184 +418,3 @@ def remove_rank_markers(directory: Path) -> None:
     for path in directory.glob(".rank-*.json"):
         if _MARKER.fullmatch(path.name):
             path.unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Verifying and choosing
-
-
-_buffers = threading.local()
-
-
-def _crc32(path: Path, *, sync: bool = False) -> tuple[int, int]:
-    """crc32 and size of a file, read in large chunks into this thread's reusable buffer
-    (zlib.crc32 releases the GIL, so threads hash files in parallel)."""
-    buf: bytearray | None = getattr(_buffers, "buf", None)
-    if buf is None:
-        buf = _buffers.buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    crc = size = 0
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-        if sync:
-            os.fsync(f.fileno())
-    return crc, size
-
-
-def verify(
-    directory: Path, manifest: Manifest, *, checksums: bool = True, workers: int = 4
-) -> Verification:
-    """Check each recorded file: present, of the recorded size (a cheap stat, always), and with
-    the recorded crc32 (a full read, when ``checksums``). Files not in the manifest, such as a
-    ``universal/`` conversion folder added later, are allowed."""
-    started = time.perf_counter()
-    problems: list[str] = []
-    to_hash: list[FileRecord] = []
-    for record in manifest.files:
-        try:
-            size = (directory / record.path).stat().st_size
-        except FileNotFoundError:
-            problems.append(f"{record.path}: missing")
-            continue
-        if size != record.size:
-            problems.append(f"{record.path}: size {size} != {record.size} (truncated or wrong)")
-        elif checksums:
-            to_hash.append(record)
-    to_hash.sort(key=lambda r: -r.size)  # largest first balances the threads best
-
-    def check(record: FileRecord) -> tuple[int, str | None]:
-        try:
-            crc, size = _crc32(directory / record.path)
-        except OSError as e:
-            return 0, f"{record.path}: unreadable: {e}"
-        if crc != record.crc32:
-            return size, f"{record.path}: crc32 mismatch ({crc:08x} != {record.crc32:08x})"
-        return size, None
-
-    bytes_read = 0
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for size, problem in pool.map(check, to_hash):
-            bytes_read += size
-            if problem:
-                problems.append(problem)
-    return Verification(not problems, problems, bytes_read, time.perf_counter() - started)
-
-
-def _step_dirs(root: Path) -> list[tuple[int, int, Path]]:
-    out = []
-    for stage_dir in root.glob("stage-*"):
-        stage = _STAGE.fullmatch(stage_dir.name)
-        if not stage or not stage_dir.is_dir():
-            continue
-        for step_dir in stage_dir.glob("step-*"):
-            step = _STEP.fullmatch(step_dir.name)
-            if step and step_dir.is_dir():
-                out.append((int(stage[1]), int(step[1]), step_dir))
-    return sorted(out, reverse=True)
-
-
-def _complete(stage: int, step: int, directory: Path) -> Checkpoint | None:
-    try:
-        manifest = read_manifest(directory)
-    except CheckpointError:
-        return None
-    if (manifest.stage, manifest.step) != (stage, step):
-        return None
-    return Checkpoint(directory=directory, stage=stage, step=step, manifest=manifest)
-
-
-def list_checkpoints(root: Path) -> list[Checkpoint]:
-    """Complete checkpoints, newest (highest stage, then step) first."""
-    found = (_complete(*entry) for entry in _step_dirs(root))
-    return [c for c in found if c is not None]
-
-
-def incomplete(root: Path) -> list[Path]:
-    """Step directories without a valid manifest matching their name."""
-    return [d for s, n, d in _step_dirs(root) if _complete(s, n, d) is None]
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def newest_valid(
-    root: Path,
-    *,
-    stage: int | None = None,
-    final: bool | None = None,
-    checksums: bool = True,
-    workers: int = 4,
-    log: Callable[[str], None] = _stderr,
-) -> tuple[Checkpoint, Verification] | None:
-    """The newest checkpoint that verifies (optionally of one stage, or only finals); each one
-    rejected on the way is logged with why, so a fallback is never silent."""
-    for checkpoint in list_checkpoints(root):
-        if stage is not None and checkpoint.stage != stage:
-            continue
-        if final is not None and checkpoint.manifest.final != final:
-            continue
-        result = verify(
-            checkpoint.directory, checkpoint.manifest, checksums=checksums, workers=workers
-        )
-        if result.ok:
-            return checkpoint, result
-        log(f"skipping {checkpoint.name}: {'; '.join(result.problems)}")
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Retention
-
-
-def retention(checkpoints: list[Checkpoint], *, keep: int) -> list[Checkpoint]:
-    """Which checkpoints to delete: all but the newest ``keep`` and every stage's final one."""
-    if keep < 0:
-        raise ValueError(f"keep must be >= 0, not {keep}")
-    ordered = sorted(checkpoints, key=lambda c: (c.stage, c.step), reverse=True)
-    return [c for c in ordered[keep:] if not c.manifest.final]
-
-
-def _rmtree(directory: Path) -> None:
-    """rmtree that tolerates entries vanishing under it (another process cleaning too)."""
-    try:
-        shutil.rmtree(directory)
-    except FileNotFoundError:
-        if directory.exists():
-            shutil.rmtree(directory)
-
-
-def _remove(directory: Path) -> None:
-    # Manifest first: a crash halfway through leaves an incomplete directory, never a
-    # "complete" checkpoint with files missing.
-    (directory / MANIFEST).unlink(missing_ok=True)
-    _fsync_dir(directory)
-    _rmtree(directory)
-
-
-def prune(root: Path, *, keep: int) -> list[Path]:
-    """Apply ``retention``; never deletes what ``latest`` points at. Only complete checkpoints
-    are candidates, so a save in progress (no manifest yet) is never touched."""
-    latest = read_latest(root)
-    protected = latest.resolve() if latest is not None else None
-    removed = []
-    for checkpoint in retention(list_checkpoints(root), keep=keep):
-        if checkpoint.directory.resolve() != protected:
-            _remove(checkpoint.directory)
-            removed.append(checkpoint.directory)
-    return removed
-
-
-def clean_incomplete(root: Path) -> list[Path]:
-    """Remove incomplete step directories and leftover temporary files of crashed writers.
-    Call at startup only, when no save is in flight (a save in flight looks incomplete)."""
-    removed = []
-    for directory in incomplete(root):
-        _rmtree(directory)
-        removed.append(directory)
-    for tmp in root.glob(f".{LATEST}.*{_TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
