@@ -91,6 +91,33 @@ def _data_prepare(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _checkpoints(args: argparse.Namespace, out: Console) -> int:
+    # Torch-free: inspecting checkpoints needs only the store.
+    from pretrain_trainer.ckpt import incomplete, list_checkpoints, read_latest, verify
+
+    root = Path(args.root)
+    if not root.is_dir():
+        _error(f"error: {root}: no such directory")
+        return EXIT_INVALID
+    latest, bad = read_latest(root), 0
+    for checkpoint in list_checkpoints(root):
+        manifest = checkpoint.manifest
+        line = (
+            f"{checkpoint.name:24} {manifest.stage_name:16} tokens {manifest.tokens:>14,} "
+            f"world {manifest.world_size:>4} {manifest.total_bytes / 1e9:8.3f} GB"
+            f"{' final' if manifest.final else '      '}"
+            f"{' <- latest' if latest == checkpoint.directory else ''}"
+        )
+        if args.verify:
+            result = verify(checkpoint.directory, manifest)
+            line += "  ok" if result.ok else "  CORRUPT: " + "; ".join(result.problems)
+            bad += not result.ok
+        out.print(line, markup=False, highlight=False)
+    for path in incomplete(root):
+        out.print(f"{path.relative_to(root)!s:24} incomplete (no manifest)", markup=False)
+    return EXIT_INVALID if bad else EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="pretrainctl",
@@ -132,6 +159,16 @@ def parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--name", default="tokens", help="shard name (default: tokens)")
     prepare.set_defaults(run=_data_prepare)
+
+    checkpoints = commands.add_parser(
+        "checkpoints",
+        help="list a job's checkpoints (and verify their checksums)",
+        description="List the checkpoints under ROOT (<checkpoint.path>/<job>), newest first; "
+        "with --verify, check every file's size and crc32 and exit 2 if any is corrupt.",
+    )
+    checkpoints.add_argument("root", metavar="ROOT")
+    checkpoints.add_argument("--verify", action="store_true", help="check sizes and checksums")
+    checkpoints.set_defaults(run=_checkpoints)
     return root
 
 

@@ -480,3 +480,23 @@ def test_hashing_file_refuses_a_record_before_close_and_writes_after(tmp_path: P
     assert f.record(tmp_path) == FileRecord(path="x.bin", size=5, crc32=zlib.crc32(b"abcde"))
     with pytest.raises(ValueError, match="closed"):
         f.write(b"more")
+
+
+def test_pretrainctl_checkpoints_lists_and_verifies(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pretrain_operator.cli import main
+
+    older = _save(tmp_path, 0, 10, final=True)
+    newer = _save(tmp_path, 1, 20)
+    set_latest(tmp_path, newer)
+    (tmp_path / "stage-1" / "step-30").mkdir()
+    assert main(["checkpoints", str(tmp_path), "--verify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("stage-1/step-20")
+    assert lines[0].endswith("<- latest  ok")
+    assert "final" in lines[1]
+    assert lines[2] == "stage-1/step-30          incomplete (no manifest)"
+    _flip(older / "model_states.pt")
+    assert main(["checkpoints", str(tmp_path), "--verify"]) == 2
+    assert "CORRUPT: model_states.pt: crc32 mismatch" in capsys.readouterr().out
