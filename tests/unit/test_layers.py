@@ -31,6 +31,15 @@ FORBIDDEN = {
         "pretrain_operator.cli",
         "rich",
     ),
+    "pretrain_operator.plan": (
+        "torch",
+        "deepspeed",
+        "kopf",
+        "kubernetes",
+        "pretrain_operator.cli",
+        "pretrain_operator.crd",
+        "rich",
+    ),
     "pretrain_operator.crd": ("torch", "deepspeed", "kopf", "kubernetes", "pretrain_operator.cli"),
 }
 
@@ -81,7 +90,7 @@ def test_module_imports_no_layer_above_it(module: str, path: Path) -> None:
 def test_pure_layers_load_without_torch_kopf_or_kubernetes() -> None:
     code = (
         "import sys, pretrain_trainer.config, pretrain_trainer.contract, pretrain_operator.api, "
-        "pretrain_operator.crd\n"
+        "pretrain_operator.crd, pretrain_operator.plan\n"
         "print(sorted(m for m in ('torch', 'deepspeed', 'kopf', 'kubernetes') if m in sys.modules))"
     )
     result = subprocess.run(

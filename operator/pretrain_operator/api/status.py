@@ -45,6 +45,7 @@ class Reason(StrEnum):
     STAGE_COMPLETED = "StageCompleted"
     SUSPENDED = "Suspended"
     RESUMED = "Resumed"
+    RESTARTED = "Restarted"
     SUCCEEDED = "Succeeded"
     RESTART_LIMIT_EXCEEDED = "RestartLimitExceeded"
     PERMANENT_ERROR = "PermanentError"
@@ -117,6 +118,8 @@ class WorkersStatus(Status):
     """Workers the plan wants for the current attempt."""
     ready: int = 0
     """Workers running and joined."""
+    slots: list[int] = []
+    """Worker slots of the current attempt, in rank order."""
 
 
 class RestartsStatus(Status):
@@ -174,6 +177,12 @@ class JobStatus(Status):
     """Workers of the current attempt."""
     attempt: int = 0
     """Attempt number; each group (re)start increments it."""
+    attempt_started_at: datetime | None = None
+    """When the current attempt's group was started."""
+    next_attempt_at: datetime | None = None
+    """Earliest time the next attempt may start (restart back-off)."""
+    failures_in_a_row: int = 0
+    """Consecutive failed attempts; the back-off doubles with each."""
     restarts: RestartsStatus = RestartsStatus()
     """Restart counts."""
     last_checkpoint: CheckpointStatus | None = None

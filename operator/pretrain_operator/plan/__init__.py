@@ -1,0 +1,20 @@
+"""The pure planning core shared by the Kubernetes operator and the local backend.
+
+Imports neither kopf nor kubernetes: ``plan()`` maps (spec, status, observed workers, now) to
+the group that should run, the workers to stop, the status to write and the events to emit.
+"""
+
+from .core import choose_world, plan
+from .model import Event, Group, Observed, Plan, StageReport, Worker, WorkerState
+
+__all__ = [
+    "Event",
+    "Group",
+    "Observed",
+    "Plan",
+    "StageReport",
+    "Worker",
+    "WorkerState",
+    "choose_world",
+    "plan",
+]
