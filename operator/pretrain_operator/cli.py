@@ -118,6 +118,71 @@ def _checkpoints(args: argparse.Namespace, out: Console) -> int:
     return EXIT_INVALID if bad else EXIT_OK
 
 
+def _data_stdlib(args: argparse.Namespace, out: Console) -> int:
+    from pretrain_trainer.data import build_stdlib_corpus
+
+    for name, path in build_stdlib_corpus(Path(args.out)).items():
+        out.print(f"{name}: {path}", markup=False, highlight=False)
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace, out: Console) -> int:
+    from .local.display import Display, summary
+    from .local.runner import RunError, run
+    from .manifests import load_job
+
+    try:
+        job = load_job(Path(args.file))
+    except ManifestError as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    except SpecError as error:
+        _error(f"{args.file}: invalid PretrainJob:")
+        for problem in error.problems:
+            _error(f"  {problem}")
+        return EXIT_INVALID
+    run_dir = Path(args.dir or Path("runs") / job.name)
+    try:
+        with Display(job, run_dir, out) as display:
+            status = run(job, run_dir, workers=args.workers, on_update=display.update)
+    except RunError as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    out.print(summary(job, status))
+    if status.phase == "Suspended":
+        out.print(f"suspended; `pretrainctl run {args.file} --dir {run_dir}` resumes")
+        return 130
+    return EXIT_OK if status.phase == "Succeeded" else 1
+
+
+def _workers(args: argparse.Namespace, out: Console) -> int:
+    from .local.backend import read_capacity, write_capacity
+
+    run_dir = Path(args.dir)
+    capacity, down = read_capacity(run_dir)
+    if capacity == 0:
+        _error(f"error: {run_dir} is not a local run directory (no capacity.json)")
+        return EXIT_INVALID
+    if args.action == "kill":
+        alive = [s for s in range(capacity) if s not in down]
+        slot = args.slot if args.slot is not None else (alive[-1] if alive else None)
+        if slot is None or slot in down or slot >= capacity:
+            _error(f"error: no running worker slot {slot} to kill")
+            return EXIT_INVALID
+        down.add(slot)
+        out.print(f"worker {slot} killed (its slot stays down until `workers add`)")
+    else:
+        if down:
+            slot = min(down) if args.slot is None else args.slot
+            down.discard(slot)
+        else:
+            capacity += 1
+            slot = capacity - 1
+        out.print(f"worker slot {slot} available")
+    write_capacity(run_dir, capacity, down)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="pretrainctl",
@@ -159,6 +224,12 @@ def parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--name", default="tokens", help="shard name (default: tokens)")
     prepare.set_defaults(run=_data_prepare)
+    stdlib = data_commands.add_parser(
+        "stdlib",
+        help="build a demo corpus from this Python's standard library (sources code, prose)",
+    )
+    stdlib.add_argument("--out", required=True, metavar="DIR")
+    stdlib.set_defaults(run=_data_stdlib)
 
     checkpoints = commands.add_parser(
         "checkpoints",
@@ -169,6 +240,26 @@ def parser() -> argparse.ArgumentParser:
     checkpoints.add_argument("root", metavar="ROOT")
     checkpoints.add_argument("--verify", action="store_true", help="check sizes and checksums")
     checkpoints.set_defaults(run=_checkpoints)
+
+    run = commands.add_parser(
+        "run",
+        help="run a PretrainJob on this machine, to the end",
+        description="Run every stage of the job with local worker processes (torchrun + "
+        "DeepSpeed), restarting and resizing on worker loss. Ctrl-C suspends; running the "
+        "same command again resumes.",
+    )
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--workers", type=int, help="worker slots (default: elastic.maxWorkers)")
+    run.add_argument("--dir", help="run directory (default: runs/<job>)")
+    run.set_defaults(run=_run)
+
+    workers = commands.add_parser(
+        "workers", help="simulate losing or gaining a worker in a local run"
+    )
+    workers.add_argument("action", choices=["kill", "add"])
+    workers.add_argument("--dir", required=True, help="the run directory")
+    workers.add_argument("--slot", type=int, help="which slot (default: the last / first down)")
+    workers.set_defaults(run=_workers)
     return root
 
 

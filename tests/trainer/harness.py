@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 import yaml
+from pretrain_operator.local.processes import signal_tree
 from pretrain_trainer.config import RunConfig
 from pretrain_trainer.data import open_source
 from pretrain_trainer.optim import param_groups
@@ -61,20 +61,6 @@ class Run:
         return [s["loss"] for s in self.steps]
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [root]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            found.append(child)
-            queue.append(child)
-    return found
-
-
 @dataclass
 class Started:
     process: subprocess.Popen[str]
@@ -91,9 +77,7 @@ class Started:
     def signal(self, signum: int) -> None:
         """Signal torchrun and every process under it. torchrun starts each worker in a
         session of its own, so signalling its process group would miss them."""
-        for pid in [self.process.pid, *_descendants(self.process.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+        signal_tree(self.process.pid, signum)
 
     def wait(self, timeout: float = 300) -> Run:
         try:

@@ -171,13 +171,13 @@ def _broken(status: JobStatus, current: list[Worker]) -> tuple[Reason, str] | No
     for slot in status.workers.slots:
         if slot not in seen:
             return Reason.WORKER_LOST, f"worker {slot} is gone"
-    for w in current:
+    # A loss explains the failures it causes (survivors exit when a peer dies): name it first.
+    for w in sorted(current, key=lambda w: w.state != WorkerState.LOST):
         if w.state == WorkerState.LOST:
             why = f" ({w.reason})" if w.reason else ""
             preempted = (w.reason or "").lower() in ("preempted", "disruptiontarget", "evicted")
-            return (
-                Reason.PREEMPTED if preempted else Reason.WORKER_LOST
-            ), f"worker {w.slot} lost{why}"
+            reason = Reason.PREEMPTED if preempted else Reason.WORKER_LOST
+            return reason, f"worker {w.slot} lost{why}"
         if w.state == WorkerState.FAILED:
             return Reason.WORKER_FAILED, f"worker {w.slot} exited with code {w.exit_code}"
     return None
@@ -302,8 +302,8 @@ def _stage_completed(
         }
     )
     message = f"stage {spec.stages[stage].name} finished at step {report.step}"
-    events.append(Event(Reason.STAGE_COMPLETED, message))
     if stage + 1 == len(spec.stages):
+        events.append(Event(Reason.STAGE_COMPLETED, message))
         status = status.model_copy(update={"workers": WorkersStatus()})
         status = _phase(status, Phase.SUCCEEDED, Reason.SUCCEEDED, "all stages finished", now)
         events.append(Event(Reason.SUCCEEDED, "all stages finished"))

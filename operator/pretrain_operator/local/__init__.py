@@ -1,0 +1,1 @@
+"""The local backend: a PretrainJob's workers as processes on this machine."""

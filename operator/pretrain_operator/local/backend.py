@@ -1,0 +1,197 @@
+"""Observe and apply for a local run: one ``torchrun`` agent per worker slot.
+
+Each attempt's agents meet at the run's long-lived store under a fresh rendezvous id
+(``--nnodes`` fixed by the plan, ``--max-restarts=0``): a resize or a restart is a new attempt
+at a size the planner chose, never torchrun's own membership changes (DESIGN 4). A slot is a
+place a worker may run; ``pretrainctl workers kill|add`` takes slots away and gives them back,
+which is how a user watches elasticity happen on one machine.
+
+Run directory::
+
+    run.yaml  status.json  capacity.json  steps.jsonl  checkpoints/
+    workers/<slot>/attempt-<a>.log  workers/<slot>/report-<a>.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain_trainer import contract
+
+from ..api import PretrainJob
+from ..plan import Group, Observed, Plan, StageReport, Worker, WorkerState
+from .processes import signal_tree
+
+CAPACITY = "capacity.json"
+
+
+@dataclass
+class _Process:
+    popen: subprocess.Popen[bytes]
+    attempt: int
+    stage: int
+    report: Path
+    stopping: bool = False
+
+
+def read_capacity(run_dir: Path) -> tuple[int, set[int]]:
+    """How many slots the run may use, and which of them are down."""
+    try:
+        data = json.loads((run_dir / CAPACITY).read_text())
+        return int(data["workers"]), {int(s) for s in data.get("down", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, set()
+
+
+def write_capacity(run_dir: Path, workers: int, down: set[int]) -> None:
+    temporary = run_dir / (CAPACITY + ".tmp")
+    temporary.write_text(json.dumps({"workers": workers, "down": sorted(down)}))
+    os.replace(temporary, run_dir / CAPACITY)
+
+
+class LocalBackend:
+    def __init__(self, *, job: PretrainJob, run_dir: Path, store_port: int) -> None:
+        self.job, self.run_dir, self.store_port = job, run_dir, store_port
+        self.processes: dict[int, _Process] = {}
+        self.attempt = 0
+        self.group: Group | None = None
+
+    # -- observe ---------------------------------------------------------------------------
+    def observe(self) -> Observed:
+        capacity, down = read_capacity(self.run_dir)
+        workers = []
+        for slot in sorted(set(range(capacity)) | set(self.processes)):
+            process = self.processes.get(slot)
+            if slot in down or slot >= capacity:
+                if process is not None and process.popen.poll() is None:
+                    signal_tree(process.popen.pid, signal.SIGKILL)  # the "node" went away
+                    process.popen.wait()
+                continue  # the slot is gone: its worker, if any, is lost
+            workers.append(self._worker(slot, process))
+        return Observed(tuple(workers))
+
+    def _worker(self, slot: int, process: _Process | None) -> Worker:
+        group = self.group
+        waiting = (
+            group is not None
+            and slot in group.slots
+            and (process is None or process.attempt != group.attempt)
+        )
+        if waiting and group is not None:  # its start waits for the old worker to leave
+            return Worker(slot=slot, state=WorkerState.PENDING, attempt=group.attempt,
+                          stage=group.stage)  # fmt: skip
+        if process is None:
+            return Worker(slot=slot, state=WorkerState.IDLE)
+        code = process.popen.poll()
+        attempt, stage = process.attempt, process.stage
+        if code is None:
+            return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
+        if process.stopping or attempt < self.attempt:
+            return Worker(slot=slot, state=WorkerState.IDLE)  # stopped on purpose, or history
+        if code == 0:
+            return Worker(slot=slot, state=WorkerState.SUCCEEDED, attempt=attempt, stage=stage,
+                          exit_code=0, report=_report(process.report))  # fmt: skip
+        if code < 0:
+            return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage,
+                          reason=f"killed by signal {-code}")  # fmt: skip
+        return Worker(slot=slot, state=WorkerState.FAILED, attempt=attempt, stage=stage,
+                      exit_code=_trainer_exit(self.run_dir, slot, attempt, code))  # fmt: skip
+
+    # -- apply -------------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> None:
+        self.attempt, self.group = plan.status.attempt, plan.group
+        for slot in plan.stop:
+            self.stop(slot)
+        if plan.group is None:
+            return
+        for slot in plan.group.slots:
+            process = self.processes.get(slot)
+            if process is not None and process.attempt == plan.group.attempt:
+                continue  # already started for this attempt
+            if process is not None and process.popen.poll() is None:
+                self.stop(slot)  # the old attempt's worker still leaving: start it next time
+                continue
+            self._start(slot, plan.group.stage, plan.group.attempt, plan.group.world)
+
+    def stop(self, slot: int) -> None:
+        """Ask a worker to stop (SIGTERM: torchrun forwards it, the trainer may save)."""
+        process = self.processes.get(slot)
+        if process is not None and process.popen.poll() is None and not process.stopping:
+            process.stopping = True
+            process.popen.send_signal(signal.SIGTERM)
+
+    def kill(self, slot: int) -> None:
+        process = self.processes.get(slot)
+        if process is not None and process.popen.poll() is None:
+            signal_tree(process.popen.pid, signal.SIGKILL)
+            process.popen.wait()
+
+    def shutdown(self, *, timeout: float = 60.0) -> None:
+        """Stop every worker, waiting for them (their preemption saves included)."""
+        for slot in list(self.processes):
+            self.stop(slot)
+        for process in self.processes.values():
+            try:
+                process.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                signal_tree(process.popen.pid, signal.SIGKILL)
+                process.popen.wait()
+
+    def _start(self, slot: int, stage: int, attempt: int, world: int) -> None:
+        folder = self.run_dir / "workers" / str(slot)
+        folder.mkdir(parents=True, exist_ok=True)
+        report = folder / f"report-{attempt}.json"
+        env = {
+            **os.environ,
+            contract.ENV_JOB: self.job.name,
+            contract.ENV_NAMESPACE: "local",
+            contract.ENV_STAGE: str(stage),
+            contract.ENV_ATTEMPT: str(attempt),
+            contract.ENV_RUN_CONFIG: str(self.run_dir / "run.yaml"),
+            contract.ENV_CHECKPOINT_ROOT: str(self.run_dir / "checkpoints"),
+            contract.ENV_REPORT_PATH: str(report),
+            contract.ENV_STEP_LOG: str(self.run_dir / "steps.jsonl"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        }
+        command = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nnodes={world}", f"--nproc-per-node={self.job.spec.nproc_per_worker}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{self.store_port}",
+            f"--rdzv-id={self.job.name}-a{attempt}", "--rdzv-conf=is_host=false",
+            "--max-restarts=0", "--monitor-interval=0.5", "-m", "pretrain_trainer",
+        ]  # fmt: skip
+        with (folder / f"attempt-{attempt}.log").open("ab") as log:
+            popen = subprocess.Popen(
+                command, env=env, cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self.processes[slot] = _Process(popen, attempt, stage, report)
+
+
+def _report(path: Path) -> StageReport | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return StageReport(stage=int(data["stage"]), step=int(data["step"]),
+                       tokens=int(data["tokens"]), loss=data.get("loss"),
+                       checkpoint=str(data["checkpoint"]))  # fmt: skip
+
+
+def _trainer_exit(run_dir: Path, slot: int, attempt: int, code: int) -> int:
+    """torchrun exits 1 whatever its worker's code was; the worker's code is in its log."""
+    log = run_dir / "workers" / str(slot) / f"attempt-{attempt}.log"
+    try:
+        text = log.read_text(errors="replace")[-20000:]
+    except OSError:
+        return code
+    for trainer_code in (contract.ExitCode.PERMANENT, contract.ExitCode.RETRYABLE):
+        if f"exitcode  : {int(trainer_code)} " in text:
+            return int(trainer_code)
+    return code

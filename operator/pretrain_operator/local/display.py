@@ -1,0 +1,110 @@
+"""The live terminal view of a local run and its closing summary (rich)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from ..api import JobStatus, PretrainJob
+from .runner import Update
+
+
+class StepLog:
+    """Follows the trainer's JSON-lines step log as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+        self.last: dict[str, Any] | None = None
+
+    def poll(self) -> dict[str, Any] | None:
+        try:
+            with self.path.open() as log:
+                log.seek(self.offset)
+                for line in log:
+                    if line.endswith("\n"):
+                        self.offset += len(line)
+                        self.last = json.loads(line)
+        except (OSError, ValueError):
+            pass
+        return self.last
+
+
+class Display:
+    def __init__(self, job: PretrainJob, run_dir: Path, console: Console) -> None:
+        self.job, self.console = job, console
+        self.steps = StepLog(run_dir / "steps.jsonl")
+        self.latest = run_dir / "checkpoints" / job.name / "latest"
+        self.events: deque[str] = deque(maxlen=8)
+        self.started = time.monotonic()
+        self.live = Live(console=console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> Display:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.__exit__(None, None, None)
+
+    def update(self, update: Update) -> None:
+        for event in update.events:
+            clock = time.strftime("%H:%M:%S")
+            self.events.append(f"{clock} {event.reason}: {event.message}")
+        self.live.update(self.render(update.status))
+
+    def render(self, status: JobStatus) -> Group:
+        spec, record = self.job.spec, self.steps.poll()
+        index = status.stage.index if status.stage is not None else 0
+        stage = spec.stages[index]
+        total = stage.total_steps(spec.model)
+        step = record["step"] if record and record.get("stage") == index else 0
+        head = Text.assemble(
+            (f"{self.job.name} ", "bold"), (f"{status.phase}", "cyan"),
+            f"  stage {index + 1}/{len(spec.stages)} {stage.name}",
+            f"  workers {status.workers.ready}/{status.workers.desired}",
+            f"  attempt {status.attempt}  restarts {status.restarts.total}",
+        )  # fmt: skip
+        line = Text(f"step {step}/{total}")
+        if record and record.get("stage") == index:
+            rate = (record["tokens"] / max(record["step"], 1)) / max(record["seconds"], 1e-9)
+            line.append(
+                f"  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
+                f"tokens/s {rate:,.0f}  world size {record['worldSize']}"
+            )
+        parts: list[Any] = [head, ProgressBar(total=total, completed=step, width=60), line]
+        with contextlib.suppress(OSError):
+            parts.append(Text(f"last checkpoint {self.latest.read_text().strip()}"))
+        parts += [Text(e, style="dim") for e in self.events]
+        return Group(*parts)
+
+
+def summary(job: PretrainJob, status: JobStatus) -> Table:
+    table = Table(title=f"{job.name}: {status.phase}")
+    for column in ("stage", "steps", "tokens", "final loss", "time", "checkpoint"):
+        table.add_column(column)
+    for record in status.stages:
+        seconds = (
+            (record.finished_at - record.started_at).total_seconds()
+            if record.finished_at and record.started_at
+            else 0.0
+        )
+        table.add_row(
+            record.name,
+            str(record.step or 0),
+            f"{record.tokens or 0:,}",
+            f"{record.loss:.4f}" if record.loss is not None else "-",
+            f"{seconds:.0f}s",
+            record.checkpoint or "-",
+        )
+    restarts = ", ".join(f"{k} {v}" for k, v in status.restarts.by_reason.items()) or "none"
+    table.caption = f"restarts: {restarts}"
+    return table

@@ -1,0 +1,142 @@
+"""``pretrainctl run``: drive the planning core over the local backend until the job ends.
+
+The loop is the operator's reconcile on this machine: observe the workers, ``plan()``, apply,
+write the status (``status.json``, atomically) and report events. A second run on the same
+directory resumes from that status and the checkpoints; a directory that holds another job is
+refused. Ctrl-C suspends: workers get SIGTERM (they save), the status says Suspended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+from pretrain_trainer.config import RunConfig
+
+from ..api import JobStatus, Phase, PretrainJob
+from ..plan import Event, Plan, plan
+from .backend import LocalBackend, read_capacity, write_capacity
+
+STATUS = "status.json"
+JOB = "job.json"
+TICK = 0.5
+
+
+class RunError(Exception):
+    """The run cannot start: the message says why, on one line."""
+
+
+@dataclass(frozen=True)
+class Update:
+    status: JobStatus
+    events: tuple[Event, ...]
+    plan: Plan
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_json(path: Path, data: object) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+
+
+def _wait_for(port: int, store: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    """Workers must find the store listening, or their agents give up after a long timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if store.poll() is not None:
+            raise RunError(f"the rendezvous store exited with code {store.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RunError(f"the rendezvous store did not listen on port {port} within {timeout:.0f}s")
+
+
+def prepare(job: PretrainJob, run_dir: Path, *, workers: int | None) -> JobStatus:
+    """Claim ``run_dir`` for ``job`` (or check it is already its own), write the run config and
+    capacity; return the status to resume from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner = run_dir / JOB
+    identity = {"job": job.name, "stages": [s.name for s in job.spec.stages]}
+    if owner.exists():
+        found = json.loads(owner.read_text())
+        if found != identity:
+            raise RunError(
+                f"{run_dir} holds job {found.get('job')!r} (stages {found.get('stages')}), "
+                f"not {job.name!r}: choose another --dir"
+            )
+    else:
+        _write_json(owner, identity)
+    run_config = RunConfig.model_validate(
+        job.spec.model_dump(by_alias=True, include=set(RunConfig.model_fields))
+    )
+    (run_dir / "run.yaml").write_text(
+        yaml.safe_dump(run_config.model_dump(mode="json", by_alias=True), sort_keys=False)
+    )
+    capacity, down = read_capacity(run_dir)
+    wanted = workers if workers is not None else (capacity or job.spec.elastic.max_count)
+    write_capacity(run_dir, wanted, down if workers is None else set())
+    try:
+        return JobStatus.model_validate(json.loads((run_dir / STATUS).read_text()))
+    except (OSError, ValueError):
+        return JobStatus()
+
+
+def run(
+    job: PretrainJob,
+    run_dir: Path,
+    *,
+    workers: int | None = None,
+    on_update: Callable[[Update], None] = lambda update: None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> JobStatus:
+    """Run ``job`` to the end (Succeeded or Failed); Ctrl-C suspends it."""
+    run_dir = run_dir.resolve()  # workers run inside it, and their paths must not depend on it
+    status = prepare(job, run_dir, workers=workers)
+    if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
+        return status
+    port = _free_port()
+    store = subprocess.Popen(
+        [sys.executable, "-m", "pretrain_operator.local.store", f"--port={port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for(port, store)
+    backend = LocalBackend(job=job, run_dir=run_dir, store_port=port)
+    spec = job.spec
+    try:
+        while True:
+            result = plan(spec, status, backend.observe(), clock())
+            backend.apply(result)
+            status = result.status
+            _write_json(run_dir / STATUS, status.model_dump(mode="json", by_alias=True))
+            on_update(Update(status, result.events, result))
+            if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
+                return status
+            time.sleep(min(TICK, result.requeue_after or TICK))
+    except KeyboardInterrupt:
+        backend.shutdown()
+        suspended = plan(spec.model_copy(update={"suspend": True}), status, backend.observe(),
+                         clock()).status  # fmt: skip
+        _write_json(run_dir / STATUS, suspended.model_dump(mode="json", by_alias=True))
+        return suspended
+    finally:
+        backend.shutdown()
+        store.terminate()
+        store.wait()

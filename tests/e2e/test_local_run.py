@@ -1,0 +1,115 @@
+"""End to end on this machine: `pretrainctl run` trains the three-stage tiny job with real
+worker processes while workers are killed and come back; it still succeeds, and ends where an
+undisturbed run ends."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pretrain_operator.api import Phase
+from pretrain_operator.cli import main
+from pretrain_operator.local.backend import read_capacity, write_capacity
+from pretrain_operator.local.runner import run
+from pretrain_operator.manifests import load_job
+from pretrain_trainer.data import build_stdlib_corpus
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TINY = ROOT / "examples" / "tiny-cpu.yaml"
+
+
+def _last_step(run_dir: Path) -> tuple[int, int]:
+    try:
+        lines = (run_dir / "steps.jsonl").read_text().splitlines()
+        record = json.loads(lines[-1])
+        return int(record["stage"]), int(record["step"])
+    except (OSError, ValueError, IndexError):
+        return -1, 0
+
+
+def _chaos(run_dir: Path, script: list[tuple[tuple[int, int], str]], stop: threading.Event) -> None:
+    """At each (stage, step) reached, take a worker slot away ("kill") or give one back."""
+    for (stage, step), action in script:
+        while not stop.is_set() and _last_step(run_dir) < (stage, step):
+            time.sleep(0.05)
+        if stop.is_set():
+            return
+        capacity, down = read_capacity(run_dir)
+        if action == "kill":
+            down.add(0)  # slot 0: the worker that usually hosts rank 0
+        else:
+            down.discard(0)
+        write_capacity(run_dir, capacity, down)
+
+
+def _prepared(tmp_path: Path, name: str) -> Path:
+    run_dir = tmp_path / name
+    build_stdlib_corpus(run_dir / "data")
+    return run_dir
+
+
+def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) -> None:
+    job = load_job(TINY)
+    calm_dir = _prepared(tmp_path, "calm")
+    calm = run(job, calm_dir, workers=2)
+    assert calm.phase == Phase.SUCCEEDED
+
+    stormy_dir = _prepared(tmp_path, "stormy")
+    script: list[tuple[tuple[int, int], str]] = [
+        ((0, 30), "kill"),  # mid-stage: continue at world size 1 from the newest checkpoint
+        ((0, 70), "add"),  # capacity back: grow to 2 after the cool-down
+        ((1, 3), "kill"),  # right after a stage transition
+        ((1, 20), "add"),
+    ]
+    stop = threading.Event()
+    chaos = threading.Thread(target=_chaos, args=(stormy_dir, script, stop))
+    chaos.start()
+    try:
+        stormy = run(job, stormy_dir, workers=2)
+    finally:
+        stop.set()
+        chaos.join()
+    assert stormy.phase == Phase.SUCCEEDED, stormy.conditions
+    assert stormy.restarts.by_reason.get("WorkerLost", 0) >= 1
+    assert [s.name for s in stormy.stages] == ["foundation", "enhancement", "instruction"]
+    for record in stormy.stages:
+        assert record.checkpoint is not None
+        assert (Path(record.checkpoint) / "manifest.json").is_file()
+    final, expected = stormy.stages[-1].loss, calm.stages[-1].loss
+    assert final is not None
+    assert expected is not None
+    assert abs(final - expected) <= 0.02 * expected
+
+
+def test_a_directory_of_another_job_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "job.json").write_text(json.dumps({"job": "other", "stages": ["x"]}))
+    assert main(["run", str(TINY), "--dir", str(run_dir)]) == 2
+    assert "holds job 'other'" in capsys.readouterr().err
+
+
+def test_an_invalid_job_file_exits_2_with_field_paths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "job.yaml"
+    broken.write_text(TINY.read_text().replace("globalBatchSize: 16", "globalBatchSize: -16"))
+    assert main(["run", str(broken), "--dir", str(tmp_path / "run")]) == 2
+    assert "spec.stages[0].globalBatchSize" in capsys.readouterr().err
+
+
+def test_workers_command_takes_slots_away_and_gives_them_back(tmp_path: Path) -> None:
+    write_capacity(tmp_path, 2, set())
+    assert main(["workers", "kill", "--dir", str(tmp_path)]) == 0
+    assert read_capacity(tmp_path) == (2, {1})
+    assert main(["workers", "add", "--dir", str(tmp_path)]) == 0
+    assert read_capacity(tmp_path) == (2, set())
+    assert main(["workers", "add", "--dir", str(tmp_path)]) == 0
+    assert read_capacity(tmp_path) == (3, set())
