@@ -21,9 +21,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The tiny three-stage job on 2 CPU workers, with one simulated worker loss and return.
+DEMO_DIR := runs/tiny-cpu
 demo: $(STAMP)
-	$(BIN)/pretrainctl validate examples/tiny-cpu.yaml examples/gpu-1node.yaml \
+	$(BIN)/pretrainctl validate --quiet examples/tiny-cpu.yaml examples/gpu-1node.yaml \
 		examples/deepseek-3stage.yaml
+	rm -rf $(DEMO_DIR)
+	$(BIN)/pretrainctl data stdlib --out $(DEMO_DIR)/data
+	( sleep 10; $(BIN)/pretrainctl workers kill --dir $(DEMO_DIR) --slot 0; \
+	  sleep 12; $(BIN)/pretrainctl workers add --dir $(DEMO_DIR) ) & \
+	$(BIN)/pretrainctl run examples/tiny-cpu.yaml --dir $(DEMO_DIR) --workers 2
 
 test: lint typecheck unit
 
@@ -42,4 +49,4 @@ crd: $(STAMP)
 	$(BIN)/pretrainctl crd --output crds/pretrainjob.yaml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs

@@ -130,6 +130,8 @@ class Trainer:
     def resume(self, manifest: Manifest, *, path: Path) -> None:
         self.last_checkpoint = path
         self.progress.step, self.progress.tokens = manifest.step, manifest.tokens
+        loss = manifest.extra.get("loss")
+        self.progress.loss = float(loss) if loss is not None else float("nan")
         self.sampler.load_state_dict(manifest.sampler)
 
     def save(self, *, final: bool = False) -> Path:
@@ -139,6 +141,7 @@ class Trainer:
             tokens=self.progress.tokens,
             sampler=self.sampler.state_dict(),
             final=final,
+            loss=self.progress.loss,
         )
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
         self._saved_at = time.monotonic()
@@ -247,6 +250,7 @@ class Trainer:
             "gradNorm": self.optimizer.last_grad_norm,
             "skipped": self.optimizer.last_skipped,
             "seconds": seconds,
+            "time": time.time(),
             "worldSize": self.world_size,
         }
         if load is not None:

@@ -15,6 +15,7 @@ new stage starts with a fresh optimizer, schedule and data position, as it shoul
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,7 @@ class CheckpointManager:
         tokens: int,
         sampler: dict[str, Any],
         final: bool,
+        loss: float | None = None,
     ) -> float:
         """Start saving a checkpoint; returns how long training was blocked (seconds)."""
         assert self.engine is not None, "attach() first"
@@ -249,6 +251,7 @@ class CheckpointManager:
             "configHash": self.config_hash,
             "final": final,
             "sampler": sampler,
+            "extra": {"loss": loss if loss is not None and math.isfinite(loss) else None},
         }
         extra: dict[str, Any] = {
             f"{RNG}/rank-{self.rank}.pt": {
