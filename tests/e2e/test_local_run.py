@@ -113,3 +113,17 @@ def test_workers_command_takes_slots_away_and_gives_them_back(tmp_path: Path) ->
     assert read_capacity(tmp_path) == (2, set())
     assert main(["workers", "add", "--dir", str(tmp_path)]) == 0
     assert read_capacity(tmp_path) == (3, set())
+
+
+def test_backend_reads_the_trainers_outcome_from_its_report(tmp_path: Path) -> None:
+    from pretrain_operator.local.backend import _report, _trainer_exit
+
+    report = tmp_path / "report.json"
+    assert (_report(report), _trainer_exit(report, 1)) == (None, 1)  # no report: torchrun's code
+    report.write_text(json.dumps({"finished": False, "exitCode": 78, "error": "bad shard"}))
+    assert (_report(report), _trainer_exit(report, 1)) == (None, 78)
+    report.write_text(json.dumps({"finished": True, "stage": 1, "step": 40, "tokens": 9,
+                                  "loss": 2.5, "checkpoint": "/c"}))  # fmt: skip
+    stage_report = _report(report)
+    assert stage_report is not None
+    assert (stage_report.stage, stage_report.step, stage_report.loss) == (1, 40, 2.5)

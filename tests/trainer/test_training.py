@@ -3,7 +3,6 @@ metrics over HTTP, and clean permanent errors for bad input."""
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -202,6 +201,10 @@ def test_bad_input_fails_permanently_with_one_clear_message(
         stage_index = 5
     run = run_trainer(tmp_path, config, stage_index=stage_index, env=env, torchrun=False)
     _permanent(run, *words)
+    # The report says so too: under torchrun it is the only place the code survives.
+    assert run.report is not None
+    assert (run.report["finished"], run.report["exitCode"]) == (False, ExitCode.PERMANENT)
+    assert words[0] in run.report["error"]
 
 
 def test_missing_environment_is_a_permanent_error(tmp_path: Path) -> None:
@@ -215,4 +218,7 @@ def test_step_log_records_are_json_lines(corpus: dict[str, Path], tmp_path: Path
     )
     assert run.returncode == 0, run.stderr
     assert [s["step"] for s in run.steps] == [1, 2, 3]
-    assert json.loads(json.dumps(run.steps[0]))["worldSize"] == 1
+    fields = {"stage", "step", "tokens", "loss", "lr", "gradNorm", "skipped", "seconds", "time"}
+    assert all(fields <= record.keys() for record in run.steps)
+    assert [s["tokens"] for s in run.steps] == [1 * 8 * 64, 2 * 8 * 64, 3 * 8 * 64]
+    assert {s["worldSize"] for s in run.steps} == {1}

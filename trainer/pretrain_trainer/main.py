@@ -265,12 +265,22 @@ def run(env: TrainerEnv, config: RunConfig) -> int:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     del argv  # everything comes from the contract's environment
+    env: TrainerEnv | None = None
     try:
         env = TrainerEnv.from_environ(os.environ if environ is None else environ)
         config = load_run_config(env.run_config)
         return run(env, config)
     except (ContractError, PermanentError) as error:
         print(f"pretrain-trainer: permanent error: {error}", file=sys.stderr, flush=True)
+        if env is not None and env.report_path:
+            # torchrun (the container's process) exits 1 whatever the trainer's code was: the
+            # report is how the control plane learns that retrying cannot help.
+            from .train import write_report
+
+            write_report(
+                env.report_path,
+                {"finished": False, "exitCode": int(ExitCode.PERMANENT), "error": str(error)},
+            )
         return ExitCode.PERMANENT
     except KeyboardInterrupt:
         return ExitCode.RETRYABLE

@@ -101,7 +101,7 @@ class LocalBackend:
             return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage,
                           reason=f"killed by signal {-code}")  # fmt: skip
         return Worker(slot=slot, state=WorkerState.FAILED, attempt=attempt, stage=stage,
-                      exit_code=_trainer_exit(self.run_dir, slot, attempt, code))  # fmt: skip
+                      exit_code=_trainer_exit(process.report, code))  # fmt: skip
 
     # -- apply -------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:
@@ -174,24 +174,28 @@ class LocalBackend:
         self.processes[slot] = _Process(popen, attempt, stage, report)
 
 
-def _report(path: Path) -> StageReport | None:
+def _read_report(path: Path) -> dict[str, object]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _report(path: Path) -> StageReport | None:
+    data = _read_report(path)
+    if not data.get("finished"):
         return None
-    return StageReport(stage=int(data["stage"]), step=int(data["step"]),
-                       tokens=int(data["tokens"]), loss=data.get("loss"),
+    return StageReport(stage=int(str(data["stage"])), step=int(str(data["step"])),
+                       tokens=int(str(data["tokens"])), loss=_float(data.get("loss")),
                        checkpoint=str(data["checkpoint"]))  # fmt: skip
 
 
-def _trainer_exit(run_dir: Path, slot: int, attempt: int, code: int) -> int:
-    """torchrun exits 1 whatever its worker's code was; the worker's code is in its log."""
-    log = run_dir / "workers" / str(slot) / f"attempt-{attempt}.log"
-    try:
-        text = log.read_text(errors="replace")[-20000:]
-    except OSError:
-        return code
-    for trainer_code in (contract.ExitCode.PERMANENT, contract.ExitCode.RETRYABLE):
-        if f"exitcode  : {int(trainer_code)} " in text:
-            return int(trainer_code)
-    return code
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _trainer_exit(path: Path, code: int) -> int:
+    """The trainer's own exit code when its report has one: torchrun exits 1 regardless."""
+    reported = _read_report(path).get("exitCode")
+    return reported if isinstance(reported, int) else code

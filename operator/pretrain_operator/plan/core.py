@@ -54,16 +54,27 @@ def _condition(
     return [c for c in conditions if c.type != type_] + [new]
 
 
+_PHASE_CONDITION = {
+    Phase.RUNNING: ConditionType.RUNNING,
+    Phase.RESTARTING: ConditionType.RESTARTING,
+    Phase.SUSPENDED: ConditionType.SUSPENDED,
+}
+
+
+def _counted(status: JobStatus, reason: Reason) -> JobStatus:
+    """``status`` with one more restart for ``reason``."""
+    by_reason = dict(status.restarts.by_reason)
+    by_reason[reason] = by_reason.get(reason, 0) + 1
+    restarts = RestartsStatus(total=status.restarts.total + 1, by_reason=by_reason)
+    return status.model_copy(update={"restarts": restarts})
+
+
 def _phase(
     status: JobStatus, phase: Phase, reason: Reason, message: str, now: datetime
 ) -> JobStatus:
     conditions = list(status.conditions)
-    for type_ in (ConditionType.RUNNING, ConditionType.RESTARTING, ConditionType.SUSPENDED):
-        wanted = {
-            Phase.RUNNING: ConditionType.RUNNING,
-            Phase.RESTARTING: ConditionType.RESTARTING,
-            Phase.SUSPENDED: ConditionType.SUSPENDED,
-        }.get(phase)
+    wanted = _PHASE_CONDITION.get(phase)
+    for type_ in _PHASE_CONDITION.values():
         if any(c.type == type_ for c in conditions) or wanted == type_:
             conditions = _condition(
                 conditions,
@@ -331,11 +342,8 @@ def _restart(
     *,
     events: list[Event],
 ) -> Plan:
-    by_reason = dict(status.restarts.by_reason)
-    by_reason[reason] = by_reason.get(reason, 0) + 1
-    restarts = RestartsStatus(total=status.restarts.total + 1, by_reason=by_reason)
-    failures = sum(v for k, v in by_reason.items() if k != Reason.RESIZED)
-    status = status.model_copy(update={"restarts": restarts})
+    status = _counted(status, reason)
+    failures = sum(v for k, v in status.restarts.by_reason.items() if k != Reason.RESIZED)
     if failures > spec.elastic.max_restarts:
         message = f"{why}; more than maxRestarts ({spec.elastic.max_restarts}) restarts"
         failed = _phase(status, Phase.FAILED, Reason.RESTART_LIMIT_EXCEEDED, message, now)
@@ -381,14 +389,7 @@ def _maybe_grow(
     cooldown = timedelta(seconds=spec.elastic.scale_up_cooldown_seconds)
     if started is not None and now - started < cooldown:
         return None
-    by_reason = dict(status.restarts.by_reason)
-    by_reason[Reason.RESIZED] = by_reason.get(Reason.RESIZED, 0) + 1
-    status = status.model_copy(
-        update={
-            "restarts": RestartsStatus(total=status.restarts.total + 1, by_reason=by_reason),
-            "failures_in_a_row": 0,
-        }
-    )
+    status = _counted(status, Reason.RESIZED).model_copy(update={"failures_in_a_row": 0})
     message = f"capacity for {world} workers (from {status.workers.desired}); resizing"
     return _start(
         spec,

@@ -7,7 +7,7 @@ slot's index in the group. Backends translate their objects to :class:`Worker` v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from ..api import JobStatus
@@ -87,4 +87,3 @@ class Plan:
     """Slots whose worker belongs to an older attempt and must stop."""
     requeue_after: float | None = None
     """Seconds until the planner should look again without any change."""
-    extra: dict[str, object] = field(default_factory=dict)
