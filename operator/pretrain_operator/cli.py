@@ -152,7 +152,13 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     if status.phase == "Suspended":
         out.print(f"suspended; `pretrainctl run {args.file} --dir {run_dir}` resumes")
         return 130
-    return EXIT_OK if status.phase == "Succeeded" else 1
+    if status.phase == "Failed":
+        why = next((c for c in status.conditions if c.type == "Failed"), None)
+        if why is not None:
+            _error(f"failed ({why.reason}): {why.message}")
+        _error(f"fix the cause, then `pretrainctl run {args.file} --dir {run_dir}` retries")
+        return 1
+    return EXIT_OK
 
 
 def _workers(args: argparse.Namespace, out: Console) -> int:

@@ -5,6 +5,9 @@ undisturbed run ends."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 from pretrain_operator.api import Phase
 from pretrain_operator.cli import main
 from pretrain_operator.local.backend import read_capacity, write_capacity
-from pretrain_operator.local.runner import run
+from pretrain_operator.local.runner import Update, run
 from pretrain_operator.manifests import load_job
 from pretrain_trainer.data import build_stdlib_corpus
 
@@ -127,3 +130,78 @@ def test_backend_reads_the_trainers_outcome_from_its_report(tmp_path: Path) -> N
     stage_report = _report(report)
     assert stage_report is not None
     assert (stage_report.stage, stage_report.step, stage_report.loss) == (1, 40, 2.5)
+
+
+def _stage_steps(run_dir: Path) -> list[tuple[int, int]]:
+    lines = (run_dir / "steps.jsonl").read_text().splitlines()
+    return [(int(r["stage"]), int(r["step"])) for r in map(json.loads, lines)]
+
+
+def test_an_unwritable_checkpoint_path_fails_the_job_naming_it_and_a_rerun_retries(
+    tmp_path: Path,
+) -> None:
+    job = load_job(TINY)
+    run_dir = _prepared(tmp_path, "run")
+    blocker = run_dir / "checkpoints" / job.name
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the job's checkpoint directory belongs")
+    failed = run(job, run_dir, workers=1)
+    assert failed.phase == Phase.FAILED
+    why = next(c for c in failed.conditions if c.type == "Failed")
+    assert why.reason == "PermanentError"
+    assert f"checkpoint path {blocker} is not writable" in why.message
+    assert failed.restarts.total == 0  # retrying could not have helped
+
+    blocker.unlink()  # the cause fixed: the same command goes on
+
+    def interrupt_once_training(update: Update) -> None:
+        if (run_dir / "steps.jsonl").exists() and _stage_steps(run_dir):
+            raise KeyboardInterrupt
+
+    retried = run(job, run_dir, workers=1, on_update=interrupt_once_training)
+    assert retried.phase == Phase.SUSPENDED
+    assert retried.attempt > failed.attempt
+    assert _stage_steps(run_dir)[0] == (0, 1)  # it trained this time
+
+
+def test_ctrl_c_suspends_with_a_checkpoint_and_a_second_run_resumes(tmp_path: Path) -> None:
+    run_dir = _prepared(tmp_path, "run")
+    command = [sys.executable, "-m", "pretrain_operator.cli", "run", str(TINY),
+               "--dir", str(run_dir), "--workers", "2"]  # fmt: skip
+    with (tmp_path / "pretrainctl.log").open("wb") as log:
+        cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while not (run_dir / "steps.jsonl").exists() or _stage_steps(run_dir)[-1] < (0, 20):
+                assert cli.poll() is None, (tmp_path / "pretrainctl.log").read_text()
+                time.sleep(0.1)
+            cli.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends
+            assert cli.wait(timeout=120) == 130
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+    output = (tmp_path / "pretrainctl.log").read_text()
+    assert "suspended; `pretrainctl run" in output
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["phase"] == "Suspended"
+    assert _no_process_left(run_dir)
+    interrupted = _stage_steps(run_dir)[-1]
+    latest = (run_dir / "checkpoints" / "tiny-cpu" / "latest").read_text().strip()
+    kept = int(latest.removeprefix("stage-0/step-"))  # the checkpoints survive a suspend
+    assert 20 <= kept <= interrupted[1]
+
+    resumed = run(load_job(TINY), run_dir)
+    assert resumed.phase == Phase.SUCCEEDED
+    steps = _stage_steps(run_dir)
+    after = steps[steps.index(interrupted) + 1]
+    assert after == (0, kept + 1)  # went on from the checkpoint, not from the start
+
+
+def _no_process_left(run_dir: Path) -> bool:
+    """No process (a torchrun agent, a trainer) still runs inside the run directory."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cwd").resolve() == run_dir.resolve():
+                return False
+        except OSError:
+            continue
+    return True

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +109,10 @@ def start_trainer(
     stage_index: int = 0,
     env: dict[str, str] | None = None,
     torchrun: bool = True,
+    file_size_limit: int | None = None,
 ) -> Started:
-    """Start the trainer in its own process group; the step log is fresh for each start."""
+    """Start the trainer in its own process group; the step log is fresh for each start.
+    ``file_size_limit`` caps every file it writes (RLIMIT_FSIZE): a full disk, to it."""
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -142,8 +146,13 @@ def start_trainer(
             stderr=sink,
             text=True,
             start_new_session=True,
+            preexec_fn=None if file_size_limit is None else partial(_limit_files, file_size_limit),
         )
     return Started(process, steps, report, log)
+
+
+def _limit_files(size: int) -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 def run_trainer(

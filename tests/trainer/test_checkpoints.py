@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pretrain_trainer.ckpt import read_manifest, verify
 from pretrain_trainer.contract import ExitCode
 from pretrain_trainer.data import build_stdlib_corpus
 
@@ -198,3 +199,46 @@ def test_next_stage_starts_from_final_weights_at_another_world_size_and_zero_sta
     assert second.steps[0]["loss"] < first.steps[0]["loss"] - 0.5  # trained, not fresh
     # A fresh optimizer and schedule: the new stage's first step runs at its own warmup lr.
     assert second.steps[0]["lr"] == pytest.approx(1e-3 / 4)
+
+
+def test_an_unwritable_checkpoint_path_fails_before_training_naming_the_path(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    env = {"PRETRAIN_CHECKPOINT_ROOT": str(blocker / "checkpoints")}
+    run = run_trainer(tmp_path / "run", _config(corpus, 10), env=env, torchrun=False)
+    assert run.returncode == ExitCode.PERMANENT, run.stderr
+    assert run.steps == []
+    assert run.report is not None
+    assert run.report["exitCode"] == ExitCode.PERMANENT
+    assert (
+        f"checkpoint path {blocker / 'checkpoints' / 'test'} is not writable"
+        in (run.report["error"])
+    )
+
+
+def test_a_full_disk_fails_the_save_clearly_and_keeps_the_earlier_checkpoints(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    config = _config(corpus, 400)
+    first = _preempt_after(start_trainer(tmp_path, config, torchrun=False), step=7)
+    kept = first.steps[-1]["step"]
+    assert _manifest(tmp_path, kept)["step"] == kept
+    # Every file the trainer writes from now on is capped below a checkpoint's size.
+    full = start_trainer(tmp_path, config, torchrun=False, file_size_limit=512 << 10).wait()
+    assert full.returncode == ExitCode.PERMANENT, full.stderr
+    failed_at = full.steps[-1]["step"]
+    assert failed_at > kept
+    assert full.report is not None
+    error = full.report["error"]
+    assert f"cannot write checkpoint {tmp_path / 'checkpoints' / 'test' / 'stage-0'}" in error
+    assert "File too large (EFBIG)" in error
+    assert "the checkpoints before it are intact" in error
+    root = tmp_path / "checkpoints" / "test"
+    assert (root / "latest").read_text().strip() == f"stage-0/step-{kept}"
+    written = [int(p.name.removeprefix("step-")) for p in (root / "stage-0").glob("step-*")]
+    assert kept in written
+    assert max(written) == kept, written  # the partial checkpoint was removed
+    directory = root / "stage-0" / f"step-{kept}"
+    assert verify(directory, read_manifest(directory)).ok

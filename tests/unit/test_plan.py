@@ -136,10 +136,12 @@ def test_more_failures_than_max_restarts_fail_the_job() -> None:
 
 def test_a_permanent_trainer_error_fails_the_job_at_once() -> None:
     spec = _spec()
-    failed = Worker(slot=0, state=S.FAILED, attempt=1, exit_code=ExitCode.PERMANENT)
+    error = "cannot write checkpoint /c/stage-0/step-8: No space left on device (ENOSPC)"
+    failed = Worker(slot=0, state=S.FAILED, attempt=1, exit_code=ExitCode.PERMANENT, reason=error)
     result = _go(spec, _started(spec, 0), failed)
     assert result.status.phase == Phase.FAILED
     assert result.status.conditions[-1].reason == "PermanentError"
+    assert result.status.conditions[-1].message.endswith(f"a permanent error: {error}")
 
 
 def _finished(attempt: int, *slots: int, stage: int = 0) -> tuple[Worker, ...]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .ckpt.store import StorageError
 from .config import RunConfig, SpecError
 from .contract import ContractError, ExitCode, TrainerEnv
 
@@ -80,7 +81,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     import torch.distributed as dist
 
     from .ckpt.manager import CheckpointManager
-    from .ckpt.store import config_hash
+    from .ckpt.store import check_writable, config_hash
     from .data import DataError, check_vocab, open_source
     from .dsconfig import deepspeed_config, owns_clipping
     from .logging import log0
@@ -112,10 +113,13 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     except DataError as error:
         raise PermanentError(str(error)) from None
 
+    root = Path(env.checkpoint_root or config.checkpoint.path) / env.job
+    check_writable(root, name=f"rank-{os.environ['RANK']}")
+
     deepspeed = init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     checkpoints = CheckpointManager(
-        root=Path(env.checkpoint_root or config.checkpoint.path) / env.job,
+        root=root,
         job=env.job,
         stage=env.stage,
         stage_name=stage.name,
@@ -270,7 +274,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         env = TrainerEnv.from_environ(os.environ if environ is None else environ)
         config = load_run_config(env.run_config)
         return run(env, config)
-    except (ContractError, PermanentError) as error:
+    except (ContractError, PermanentError, StorageError) as error:
         print(f"pretrain-trainer: permanent error: {error}", file=sys.stderr, flush=True)
         if env is not None and env.report_path:
             # torchrun (the container's process) exits 1 whatever the trainer's code was: the

@@ -100,8 +100,10 @@ class LocalBackend:
         if code < 0:
             return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage,
                           reason=f"killed by signal {-code}")  # fmt: skip
+        error = _read_report(process.report).get("error")
         return Worker(slot=slot, state=WorkerState.FAILED, attempt=attempt, stage=stage,
-                      exit_code=_trainer_exit(process.report, code))  # fmt: skip
+                      exit_code=_trainer_exit(process.report, code),
+                      reason=error if isinstance(error, str) else None)  # fmt: skip
 
     # -- apply -------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:

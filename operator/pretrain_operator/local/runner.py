@@ -3,7 +3,9 @@
 The loop is the operator's reconcile on this machine: observe the workers, ``plan()``, apply,
 write the status (``status.json``, atomically) and report events. A second run on the same
 directory resumes from that status and the checkpoints; a directory that holds another job is
-refused. Ctrl-C suspends: workers get SIGTERM (they save), the status says Suspended.
+refused. Ctrl-C suspends: workers get SIGTERM (they save), the status says Suspended. A run of
+a job that Failed (a full disk, say) retries it from its newest checkpoint once the cause is
+fixed.
 """
 
 from __future__ import annotations
@@ -109,8 +111,12 @@ def run(
     """Run ``job`` to the end (Succeeded or Failed); Ctrl-C suspends it."""
     run_dir = run_dir.resolve()  # workers run inside it, and their paths must not depend on it
     status = prepare(job, run_dir, workers=workers)
-    if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
+    if status.phase == Phase.SUCCEEDED:
         return status
+    if status.phase == Phase.FAILED:  # run again once the cause is fixed: resume, fresh back-off
+        status = status.model_copy(
+            update={"phase": Phase.SUSPENDED, "failures_in_a_row": 0, "next_attempt_at": None}
+        )
     port = _free_port()
     store = subprocess.Popen(
         [sys.executable, "-m", "pretrain_operator.local.store", f"--port={port}"],

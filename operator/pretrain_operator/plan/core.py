@@ -242,8 +242,16 @@ def plan(spec: PretrainJobSpec, status: JobStatus, observed: Observed, now: date
     done = [w for w in current if w.state == WorkerState.SUCCEEDED and w.report is not None]
     if current and done and all(w.state == WorkerState.SUCCEEDED for w in current):
         return _stage_completed(spec, status, observed, done[0], stage, now, events)
-    if any(w.state == WorkerState.FAILED and w.exit_code == ExitCode.PERMANENT for w in current):
-        message = "the trainer reported a permanent error (bad configuration or data)"
+    permanent = [
+        w for w in current if w.state == WorkerState.FAILED and w.exit_code == ExitCode.PERMANENT
+    ]
+    if permanent:
+        told = next((w.reason for w in permanent if w.reason), None)
+        message = (
+            f"the trainer reported a permanent error: {told}"
+            if told
+            else "the trainer reported a permanent error (bad configuration, data or storage)"
+        )
         failed = _phase(status, Phase.FAILED, Reason.PERMANENT_ERROR, message, now)
         return Plan(
             group=None,

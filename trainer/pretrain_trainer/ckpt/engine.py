@@ -15,7 +15,9 @@ the bytes plus one copy into the engine's tensors.
 from __future__ import annotations
 
 import copy
+import errno
 import queue
+import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -36,9 +38,11 @@ from .store import (
     FileRecord,
     HashingFile,
     Manifest,
+    StorageError,
     collect_rank_markers,
     remove_rank_markers,
     set_latest,
+    storage_error,
     write_manifest,
     write_rank_marker,
 )
@@ -119,6 +123,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self._snapshots = Snapshots()
         self._queue: queue.Queue[Callable[[], None]] = queue.Queue()
         self._error: BaseException | None = None
+        self._failed: Path | None = None  # the checkpoint whose write failed
         threading.Thread(target=self._work, name="checkpoint-writer", daemon=True).start()
 
     # -- DeepSpeed's interface -------------------------------------------------------------
@@ -150,11 +155,25 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
 
     # -- ours --------------------------------------------------------------------------------
     def wait(self) -> None:
-        """Block until every queued write and completion has finished; re-raise a failure."""
+        """Block until every queued write and completion has finished; re-raise a failure.
+
+        A checkpoint whose write failed never gets its manifest, so it is never trusted; its
+        partial files are removed here (they may be what filled the disk)."""
         self._queue.join()
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"background checkpoint write failed: {error}") from error
+        if self._error is None:
+            return
+        error, failed = self._error, self._failed
+        self._error = self._failed = None
+        if failed is not None:
+            shutil.rmtree(failed, ignore_errors=True)
+        refused = storage_error(error)
+        if refused is not None:
+            raise StorageError(
+                f"cannot write checkpoint {failed}: {refused.strerror or refused} "
+                f"({errno.errorcode.get(refused.errno or 0, '?')}); the checkpoints before it "
+                f"are intact"
+            ) from error
+        raise RuntimeError(f"background checkpoint write failed: {error}") from error
 
     def _work(self) -> None:
         while True:
@@ -168,14 +187,18 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
                 self._queue.task_done()
 
     def _write(self, pending: _Pending, target: Path, value: Any) -> None:
+        self._failed = pending.directory  # until the write below has succeeded
         target.parent.mkdir(parents=True, exist_ok=True)
         with HashingFile(target) as out:
             torch.save(value, cast(IO[bytes], out))
         pending.records.append(out.record(relative_to=pending.directory))
+        self._failed = None
 
     def _complete(self, pending: _Pending, fields: dict[str, Any]) -> None:
+        self._failed = pending.directory  # until the manifest makes it a checkpoint
         write_rank_marker(pending.directory, rank=self.rank, files=pending.records)
         if self.rank != 0:
+            self._failed = None
             return
         files = collect_rank_markers(
             pending.directory, world_size=self.world_size, timeout=self.marker_timeout
@@ -184,6 +207,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
             {**fields, "files": files, "savedAt": datetime.now(UTC).isoformat()}
         )
         write_manifest(pending.directory, manifest)
+        self._failed = None
         remove_rank_markers(pending.directory)
         set_latest(self.root, pending.directory)
         prune(self.root, keep=self.keep)

@@ -57,6 +57,45 @@ class CheckpointError(Exception):
     """A checkpoint is missing, incomplete or corrupt; the message names the directory."""
 
 
+class StorageError(Exception):
+    """The checkpoint storage cannot take a write (full, read-only, not a directory, over a
+    quota): retrying cannot help until someone frees or fixes it. Earlier checkpoints stay."""
+
+
+# Errors that say the storage itself refuses writes, as opposed to a transient I/O problem.
+STORAGE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+     errno.ENOTDIR}
+)  # fmt: skip
+
+
+def storage_error(error: BaseException) -> OSError | None:
+    """The storage-refuses-writes error behind ``error``, if that is what it is."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+    return None
+
+
+def check_writable(root: Path, *, name: str) -> None:
+    """Fail before training starts, not at the first save, when ``root`` cannot be written."""
+    probe = root / f".probe-{name}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with probe.open("wb") as out:
+            out.write(b"\0" * 4096)
+            out.flush()
+            os.fsync(out.fileno())
+        probe.unlink()
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise StorageError(
+            f"checkpoint path {root} is not writable: {error.strerror or error}"
+        ) from None
+
+
 class FileRecord(Spec):
     """One file of a checkpoint: where it lies inside the checkpoint directory, and its bytes."""
 
