@@ -4,7 +4,10 @@ undisturbed run ends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,15 +38,53 @@ def _last_step(run_dir: Path) -> tuple[int, int]:
         return -1, 0
 
 
-def _chaos(run_dir: Path, script: list[tuple[tuple[int, int], str]], stop: threading.Event) -> None:
-    """At each (stage, step) reached, take a worker slot away ("kill") or give one back."""
+def _slot_processes(run_dir: Path, slot: int) -> list[int]:
+    """The torchrun agent and trainers of a worker slot: their contract names its folder."""
+    marker = f"PRETRAIN_REPORT_PATH={run_dir.resolve()}/workers/{slot}/".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _saving(run_dir: Path, after: tuple[int, int]) -> Path | None:
+    """A checkpoint past ``after`` being written (its directory exists, its manifest not)."""
+    root = run_dir / "checkpoints" / "tiny-cpu"
+    for directory in root.glob("stage-*/step-*"):
+        at = (int(directory.parent.name[6:]), int(directory.name[5:]))
+        if at > after and not (directory / "manifest.json").exists():
+            return directory
+    return None
+
+
+def _chaos(
+    run_dir: Path,
+    script: list[tuple[tuple[int, int], str]],
+    stop: threading.Event,
+    cut: list[Path],
+) -> None:
+    """At each (stage, step) reached, take a worker slot away or give one back. "kill-in-save"
+    waits for the next checkpoint to start and SIGKILLs slot 0's processes while it is written
+    (a node lost mid-save), appending the half-written checkpoint to ``cut``."""
     for (stage, step), action in script:
         while not stop.is_set() and _last_step(run_dir) < (stage, step):
             time.sleep(0.05)
+        if action == "kill-in-save":
+            while not stop.is_set() and (directory := _saving(run_dir, (stage, step))) is None:
+                time.sleep(0.001)
+            for pid in _slot_processes(run_dir, 0):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            if directory is not None and not (directory / "manifest.json").exists():
+                cut.append(directory)
         if stop.is_set():
             return
         capacity, down = read_capacity(run_dir)
-        if action == "kill":
+        if action.startswith("kill"):
             down.add(0)  # slot 0: the worker that usually hosts rank 0
         else:
             down.discard(0)
@@ -64,19 +105,25 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
 
     stormy_dir = _prepared(tmp_path, "stormy")
     script: list[tuple[tuple[int, int], str]] = [
-        ((0, 30), "kill"),  # mid-stage: continue at world size 1 from the newest checkpoint
-        ((0, 70), "add"),  # capacity back: grow to 2 after the cool-down
+        ((0, 30), "kill-in-save"),  # mid-stage, during the save of step 40: continue at world
+        ((0, 70), "add"),  # size 1 from the newest complete checkpoint; capacity back: grow to 2
         ((1, 3), "kill"),  # right after a stage transition
         ((1, 20), "add"),
     ]
-    stop = threading.Event()
-    chaos = threading.Thread(target=_chaos, args=(stormy_dir, script, stop))
+    stop, cut = threading.Event(), []
+    chaos = threading.Thread(target=_chaos, args=(stormy_dir, script, stop, cut))
     chaos.start()
     try:
         stormy = run(job, stormy_dir, workers=2)
     finally:
         stop.set()
         chaos.join()
+    assert cut, "the kill did not land during a save"
+    assert not cut[0].exists()  # the half-written checkpoint was removed, never restored
+    logs = "".join(log.read_text() for log in stormy_dir.glob("workers/*/attempt-*.log"))
+    restored = re.findall(r"restored everything from (\S+):", logs)
+    assert restored  # the survivors resumed from a checkpoint...
+    assert str(cut[0]) not in restored  # ...never from the half-written one
     assert stormy.phase == Phase.SUCCEEDED, stormy.conditions
     assert stormy.restarts.by_reason.get("WorkerLost", 0) >= 1
     assert [s.name for s in stormy.stages] == ["foundation", "enhancement", "instruction"]
