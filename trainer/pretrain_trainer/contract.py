@@ -27,6 +27,30 @@ REPORT_PATH = "/dev/termination-log"
 DEFAULT_METRICS_PORT = 9400
 
 
+RENDEZVOUS_PORT = 29400
+
+
+def torchrun_args(
+    *,
+    nproc: int,
+    endpoint: str,
+    rdzv_id: str,
+    nnodes: str,
+    rdzv_conf: str = "",
+    max_restarts: int = 0,
+) -> list[str]:
+    """How a worker starts: a torchrun agent that meets its peers at the job's long-lived
+    rendezvous store and never hosts it (``is_host=false``), so no single worker's loss takes
+    the rendezvous down; ``nnodes`` fixed by the control plane, no restarts in place (DESIGN 4).
+    Arguments after ``torchrun`` (or ``python -m torch.distributed.run``)."""
+    return [
+        f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={rdzv_id}", f"--rdzv-conf=is_host=false{rdzv_conf}",
+        f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "pretrain_trainer",
+    ]  # fmt: skip
+
+
 class ExitCode(IntEnum):
     """What a trainer's exit status tells the control plane."""
 

@@ -149,31 +149,54 @@ class LocalBackend:
         folder = self.run_dir / "workers" / str(slot)
         folder.mkdir(parents=True, exist_ok=True)
         report = folder / f"report-{attempt}.json"
-        env = {
-            **os.environ,
-            contract.ENV_JOB: self.job.name,
-            contract.ENV_NAMESPACE: "local",
-            contract.ENV_STAGE: str(stage),
-            contract.ENV_ATTEMPT: str(attempt),
-            contract.ENV_RUN_CONFIG: str(self.run_dir / "run.yaml"),
-            contract.ENV_CHECKPOINT_ROOT: str(self.run_dir / "checkpoints"),
-            contract.ENV_REPORT_PATH: str(report),
-            contract.ENV_STEP_LOG: str(self.run_dir / "steps.jsonl"),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        }
-        command = [
-            sys.executable, "-m", "torch.distributed.run",
-            f"--nnodes={world}", f"--nproc-per-node={self.job.spec.nproc_per_worker}",
-            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{self.store_port}",
-            f"--rdzv-id={self.job.name}-a{attempt}", "--rdzv-conf=is_host=false",
-            "--max-restarts=0", "--monitor-interval=0.5", "-m", "pretrain_trainer",
-        ]  # fmt: skip
+        env = worker_env(self.job, self.run_dir, stage=stage, attempt=attempt, report=report)
+        command = torchrun_command(
+            self.job, store_port=self.store_port, rdzv_id=f"{self.job.name}-a{attempt}",
+            nnodes=str(world),
+        )  # fmt: skip
         with (folder / f"attempt-{attempt}.log").open("ab") as log:
             popen = subprocess.Popen(
                 command, env=env, cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         self.processes[slot] = _Process(popen, attempt, stage, report)
+
+
+def worker_env(
+    job: PretrainJob, run_dir: Path, *, stage: int, attempt: int, report: Path
+) -> dict[str, str]:
+    """The trainer contract's environment for one worker of a local run."""
+    return {
+        **os.environ,
+        contract.ENV_JOB: job.name,
+        contract.ENV_NAMESPACE: "local",
+        contract.ENV_STAGE: str(stage),
+        contract.ENV_ATTEMPT: str(attempt),
+        contract.ENV_RUN_CONFIG: str(run_dir / "run.yaml"),
+        contract.ENV_CHECKPOINT_ROOT: str(run_dir / "checkpoints"),
+        contract.ENV_REPORT_PATH: str(report),
+        contract.ENV_STEP_LOG: str(run_dir / "steps.jsonl"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+
+
+def torchrun_command(
+    job: PretrainJob,
+    *,
+    store_port: int,
+    rdzv_id: str,
+    nnodes: str,
+    rdzv_conf: str = "",
+    max_restarts: int = 0,
+) -> list[str]:
+    """A torchrun agent on this machine that meets its peers at the run's store."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        *contract.torchrun_args(
+            nproc=job.spec.nproc_per_worker, endpoint=f"127.0.0.1:{store_port}",
+            rdzv_id=rdzv_id, nnodes=nnodes, rdzv_conf=rdzv_conf, max_restarts=max_restarts,
+        ),
+    ]  # fmt: skip
 
 
 def _read_report(path: Path) -> dict[str, object]:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +24,7 @@ from pretrain_trainer.config import RunConfig
 from ..api import JobStatus, Phase, PretrainJob
 from ..plan import Event, Plan, plan
 from .backend import LocalBackend, read_capacity, write_capacity
+from .store import StoreError, StoreProcess
 
 STATUS = "status.json"
 JOB = "job.json"
@@ -44,30 +42,10 @@ class Update:
     plan: Plan
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _write_json(path: Path, data: object) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(temporary, path)
-
-
-def _wait_for(port: int, store: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    """Workers must find the store listening, or their agents give up after a long timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if store.poll() is not None:
-            raise RunError(f"the rendezvous store exited with code {store.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RunError(f"the rendezvous store did not listen on port {port} within {timeout:.0f}s")
 
 
 def prepare(job: PretrainJob, run_dir: Path, *, workers: int | None) -> JobStatus:
@@ -117,14 +95,11 @@ def run(
         status = status.model_copy(
             update={"phase": Phase.SUSPENDED, "failures_in_a_row": 0, "next_attempt_at": None}
         )
-    port = _free_port()
-    store = subprocess.Popen(
-        [sys.executable, "-m", "pretrain_operator.local.store", f"--port={port}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_for(port, store)
-    backend = LocalBackend(job=job, run_dir=run_dir, store_port=port)
+    try:
+        store = StoreProcess().start()
+    except StoreError as error:
+        raise RunError(str(error)) from None
+    backend = LocalBackend(job=job, run_dir=run_dir, store_port=store.port)
     spec = job.spec
     try:
         while True:
@@ -144,5 +119,4 @@ def run(
         return suspended
     finally:
         backend.shutdown()
-        store.terminate()
-        store.wait()
+        store.close()
