@@ -210,3 +210,22 @@ def test_resizes_do_not_count_against_max_restarts() -> None:
     assert status.phase == Phase.RESTARTING
     running = _go(spec, status, *_running(2, 0, 1)).status
     assert running.phase == Phase.RUNNING
+
+
+def test_a_start_waits_up_to_the_cool_down_for_capacity_being_scheduled() -> None:
+    spec = _spec()  # 8 splits into 1, 2, 4: one ready slot alone would start a group of 1
+    coming = (Worker(slot=1, state=S.PENDING),)  # a standby the scheduler has not placed yet
+    waiting = _go(spec, JobStatus(), *_idle(0), *coming)
+    assert waiting.group is None
+    assert waiting.status.conditions[-1].reason == "WaitingForWorkers"
+    assert "waiting up to 60s to start 2 instead of 1" in waiting.status.conditions[-1].message
+    assert waiting.status.waiting_since == NOW
+    # The capacity arrives: both start together.
+    placed = _go(spec, waiting.status, *_idle(0, 1), at=NOW + timedelta(seconds=5))
+    assert placed.group is not None
+    assert placed.group.slots == (0, 1)
+    assert placed.status.waiting_since is None
+    # It never arrives: after the cool-down the group starts with what there is.
+    late = _go(spec, waiting.status, *_idle(0), *coming, at=NOW + timedelta(seconds=61))
+    assert late.group is not None
+    assert late.group.slots == (0,)

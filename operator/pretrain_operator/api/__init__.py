@@ -15,7 +15,7 @@ from .job import (
     PretrainJob,
     parse_job,
 )
-from .spec import ElasticConfig, PretrainJobSpec, Resources, Toleration, WorkerCounts
+from .spec import ElasticConfig, PretrainJobSpec, Resources, Toleration, Volume, WorkerCounts
 from .status import (
     CheckpointStatus,
     Condition,
@@ -52,6 +52,7 @@ __all__ = [
     "StageRecord",
     "StageStatus",
     "Toleration",
+    "Volume",
     "WorkerCounts",
     "WorkersStatus",
     "parse_job",

@@ -119,6 +119,19 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
+class Volume(Spec):
+    """A PersistentVolumeClaim mounted into every worker (data shards, checkpoints)."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+    """Volume name inside the pod."""
+    claim_name: Annotated[str, Field(min_length=1, max_length=253)]
+    """The PersistentVolumeClaim (ReadWriteMany for more than one node)."""
+    mount_path: Annotated[str, Field(pattern=r"^/", max_length=4096)]
+    """Where it is mounted; data.sources[].path and checkpoint.path point under it."""
+    read_only: bool = False
+    """Mount read-only (data sets)."""
+
+
 class PretrainJobSpec(RunConfig):
     """Desired state of a PretrainJob: the training run and how to run it on the cluster."""
 
@@ -140,6 +153,8 @@ class PretrainJobSpec(RunConfig):
     """Scheduler of the worker pods (e.g. volcano)."""
     queue_name: Annotated[str, Field(max_length=253)] | None = None
     """Kueue LocalQueue to admit the job through."""
+    volumes: Annotated[list[Volume], Field(max_length=16)] = []
+    """Shared volumes mounted into every worker: the data and the checkpoint path live here."""
     elastic: ElasticConfig = ElasticConfig()
     """Elastic policy: worker bounds, restarts, back-off and cool-down."""
     suspend: bool = False

@@ -181,6 +181,8 @@ class JobStatus(Status):
     """When the current attempt's group was started."""
     next_attempt_at: datetime | None = None
     """Earliest time the next attempt may start (restart back-off)."""
+    waiting_since: datetime | None = None
+    """Since when a start has waited for capacity that is on its way (pods being scheduled)."""
     failures_in_a_row: int = 0
     """Consecutive failed attempts; the back-off doubles with each."""
     restarts: RestartsStatus = RestartsStatus()

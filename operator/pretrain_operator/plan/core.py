@@ -143,6 +143,25 @@ def _start(
             stop=_running_slots(observed),
             requeue_after=WAIT_SECONDS,
         )
+    coming = [
+        w.slot for w in observed.workers if w.state == WorkerState.PENDING and w.attempt is None
+    ]
+    more = choose_world(spec, stage, len(available) + len(coming))
+    if more is not None and more > world:  # capacity on its way (pods being scheduled)
+        since = status.waiting_since or now
+        patience = timedelta(seconds=spec.elastic.scale_up_cooldown_seconds)
+        if now - since < patience:
+            status = _phase(
+                status.model_copy(update={"waiting_since": since}),
+                Phase.PENDING if status.attempt == 0 else Phase.RESTARTING,
+                Reason.WAITING_FOR_WORKERS,
+                f"{len(available)} worker(s) ready and {len(coming)} being scheduled; waiting "
+                f"up to {patience.total_seconds():g}s to start {more} instead of {world}",
+                now,
+            )
+            left = (since + patience - now).total_seconds()
+            return Plan(group=None, status=status, events=tuple(events),
+                        requeue_after=min(WAIT_SECONDS, left))  # fmt: skip
     attempt = status.attempt + 1
     group = Group(stage=stage, attempt=attempt, slots=tuple(available[:world]))
     stage_status = status.stage
@@ -152,6 +171,7 @@ def _start(
         update={
             "attempt": attempt,
             "attempt_started_at": now,
+            "waiting_since": None,
             "stage": stage_status,
             "workers": WorkersStatus(desired=world, ready=0, slots=list(group.slots)),
         }

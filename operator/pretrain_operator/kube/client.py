@@ -1,0 +1,204 @@
+"""Every call the operator makes to the API server, and its error taxonomy, in one place.
+
+Objects travel as plain dicts (JSON in, JSON out): the generated models of the ``kubernetes``
+client cost more to build for 1,000 pods than the request itself. Errors become
+:class:`TemporaryApiError` (retry later: 5xx, 429, 409 on a write race, connection trouble) or
+:class:`PermanentApiError` (the request itself is wrong: 4xx); "already exists" on create and
+"not found" on delete are success, which is what makes applying a plan idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+from collections import Counter
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from ..api import GROUP, PLURAL, VERSION
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class TemporaryApiError(ApiError):
+    """Worth retrying: the server is busy or briefly unreachable, or a write raced another."""
+
+
+class PermanentApiError(ApiError):
+    """Retrying the same request cannot succeed."""
+
+
+_CORE = {
+    "Pod": "pods",
+    "Service": "services",
+    "ConfigMap": "configmaps",
+    "ServiceAccount": "serviceaccounts",
+    "Event": "events",
+}
+
+
+def _path(obj: Mapping[str, Any], namespace: str) -> str:
+    kind = obj["kind"]
+    if kind == "PodGroup":  # Volcano's or the coscheduling plugin's: the apiVersion says which
+        return f"/apis/{obj['apiVersion']}/namespaces/{namespace}/podgroups"
+    return f"/api/v1/namespaces/{namespace}/{_CORE[kind]}"
+
+
+class KubeClient:
+    """Thin, synchronous, JSON-only access through a ``kubernetes.client.ApiClient``."""
+
+    def __init__(self, api_client: Any, *, field_manager: str = "pretrain-operator") -> None:
+        self.api = api_client
+        self.field_manager = field_manager
+        self.requests: Counter[str] = Counter()  # by verb, for benchmarks and metrics
+
+    # -- transport ---------------------------------------------------------------------------
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: object = None,
+        content_type: str = "application/json",
+        verb: str | None = None,
+    ) -> Any:
+        self.requests[verb or method.lower()] += 1
+        if query:
+            path = f"{path}?{urllib.parse.urlencode(query)}"
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            method_, url, headers_, body_, _ = self.api.param_serialize(
+                method=method, resource_path=path, header_params=headers, body=body,
+                auth_settings=["BearerToken"],
+            )  # fmt: skip
+            response = self.api.call_api(method_, url, header_params=headers_, body=body_)
+            data = response.read()
+        except Exception as error:  # urllib3 and socket errors: the server is unreachable
+            if isinstance(error, ApiError):
+                raise
+            raise TemporaryApiError(0, f"{method} {path}: {error}") from error
+        if 200 <= response.status < 300:
+            return json.loads(data) if data else None
+        try:
+            message = json.loads(data).get("message", "")
+        except (ValueError, AttributeError):
+            message = (data or b"").decode(errors="replace")[:200]
+        kind = (
+            TemporaryApiError
+            if response.status >= 500 or response.status in (409, 429)
+            else PermanentApiError
+        )
+        raise kind(response.status, f"{method} {path}: {message}")
+
+    # -- reads -------------------------------------------------------------------------------
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+        try:
+            job: dict[str, Any] = self.request("GET", path)
+        except PermanentApiError as error:
+            if error.status == 404:
+                return None
+            raise
+        return job
+
+    def list_pods(self, namespace: str, *, selector: str) -> list[dict[str, Any]]:
+        path = f"/api/v1/namespaces/{namespace}/pods"
+        listed = self.request("GET", path, query={"labelSelector": selector}, verb="list")
+        return list(listed.get("items") or [])
+
+    def list_nodes(self) -> list[dict[str, Any]] | None:
+        """All nodes, or None where the operator may not read them (namespaced installs)."""
+        try:
+            listed = self.request("GET", "/api/v1/nodes", verb="list")
+        except PermanentApiError as error:
+            if error.status in (401, 403):
+                return None
+            raise
+        return list(listed.get("items") or [])
+
+    # -- writes ------------------------------------------------------------------------------
+    def create(self, obj: Mapping[str, Any], *, namespace: str) -> bool:
+        """Create ``obj``; False when it already exists (someone, maybe us, was first)."""
+        try:
+            self.request("POST", _path(obj, namespace), body=obj, verb="create")
+        except TemporaryApiError as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    def replace_or_create(self, obj: Mapping[str, Any], *, namespace: str) -> None:
+        """Make a (small, whole) object read as ``obj``: a merge patch, or a create."""
+        path = f"{_path(obj, namespace)}/{obj['metadata']['name']}"
+        try:
+            self.request("PATCH", path, body=obj, content_type="application/merge-patch+json")
+        except PermanentApiError as error:
+            if error.status != 404:
+                raise
+            self.create(obj, namespace=namespace)
+
+    def delete(
+        self,
+        kind: str,
+        name: str,
+        *,
+        namespace: str,
+        api_version: str = "v1",
+        grace_seconds: int | None = None,
+    ) -> bool:
+        """Delete; False when it was already gone."""
+        path = f"{_path({'kind': kind, 'apiVersion': api_version}, namespace)}/{name}"
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if grace_seconds is not None:
+            body["gracePeriodSeconds"] = grace_seconds
+        try:
+            self.request("DELETE", path, body=body)
+        except PermanentApiError as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        self.request(
+            "PATCH", path, body={"status": status}, content_type="application/merge-patch+json"
+        )
+
+    def event(
+        self,
+        job: Mapping[str, Any],
+        *,
+        reason: str,
+        message: str,
+        warning: bool = False,
+    ) -> None:
+        """A core/v1 Event on the job, as ``kubectl describe`` shows them."""
+        meta = job["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": job.get("apiVersion"),
+                "kind": job.get("kind"),
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": self.field_manager},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.request("POST", _path(event, meta["namespace"]), body=event, verb="create")

@@ -1,0 +1,185 @@
+"""kopf adapters: one daemon per PretrainJob that calls :func:`reconcile` whenever something
+about the job may have changed, and at least every ``resync_seconds``.
+
+Nothing here decides anything. The daemon re-reads the job each pass (a strongly consistent
+read: kopf's live body can trail the status we just wrote) and sleeps until the plan's requeue
+time, the resync interval, or a poke: an event on the job, on one of its pods (found by the
+``pretrain.dev/job`` label), or on a node whose readiness changed. Pokes coalesce, so a burst of
+1,000 pod events costs a handful of reconciles. Handler results are never stored in status, and
+kopf's finalizer and annotations use the project's own names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ..api import GROUP, PLURAL, VERSION
+from .client import ApiError, KubeClient, TemporaryApiError
+from .objects import JOB, Gang
+from .reconcile import reconcile
+from .settings import OperatorSettings
+
+FINALIZER = f"{GROUP}/finalizer"
+RETRY_SECONDS = 5.0
+
+
+class OperatorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.reconcile_seconds = Histogram(
+            "pretrainjob_reconcile_seconds",
+            "Time of one reconcile of a PretrainJob (read, plan, apply, status).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "pretrainjob_reconcile_errors_total",
+            "Reconciles that failed, by kind (temporary API errors are retried).",
+            ["kind"],
+            registry=self.registry,
+        )
+
+
+def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # our own events explain decisions; kopf's would be noise
+    settings.peering.name = operator.peering
+    settings.peering.mandatory = not operator.standalone
+    settings.peering.standalone = operator.standalone
+    settings.peering.clusterwide = not operator.namespaces
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+def register(
+    registry: kopf.OperatorRegistry,
+    *,
+    operator: OperatorSettings,
+    make_client: Callable[[], KubeClient],
+    metrics: OperatorMetrics | None = None,
+) -> None:
+    pokes: dict[tuple[str, str], asyncio.Event] = {}
+    readiness: dict[str, bool] = {}
+    gang = Gang(None if operator.gang_scheduler == "none" else operator.gang_scheduler)
+    metrics = metrics or OperatorMetrics()
+
+    def poke(namespace: str | None, name: str | None) -> None:
+        event = pokes.get((namespace or "", name or ""))
+        if event is not None:
+            event.set()
+
+    @kopf.on.startup(registry=registry)
+    def startup(*, settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings, operator)
+
+    def one_pass(client: KubeClient, namespace: str, name: str) -> float | None:
+        started = time.perf_counter()
+        try:
+            body = client.get_job(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            outcome = reconcile(client, body, now=datetime.now(UTC), gang=gang)
+            return outcome.requeue_after
+        finally:
+            metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)
+    async def run_job(
+        *, stopped: kopf.DaemonStopped, namespace: str | None, name: str, logger: Any, **_: Any
+    ) -> None:
+        namespace = namespace or "default"
+        wake = pokes.setdefault((namespace, name), asyncio.Event())
+        client = make_client()
+        try:
+            while not stopped:
+                wake.clear()
+                wait = operator.resync_seconds
+                try:
+                    requeue = await asyncio.to_thread(one_pass, client, namespace, name)
+                    if requeue is not None:
+                        wait = min(max(requeue, 0.05), wait)
+                except TemporaryApiError as error:
+                    metrics.reconcile_errors.labels("temporary").inc()
+                    logger.warning(f"reconcile will be retried: {error}")
+                    wait = RETRY_SECONDS
+                except ApiError as error:
+                    metrics.reconcile_errors.labels("permanent").inc()
+                    logger.error(f"reconcile failed: {error}")
+                except Exception:  # never let one job take the operator down
+                    metrics.reconcile_errors.labels("internal").inc()
+                    logger.exception("reconcile failed")
+                    wait = RETRY_SECONDS
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=wait)
+        finally:
+            pokes.pop((namespace, name), None)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def job_changed(*, namespace: str | None, name: str | None, **_: Any) -> None:
+        poke(namespace, name)
+
+    @kopf.on.event("", "v1", "pods", labels={JOB: kopf.PRESENT}, registry=registry)
+    def pod_changed(*, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        poke(namespace, labels.get(JOB))
+
+    if operator.watch_nodes:
+
+        @kopf.on.event("", "v1", "nodes", registry=registry)
+        def node_changed(*, name: str | None, body: kopf.Body, **_: Any) -> None:
+            conditions = body.get("status", {}).get("conditions") or []
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+            if name is not None and readiness.get(name) != ready:
+                readiness[name] = ready
+                for event in pokes.values():
+                    event.set()
+
+
+def default_client() -> KubeClient:
+    """In a pod: the service account; elsewhere: the kubeconfig."""
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()  # type: ignore[no-untyped-call]
+    return KubeClient(kubernetes.client.ApiClient())
+
+
+def run(operator: OperatorSettings) -> None:
+    """``pretrainctl operator``: serve until stopped."""
+    from prometheus_client import start_http_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    metrics = OperatorMetrics()
+    register(registry, operator=operator, make_client=default_client, metrics=metrics)
+    if operator.metrics_port:
+        start_http_server(operator.metrics_port, registry=metrics.registry)
+    kopf.run(
+        registry=registry,
+        clusterwide=not operator.namespaces,
+        namespaces=operator.namespaces,
+        standalone=operator.standalone,
+        peering_name=operator.peering,
+        liveness_endpoint=(
+            f"http://0.0.0.0:{operator.health_port}/healthz" if operator.health_port else None
+        ),
+    )

@@ -1,0 +1,348 @@
+"""Pure builders of the Kubernetes objects a PretrainJob owns (DESIGN 4).
+
+Per job: a headless Service (stable DNS for the rendezvous store and the workers), a ConfigMap
+with the rendered run config, a ServiceAccount with no API rights, and the rendezvous pod that
+hosts the c10d store. Per slot: either the worker pod of the current attempt
+(``<job>-a<attempt>-w<slot>``) or a *standby* pod (``<job>-standby-w<slot>``) that asks the
+scheduler for a worker's resources and sleeps: when it runs, capacity for one more worker
+exists, which is how the group grows back after a node returns. Names are deterministic, so a
+create that races another (or a restarted operator) meets 409 and changes nothing.
+
+No API calls here, no kubernetes import: plain dicts, tested as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from pretrain_trainer import contract
+from pretrain_trainer.config import RunConfig
+
+from ..api import API_VERSION, KIND, PretrainJob
+from ..plan import Group
+
+PREFIX = "pretrain.dev"
+JOB = f"{PREFIX}/job"
+ROLE = f"{PREFIX}/role"
+STAGE = f"{PREFIX}/stage"
+ATTEMPT = f"{PREFIX}/attempt"
+SLOT = f"{PREFIX}/slot"
+RANK = f"{PREFIX}/rank"
+WORKER, STANDBY, RENDEZVOUS = "worker", "standby", "rendezvous"
+
+CONTAINER = "trainer"
+METRICS_PORT_NAME = "metrics"
+CONFIG_DIR = "/etc/pretrain"
+TORCHRUN_SHUTDOWN_SECONDS = 30  # torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT default
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
+KUEUE_COUNT_ANNOTATION = "kueue.x-k8s.io/pod-group-total-count"
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+COSCHEDULING_GROUP_LABEL = "scheduling.x-k8s.io/pod-group"
+
+
+@dataclass(frozen=True)
+class Gang:
+    """Which gang scheduler, if any, should start a group's pods all at once."""
+
+    scheduler: str | None = None  # "volcano", "coscheduling" or None
+
+    def pod_group(self, job: PretrainJob, group: Group) -> dict[str, Any] | None:
+        name = attempt_name(job, group.attempt)
+        if self.scheduler == "volcano":
+            api = "scheduling.volcano.sh/v1beta1"
+            spec: dict[str, Any] = {"minMember": group.world}
+            if job.spec.queue_name:
+                spec["queue"] = job.spec.queue_name
+        elif self.scheduler == "coscheduling":
+            api = "scheduling.x-k8s.io/v1alpha1"
+            spec = {"minMember": group.world, "scheduleTimeoutSeconds": 600}
+        else:
+            return None
+        return {
+            "apiVersion": api,
+            "kind": "PodGroup",
+            "metadata": _meta(job, name, _labels(job, WORKER, attempt=group.attempt)),
+            "spec": spec,
+        }
+
+    def mark(self, pod: dict[str, Any], job: PretrainJob, group: Group) -> None:
+        name = attempt_name(job, group.attempt)
+        if self.scheduler == "volcano":
+            pod["metadata"].setdefault("annotations", {})[VOLCANO_GROUP_ANNOTATION] = name
+            pod["spec"]["schedulerName"] = "volcano"
+        elif self.scheduler == "coscheduling":
+            pod["metadata"]["labels"][COSCHEDULING_GROUP_LABEL] = name
+
+
+# -- names -------------------------------------------------------------------------------------
+def service_name(job: PretrainJob) -> str:
+    return job.name
+
+
+def config_name(job: PretrainJob) -> str:
+    return f"{job.name}-config"
+
+
+def service_account_name(job: PretrainJob) -> str:
+    return f"{job.name}-worker"
+
+
+def rendezvous_name(job: PretrainJob) -> str:
+    return f"{job.name}-rdzv"
+
+
+def attempt_name(job: PretrainJob, attempt: int) -> str:
+    return f"{job.name}-a{attempt}"
+
+
+def worker_name(job: PretrainJob, attempt: int, slot: int) -> str:
+    return f"{job.name}-a{attempt}-w{slot}"
+
+
+def standby_name(job: PretrainJob, slot: int) -> str:
+    return f"{job.name}-standby-w{slot}"
+
+
+def rendezvous_endpoint(job: PretrainJob, namespace: str) -> str:
+    host = f"{rendezvous_name(job)}.{service_name(job)}.{namespace}.svc"
+    return f"{host}:{contract.RENDEZVOUS_PORT}"
+
+
+def selector(job: PretrainJob) -> str:
+    """The label selector of every pod the job owns."""
+    return f"{JOB}={job.name}"
+
+
+# -- builders ----------------------------------------------------------------------------------
+def _labels(job: PretrainJob, role: str, **extra: int) -> dict[str, str]:
+    labels = {JOB: job.name, ROLE: role}
+    labels.update({f"{PREFIX}/{key}": str(value) for key, value in extra.items()})
+    return labels
+
+
+def owner_reference(job: PretrainJob) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(job: PretrainJob, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels}
+    if job.metadata.namespace:
+        meta["namespace"] = job.metadata.namespace
+    if job.metadata.uid:
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+def service(job: PretrainJob) -> dict[str, Any]:
+    """Headless: pods get DNS names under it, the rendezvous pod included."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(job), {JOB: job.name}),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB: job.name},
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {"name": "rendezvous", "port": contract.RENDEZVOUS_PORT},
+                {"name": METRICS_PORT_NAME, "port": contract.DEFAULT_METRICS_PORT},
+            ],
+        },
+    }
+
+
+def run_config_yaml(job: PretrainJob) -> str:
+    config = RunConfig.model_validate(
+        job.spec.model_dump(by_alias=True, include=set(RunConfig.model_fields))
+    )
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+
+
+def config_map(job: PretrainJob) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, config_name(job), {JOB: job.name}),
+        "data": {"run.yaml": run_config_yaml(job)},
+    }
+
+
+def service_account(job: PretrainJob) -> dict[str, Any]:
+    """The workers' identity: bound to no Role, and its token is not even mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(job, service_account_name(job), {JOB: job.name}),
+        "automountServiceAccountToken": False,
+    }
+
+
+_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+}
+_POD_SECURITY = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _pod(
+    job: PretrainJob,
+    name: str,
+    labels: dict[str, str],
+    *,
+    command: list[str],
+    env: dict[str, str] | None = None,
+    worker_like: bool = True,
+) -> dict[str, Any]:
+    spec = job.spec
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.image,
+        "command": command,
+        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+        "securityContext": dict(_CONTAINER_SECURITY),
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": service_account_name(job),
+        "automountServiceAccountToken": False,
+        "securityContext": dict(_POD_SECURITY),
+        "hostname": name,
+        "subdomain": service_name(job),
+        "containers": [container],
+    }
+    if worker_like:  # asks for what a worker needs, where a worker may run
+        resources = spec.resources.model_dump(by_alias=True, exclude_defaults=True)
+        if resources:
+            container["resources"] = resources
+        if spec.node_selector:
+            pod_spec["nodeSelector"] = dict(spec.node_selector)
+        if spec.tolerations:
+            pod_spec["tolerations"] = [
+                t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+            ]
+        if spec.priority_class_name:
+            pod_spec["priorityClassName"] = spec.priority_class_name
+        if spec.scheduler_name:
+            pod_spec["schedulerName"] = spec.scheduler_name
+    if spec.queue_name:
+        labels = {**labels, QUEUE_LABEL: spec.queue_name}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": _meta(job, name, labels),
+        "spec": pod_spec,
+    }
+
+
+def worker_pod(
+    job: PretrainJob, group: Group, slot: int, *, gang: Gang | None = None
+) -> dict[str, Any]:
+    spec = job.spec
+    namespace = job.metadata.namespace or "default"
+    rank = group.slots.index(slot)
+    labels = _labels(job, WORKER, stage=group.stage, attempt=group.attempt, slot=slot, rank=rank)
+    command = [
+        "torchrun",
+        *contract.torchrun_args(
+            nproc=spec.nproc_per_worker,
+            endpoint=rendezvous_endpoint(job, namespace),
+            rdzv_id=attempt_name(job, group.attempt),
+            nnodes=str(group.world),
+        ),
+    ]
+    env = {
+        contract.ENV_JOB: job.name,
+        contract.ENV_NAMESPACE: namespace,
+        contract.ENV_STAGE: str(group.stage),
+        contract.ENV_ATTEMPT: str(group.attempt),
+        contract.ENV_RUN_CONFIG: contract.RUN_CONFIG_PATH,
+        contract.ENV_METRICS_PORT: str(contract.DEFAULT_METRICS_PORT),
+        contract.ENV_REPORT_PATH: contract.REPORT_PATH,
+    }
+    pod = _pod(job, worker_name(job, group.attempt, slot), labels, command=command, env=env)
+    pod_spec, container = pod["spec"], pod["spec"]["containers"][0]
+    # SIGTERM -> the trainer's preemption save -> torchrun's own shutdown wait; then SIGKILL.
+    grace = spec.checkpoint.preemption_grace_seconds + TORCHRUN_SHUTDOWN_SECONDS + 15
+    pod_spec["terminationGracePeriodSeconds"] = int(grace)
+    container["ports"] = [
+        {"name": METRICS_PORT_NAME, "containerPort": contract.DEFAULT_METRICS_PORT}
+    ]
+    container["livenessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME},
+        "initialDelaySeconds": 120,  # start, rendezvous and restore come before the first step
+        "periodSeconds": 30,
+        "failureThreshold": 3,
+    }
+    container["terminationMessagePath"] = contract.REPORT_PATH
+    container["terminationMessagePolicy"] = "File"
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "shm", "mountPath": "/dev/shm"}]  # fmt: skip
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_name(job)}},
+        {"name": "shm", "emptyDir": {"medium": "Memory"}},  # NCCL and data loaders use it
+    ]
+    for volume in spec.volumes:
+        mounts.append(
+            {"name": volume.name, "mountPath": volume.mount_path, "readOnly": volume.read_only}
+        )
+        volumes.append(
+            {"name": volume.name, "persistentVolumeClaim": {"claimName": volume.claim_name}}
+        )
+    container["volumeMounts"] = mounts
+    pod_spec["volumes"] = volumes
+    if spec.queue_name:  # Kueue's pod groups: admitted together
+        pod["metadata"]["labels"][KUEUE_GROUP_LABEL] = attempt_name(job, group.attempt)
+        pod["metadata"]["annotations"] = {KUEUE_COUNT_ANNOTATION: str(group.world)}
+    (gang or Gang()).mark(pod, job, group)
+    return pod
+
+
+def standby_pod(job: PretrainJob, slot: int) -> dict[str, Any]:
+    pod = _pod(job, standby_name(job, slot), _labels(job, STANDBY, slot=slot),
+               command=["sleep", "infinity"])  # fmt: skip
+    pod["spec"]["terminationGracePeriodSeconds"] = 1
+    return pod
+
+
+def rendezvous_pod(job: PretrainJob) -> dict[str, Any]:
+    pod = _pod(
+        job,
+        rendezvous_name(job),
+        _labels(job, RENDEZVOUS),
+        command=[
+            "python",
+            "-m",
+            "pretrain_trainer.rendezvous",
+            f"--port={contract.RENDEZVOUS_PORT}",
+        ],
+        worker_like=False,
+    )
+    pod["spec"]["restartPolicy"] = "Always"  # a container restart keeps its address
+    container = pod["spec"]["containers"][0]
+    container["ports"] = [{"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT}]
+    container["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"},
+                              "limits": {"memory": "1Gi"}}  # fmt: skip
+    if job.spec.tolerations:  # may share the workers' tainted nodes
+        pod["spec"]["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in job.spec.tolerations
+        ]
+    return pod
+
+
+def job_objects(job: PretrainJob) -> list[dict[str, Any]]:
+    """What every job has while it runs, whatever its stage."""
+    return [service_account(job), service(job), config_map(job), rendezvous_pod(job)]

@@ -1,0 +1,151 @@
+"""What the planner sees, read from a job's pods (and its nodes' readiness). Pure.
+
+One :class:`~pretrain_operator.plan.Worker` per slot:
+
+- the worker pod of the current attempt: Pending, Running, Succeeded (with the stage report
+  from its termination message) or Failed (the trainer's exit code from that report, since
+  torchrun exits 1 whatever its worker said); *lost* when it is being deleted, was evicted or
+  preempted, carries a ``DisruptionTarget`` condition, or its node is NotReady; a slot of the
+  group whose pod is gone is lost too;
+- otherwise a worker pod of an older attempt that still runs (Running, so the plan stops it);
+- otherwise the slot's standby pod: Running on a ready node means capacity (Idle); Pending
+  means none yet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..plan import Observed, StageReport, Worker, WorkerState
+from .objects import ATTEMPT, CONTAINER, ROLE, SLOT, STAGE, STANDBY, WORKER
+
+LOST_REASONS = ("Evicted", "Preempting", "Preempted", "NodeLost", "Shutdown", "Terminated",
+                "NodeShutdown", "DeadlineExceeded", "UnexpectedAdmissionError")  # fmt: skip
+
+
+def ready_nodes(nodes: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
+    """Node name -> whether its Ready condition is True."""
+    ready = {}
+    for node in nodes:
+        conditions = node.get("status", {}).get("conditions") or []
+        ok = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+        ready[node["metadata"]["name"]] = ok
+    return ready
+
+
+def _int_label(pod: Mapping[str, Any], key: str) -> int | None:
+    value = pod["metadata"].get("labels", {}).get(key)
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            state = status.get("state") or {}
+            return state.get("terminated") or {}
+    return {}
+
+
+def termination_report(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer's JSON report from the container's termination message ({} if none)."""
+    try:
+        report = json.loads(_terminated(pod).get("message") or "")
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _stage_report(report: Mapping[str, Any]) -> StageReport | None:
+    if not report.get("finished"):
+        return None
+    try:
+        loss = report.get("loss")
+        return StageReport(stage=int(report["stage"]), step=int(report["step"]),
+                           tokens=int(report["tokens"]),
+                           loss=float(loss) if isinstance(loss, int | float) else None,
+                           checkpoint=str(report["checkpoint"]))  # fmt: skip
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _lost_because(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> str | None:
+    metadata, status = pod["metadata"], pod.get("status", {})
+    if metadata.get("deletionTimestamp"):
+        return "deleted"
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+            return "preempted" if "Preempt" in (condition.get("reason") or "") else "evicted"
+    if status.get("phase") == "Failed" and status.get("reason") in LOST_REASONS:
+        return "evicted" if status["reason"] == "Evicted" else status["reason"].lower()
+    node = pod.get("spec", {}).get("nodeName")
+    if node and status.get("phase") in ("Pending", "Running") and not nodes.get(node, False):
+        return f"node {node} not ready"
+    return None
+
+
+def _worker(pod: Mapping[str, Any], slot: int, nodes: Mapping[str, bool]) -> Worker:
+    attempt, stage = _int_label(pod, ATTEMPT), _int_label(pod, STAGE)
+    lost = _lost_because(pod, nodes)
+    if lost is not None:
+        return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage, reason=lost)
+    phase = pod.get("status", {}).get("phase", "Pending")
+    if phase == "Running":
+        return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
+    if phase == "Succeeded":
+        report = _stage_report(termination_report(pod))
+        return Worker(slot=slot, state=WorkerState.SUCCEEDED, attempt=attempt, stage=stage,
+                      exit_code=0, report=report)  # fmt: skip
+    if phase == "Failed":
+        said = termination_report(pod)
+        code = said.get("exitCode", _terminated(pod).get("exitCode"))
+        error = said.get("error")
+        return Worker(slot=slot, state=WorkerState.FAILED, attempt=attempt, stage=stage,
+                      exit_code=code if isinstance(code, int) else None,
+                      reason=error if isinstance(error, str) else None)  # fmt: skip
+    return Worker(slot=slot, state=WorkerState.PENDING, attempt=attempt, stage=stage)
+
+
+def observe(
+    pods: Iterable[Mapping[str, Any]],
+    nodes: Mapping[str, bool],
+    *,
+    attempt: int,
+    group_slots: Iterable[int],
+) -> Observed:
+    """Workers per slot from the job's pods; ``attempt`` and ``group_slots`` come from the
+    status: the current attempt's slots whose pod is gone are reported lost."""
+    current: dict[int, Mapping[str, Any]] = {}
+    older: dict[int, Mapping[str, Any]] = {}
+    standby: dict[int, Mapping[str, Any]] = {}
+    for pod in pods:
+        role, slot = pod["metadata"].get("labels", {}).get(ROLE), _int_label(pod, SLOT)
+        if slot is None:
+            continue
+        if role == WORKER and _int_label(pod, ATTEMPT) == attempt:
+            current[slot] = pod
+        elif role == WORKER and pod.get("status", {}).get("phase") in ("Pending", "Running"):
+            older[slot] = pod
+        elif role == STANDBY:
+            standby[slot] = pod
+    workers = []
+    group = set(group_slots)
+    for slot in sorted(group | set(current) | set(older) | set(standby)):
+        if slot in current:
+            workers.append(_worker(current[slot], slot, nodes))
+        elif slot in group:
+            workers.append(Worker(slot=slot, state=WorkerState.LOST, attempt=attempt,
+                                  reason="pod deleted"))  # fmt: skip
+        elif slot in older:
+            old = _worker(older[slot], slot, nodes)
+            if old.state in (WorkerState.RUNNING, WorkerState.PENDING):
+                workers.append(Worker(slot=slot, state=WorkerState.RUNNING, attempt=old.attempt,
+                                      stage=old.stage))  # fmt: skip
+        elif slot in standby:
+            waiting = _worker(standby[slot], slot, nodes)
+            state = WorkerState.IDLE if waiting.state == WorkerState.RUNNING else (
+                WorkerState.PENDING
+            )  # fmt: skip
+            workers.append(Worker(slot=slot, state=state))
+    return Observed(tuple(workers))

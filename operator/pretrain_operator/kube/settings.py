@@ -1,0 +1,57 @@
+"""Operator settings, read once from the environment at start and passed down (never imported
+as globals). A bad value stops the operator at start with the variable's name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PREFIX = "PRETRAIN_OPERATOR_"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+class OperatorSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to serve; empty serves the whole cluster."""
+    resync_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """Longest time between two reconciles of a job when nothing happens."""
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    """Port of the operator's Prometheus metrics (0: none)."""
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    """Port of the liveness endpoint /healthz (0: none)."""
+    peering: str = "pretrain-operator"
+    """kopf peering object: of several replicas, only the one with the highest priority acts."""
+    standalone: bool = False
+    """Run without peering (one replica only; tests and development)."""
+    gang_scheduler: Literal["none", "volcano", "coscheduling"] = "none"
+    """Create a PodGroup per attempt for this gang scheduler."""
+    watch_nodes: bool = True
+    """Watch nodes so a NotReady node's workers count as lost at once (needs read on nodes)."""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> OperatorSettings:
+        raw: dict[str, object] = {}
+        for name in cls.model_fields:
+            value = environ.get(PREFIX + name.upper())
+            if value is None or value == "":
+                continue
+            if name == "namespaces":
+                raw[name] = tuple(n.strip() for n in value.split(",") if n.strip())
+            elif name in ("standalone", "watch_nodes"):
+                raw[name] = value.lower() in ("1", "true", "yes", "on")
+            else:
+                raw[name] = value
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{PREFIX}{str(e['loc'][0]).upper()}: {e['msg']}" for e in error.errors()
+            )
+            raise SettingsError(problems) from None

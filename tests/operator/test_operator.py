@@ -1,0 +1,239 @@
+"""The operator end to end against an API server: kopf handlers, reconcile, the Kubernetes
+backend, with the tests playing scheduler and kubelets (``cluster.py``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.kube.apiserver import ApiServer
+from tests.operator.cluster import Cluster
+from tests.operator.conftest import GROUP, PLURAL, VERSION, job, running_operator
+
+JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}"
+
+
+def create(cluster: Cluster, body: dict[str, Any]) -> None:
+    cluster.client.request("POST", JOBS, body=body)
+
+
+def patch_spec(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
+    cluster.client.request("PATCH", f"{JOBS}/{name}", body={"spec": spec},
+                           content_type="application/merge-patch+json")  # fmt: skip
+
+
+def status(cluster: Cluster, name: str = "demo") -> dict[str, Any]:
+    body = cluster.client.get_job("default", name)
+    return (body or {}).get("status") or {}
+
+
+def workers(cluster: Cluster, *, phase: str | None = None) -> list[str]:
+    return sorted(
+        p["metadata"]["name"]
+        for p in cluster.pods("worker")
+        if phase is None or p.get("status", {}).get("phase") == phase
+    )
+
+
+def running(cluster: Cluster, *names: str) -> bool:
+    return workers(cluster, phase="Running") == sorted(names)
+
+
+def attempt(cluster: Cluster, number: int, size: int = 2) -> list[str]:
+    """The Running workers of attempt ``number`` once there are ``size`` of them, else []."""
+    names = [n for n in workers(cluster, phase="Running") if f"-a{number}-" in n]
+    return names if len(names) == size else []
+
+
+def report(stage: int, *, step: int = 10) -> dict[str, Any]:
+    return {"finished": True, "stage": stage, "step": step, "tokens": step * 256, "loss": 2.5,
+            "checkpoint": f"/ckpt/demo/stage-{stage}/step-{step}"}  # fmt: skip
+
+
+def names(objects: list[dict[str, Any]]) -> list[str]:
+    return sorted(o["metadata"]["name"] for o in objects)
+
+
+def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
+        cluster.eventually(lambda: status(cluster).get("phase") == "Running", what="Running")
+    uid = cluster.client.get_job("default", "demo")["metadata"]["uid"]  # type: ignore[index]
+    assert names(apiserver.objects("services", "default")) == ["demo"]
+    assert names(apiserver.objects("configmaps", "default")) == ["demo-config"]
+    assert names(apiserver.objects("serviceaccounts", "default")) == ["demo-worker"]
+    assert names(cluster.pods("rendezvous")) == ["demo-rdzv"]
+    assert names(cluster.pods("standby")) == ["demo-standby-w2"]  # slot 2: no node for it
+    for pod in cluster.pods():
+        assert pod["metadata"]["ownerReferences"][0]["uid"] == uid
+    worker = cluster.pod("demo-a1-w1")
+    labels = worker["metadata"]["labels"]
+    assert (labels["pretrain.dev/stage"], labels["pretrain.dev/attempt"]) == ("0", "1")
+    assert (labels["pretrain.dev/slot"], labels["pretrain.dev/rank"]) == ("1", "1")
+    command = worker["spec"]["containers"][0]["command"]
+    assert "--nnodes=2" in command
+    assert "--rdzv-endpoint=demo-rdzv.demo.default.svc:29400" in command
+    current = status(cluster)
+    assert current["workers"] == {"desired": 2, "ready": 2, "slots": [0, 1]}
+    assert current["stage"]["name"] == "s0"
+    assert current["observedGeneration"] == 1
+    reasons = [e["reason"] for e in apiserver.objects("events", "default")]
+    assert "Created" in reasons
+
+
+def reasons(apiserver: ApiServer) -> list[str]:
+    return [e["reason"] for e in apiserver.objects("events", "default")]
+
+
+def test_a_failed_worker_restarts_the_group_as_a_new_attempt(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+        cluster.finish("demo-a1-w1", exit_code=1, report={"finished": False, "exitCode": 75})
+        cluster.eventually(lambda: attempt(cluster, 2), what="attempt 2")
+        cluster.eventually(lambda: status(cluster).get("phase") == "Running")
+    current = status(cluster)
+    assert current["attempt"] == 2
+    assert current["restarts"] == {"total": 1, "byReason": {"WorkerFailed": 1}}
+    assert "WorkerFailed" in reasons(apiserver)
+    assert [n for n in workers(cluster) if "-a1-" in n] == []  # the old attempt is gone
+
+
+def test_a_node_going_not_ready_shrinks_the_group_and_its_return_grows_it(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+        node = cluster.pod("demo-a1-w0")["spec"]["nodeName"]
+        cluster.node_not_ready(node)  # the node that hosts rank 0
+        cluster.eventually(lambda: attempt(cluster, 2, size=1), what="shrunk to 1")
+        moved = cluster.eventually(lambda: cluster.pods("rendezvous"), what="rendezvous pod")
+        assert moved[0]["spec"]["nodeName"] != node  # its store went down with the node
+        lost = status(cluster)
+        assert lost["restarts"]["byReason"] == {"WorkerLost": 1}
+        assert f"node {node} not ready" in " ".join(
+            e["message"] for e in apiserver.objects("events", "default")
+        )
+        cluster.add_node()  # capacity is back: a standby runs there, the group grows
+        cluster.eventually(lambda: attempt(cluster, 3), what="grown to 2")
+        grown = status(cluster)
+    assert grown["workers"]["desired"] == 2
+    assert grown["restarts"]["byReason"] == {"WorkerLost": 1, "Resized": 1}
+    assert "Resized" in reasons(apiserver)
+
+
+def test_stage_reports_move_to_the_next_stage_and_the_last_succeeds_and_cleans_up(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+        for pod in ("demo-a1-w0", "demo-a1-w1"):
+            cluster.finish(pod, exit_code=0, report=report(0))
+        second = cluster.eventually(lambda: attempt(cluster, 2), what="stage 1")
+        assert cluster.pod(second[0])["metadata"]["labels"]["pretrain.dev/stage"] == "1"
+        assert status(cluster)["stage"]["name"] == "s1"
+        for pod in second:
+            cluster.finish(pod, exit_code=0, report=report(1, step=20))
+        cluster.eventually(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
+        cluster.eventually(lambda: cluster.pods() == [], what="pods cleaned up")
+    done = status(cluster)
+    assert [(s["name"], s["step"]) for s in done["stages"]] == [("s0", 10), ("s1", 20)]
+    assert done["stages"][1]["checkpoint"] == "/ckpt/demo/stage-1/step-20"
+    assert reasons(apiserver).count("StageCompleted") == 2
+    assert "Succeeded" in reasons(apiserver)
+
+
+def test_more_failures_than_max_restarts_fail_the_job(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    body = job()
+    body["spec"]["elastic"]["maxRestarts"] = 1
+    with running_operator(apiserver):
+        create(cluster, body)
+        for number in (1, 2):
+            group = cluster.eventually(lambda n=number: attempt(cluster, n), what=f"a{number}")  # type: ignore[misc]
+            cluster.finish(group[0], exit_code=1)
+        cluster.eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
+        cluster.eventually(lambda: cluster.pods() == [], what="pods removed")
+    failed = next(c for c in status(cluster)["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "RestartLimitExceeded"
+    assert "more than maxRestarts (1)" in failed["message"]
+
+
+def test_a_permanent_trainer_error_fails_the_job_with_its_message(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    error = "data source 'web': no shards under /data/web"
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+        cluster.finish("demo-a1-w0", exit_code=1,
+                       report={"finished": False, "exitCode": 78, "error": error})  # fmt: skip
+        cluster.eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
+    failed = next(c for c in status(cluster)["conditions"] if c["type"] == "Failed")
+    assert (failed["reason"], failed["message"]) == (
+        "PermanentError",
+        f"the trainer reported a permanent error: {error}",
+    )
+    assert status(cluster)["restarts"]["total"] == 0
+
+
+def test_suspend_removes_every_pod_and_resume_starts_a_new_attempt(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+        patch_spec(cluster, "demo", {"suspend": True})
+        cluster.eventually(lambda: status(cluster).get("phase") == "Suspended", what="Suspended")
+        cluster.eventually(lambda: cluster.pods() == [], what="no pods while suspended")
+        assert names(apiserver.objects("configmaps", "default")) == ["demo-config"]
+        patch_spec(cluster, "demo", {"suspend": False})
+        cluster.eventually(lambda: attempt(cluster, 2), what="resumed")
+    assert "Suspended" in reasons(apiserver)
+    assert "Resumed" in reasons(apiserver)
+    assert status(cluster)["restarts"]["total"] == 0  # a suspension is not a failure
+
+
+def test_deleting_the_job_deletes_everything_it_owns(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+        cluster.client.request("DELETE", f"{JOBS}/demo")
+        cluster.eventually(
+            lambda: apiserver.objects(PLURAL) == [], what="job gone (finalizer removed)"
+        )
+        cluster.eventually(lambda: cluster.pods() == [], what="pods collected")
+    for kind in ("services", "configmaps", "serviceaccounts"):
+        assert apiserver.objects(kind, "default") == []
+
+
+def test_a_spec_that_slipped_past_the_schema_gets_invalid_spec_and_others_still_run(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    broken = job("broken")
+    broken["spec"]["stages"][0]["globalBatchSize"] = 3  # micro batches of 2 cannot make 3
+    broken["spec"]["stages"][0]["microBatchSize"] = 2
+    broken["spec"]["stages"][1]["dataMix"] = {"nowhere": 1}
+    with running_operator(apiserver):
+        create(cluster, broken)
+        create(cluster, job())
+        cluster.eventually(
+            lambda: status(cluster, "broken").get("phase") == "Failed", what="Failed"
+        )
+        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"), what="demo runs")
+    failed = status(cluster, "broken")["conditions"][0]
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.stages[0].globalBatchSize" in failed["message"]
+    assert "spec.stages[1].dataMix.nowhere" in failed["message"]
+    assert [
+        p for p in cluster.pods() if p["metadata"]["labels"]["pretrain.dev/job"] == "broken"
+    ] == []
