@@ -189,6 +189,46 @@ def _workers(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _render(args: argparse.Namespace, out: Console) -> int:
+    from .kube.objects import Gang
+    from .kube.render import RenderError, render, to_yaml
+    from .manifests import load_job
+
+    try:
+        job = load_job(Path(args.file))
+        objects = render(job, namespace=args.namespace, stage=args.stage, workers=args.workers,
+                         gang=Gang(None if args.gang == "none" else args.gang))  # fmt: skip
+    except ManifestError as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    except SpecError as error:
+        _error(f"{args.file}: invalid PretrainJob:")
+        for problem in error.problems:
+            _error(f"  {problem}")
+        return EXIT_INVALID
+    except RenderError as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    sys.stdout.write(to_yaml(objects))
+    return EXIT_OK
+
+
+def _operator(args: argparse.Namespace, out: Console) -> int:
+    import os
+
+    from .kube.settings import OperatorSettings, SettingsError
+
+    try:
+        settings = OperatorSettings.from_environ(os.environ)
+    except SettingsError as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    from .kube.handlers import run
+
+    run(settings)
+    return EXIT_OK
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="pretrainctl",
@@ -266,6 +306,32 @@ def parser() -> argparse.ArgumentParser:
     workers.add_argument("--dir", required=True, help="the run directory")
     workers.add_argument("--slot", type=int, help="which slot (default: the last / first down)")
     workers.set_defaults(run=_workers)
+
+    render = commands.add_parser(
+        "render",
+        help="print the objects the operator would create for a job's stage",
+        description="Print, as YAML documents, the ServiceAccount, Service, ConfigMap, "
+        "rendezvous pod and worker pods the operator creates for one stage of the job "
+        "(a first attempt at the largest usable group): a dry run to read or to pipe to "
+        "`kubectl apply -f -`.",
+    )
+    render.add_argument("file", metavar="FILE")
+    render.add_argument("--namespace", default="default")
+    render.add_argument("--stage", type=int, default=0, help="stage index (default: 0)")
+    render.add_argument("--workers", type=int, help="workers (default: elastic.maxWorkers)")
+    render.add_argument("--gang", choices=["none", "volcano", "coscheduling"], default="none",
+                        help="add the PodGroup of this gang scheduler")  # fmt: skip
+    render.set_defaults(run=_render)
+
+    operator = commands.add_parser(
+        "operator",
+        help="run the Kubernetes operator (in its Deployment)",
+        description="Serve PretrainJobs until stopped. Settings come from the environment: "
+        "PRETRAIN_OPERATOR_NAMESPACES (comma-separated; empty: the whole cluster), "
+        "_RESYNC_SECONDS, _METRICS_PORT, _HEALTH_PORT, _PEERING, _STANDALONE, "
+        "_GANG_SCHEDULER (none|volcano|coscheduling), _WATCH_NODES.",
+    )
+    operator.set_defaults(run=_operator)
     return root
 
 

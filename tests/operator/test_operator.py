@@ -3,7 +3,13 @@ backend, with the tests playing scheduler and kubelets (``cluster.py``)."""
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from typing import Any
+
+import pytest
+from pretrain_operator.kube.client import KubeClient, TemporaryApiError
+from pretrain_operator.kube.reconcile import reconcile
 
 from tests.kube.apiserver import ApiServer
 from tests.operator.cluster import Cluster
@@ -237,3 +243,96 @@ def test_a_spec_that_slipped_past_the_schema_gets_invalid_spec_and_others_still_
     assert [
         p for p in cluster.pods() if p["metadata"]["labels"]["pretrain.dev/job"] == "broken"
     ] == []
+
+
+def snapshot(cluster: Cluster) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    pods = sorted((p["metadata"]["name"], p["metadata"]["uid"]) for p in cluster.pods())
+    current = status(cluster)
+    return pods, {k: current.get(k) for k in ("phase", "attempt", "restarts", "workers", "stage")}
+
+
+def test_restarting_the_operator_in_any_phase_duplicates_nothing_and_keeps_status(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    def restart_changes_nothing() -> None:
+        before = snapshot(cluster)
+        with running_operator(apiserver):
+            time.sleep(2.5)  # two resyncs, and every watch replayed from the start
+        assert snapshot(cluster) == before
+
+    with running_operator(apiserver):
+        create(cluster, job())
+        cluster.eventually(lambda: attempt(cluster, 1), what="Running")
+        cluster.eventually(lambda: status(cluster).get("phase") == "Running")
+    restart_changes_nothing()  # Running
+
+    with running_operator(apiserver):
+        for node in cluster.ready_nodes():
+            cluster.node_not_ready(node)
+        cluster.eventually(lambda: "WaitingForWorkers" in str(status(cluster)), what="waiting")
+    restart_changes_nothing()  # Restarting, waiting for capacity
+
+    with running_operator(apiserver):
+        patch_spec(cluster, "demo", {"suspend": True})
+        cluster.eventually(lambda: status(cluster).get("phase") == "Suspended")
+        cluster.eventually(lambda: cluster.pods() == [])
+    restart_changes_nothing()  # Suspended
+
+    cluster.add_node()
+    cluster.add_node()
+    with running_operator(apiserver):
+        patch_spec(cluster, "demo", {"suspend": False})
+        group = cluster.eventually(lambda: attempt(cluster, 2), what="resumed")
+        for pod in group:
+            cluster.finish(pod, exit_code=0, report=report(0))
+        group = cluster.eventually(lambda: attempt(cluster, 3), what="stage 1")
+        restarts = status(cluster)["restarts"]
+    restart_changes_nothing()  # Running the second stage
+    with running_operator(apiserver):
+        for pod in group:
+            cluster.finish(pod, exit_code=0, report=report(1))
+        cluster.eventually(lambda: status(cluster).get("phase") == "Succeeded")
+    restart_changes_nothing()  # Succeeded
+    assert status(cluster)["restarts"] == restarts  # restarts of the operator are not the job's
+
+
+class FailingClient(KubeClient):
+    """The API server refuses the n-th pod create: an operator dying half-way through."""
+
+    def __init__(self, api: Any, *, fail_at: int) -> None:
+        super().__init__(api)
+        self.pod_creates, self.fail_at = 0, fail_at
+
+    def create(self, obj: Any, *, namespace: str) -> bool:
+        if obj["kind"] == "Pod" and obj["metadata"]["labels"]["pretrain.dev/role"] == "worker":
+            self.pod_creates += 1
+            if self.pod_creates == self.fail_at:
+                raise TemporaryApiError(503, "the server is shutting down")
+        return super().create(obj, namespace=namespace)
+
+
+def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplicates(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    create(cluster, job())
+    failing = FailingClient(apiserver.client(), fail_at=2)
+
+    def once(client: KubeClient) -> None:
+        body = client.get_job("default", "demo")
+        assert body is not None
+        reconcile(client, body, now=datetime.now(UTC))
+
+    cluster.eventually(lambda: (once(failing), len(cluster.pods("standby")) == 3)[1])
+    cluster.eventually(lambda: len([p for p in cluster.pods("standby")
+                                    if p["spec"].get("nodeName")]) == 2)  # fmt: skip
+    with pytest.raises(TemporaryApiError):
+        once(failing)  # created worker 0, died creating worker 1: no status written
+    assert workers(cluster) == ["demo-a1-w0"]
+    first = cluster.pod("demo-a1-w0")["metadata"]["uid"]
+    assert status(cluster).get("attempt", 0) == 0
+    # The next passes decide the same attempt again: worker 0 exists (409, fine), 1 is created.
+    cluster.eventually(lambda: (once(failing), attempt(cluster, 1))[1], what="attempt 1")
+    assert workers(cluster) == ["demo-a1-w0", "demo-a1-w1"]
+    assert cluster.pod("demo-a1-w0")["metadata"]["uid"] == first
+    assert status(cluster)["attempt"] == 1
+    assert reasons(apiserver).count("Created") == 1

@@ -210,9 +210,10 @@ def _pod(
         "name": CONTAINER,
         "image": spec.image,
         "command": command,
-        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
         "securityContext": dict(_CONTAINER_SECURITY),
     }
+    if env:
+        container["env"] = [{"name": k, "value": v} for k, v in env.items()]
     if spec.image_pull_policy:
         container["imagePullPolicy"] = spec.image_pull_policy
     pod_spec: dict[str, Any] = {
