@@ -11,7 +11,7 @@ from pretrain_trainer.config import SpecError
 from rich.console import Console
 
 from . import __version__
-from .api import parse_job
+from .api import PretrainJob, parse_job
 from .manifests import ManifestError, read_documents
 
 EXIT_OK = 0
@@ -126,20 +126,27 @@ def _data_stdlib(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, out: Console) -> int:
-    from .local.display import Display, summary
-    from .local.runner import RunError, run
+def _load_job(path: str) -> PretrainJob | None:
+    """The job in ``path``, or None after printing why there is none."""
     from .manifests import load_job
 
     try:
-        job = load_job(Path(args.file))
+        return load_job(Path(path))
     except ManifestError as error:
         _error(f"error: {error}")
-        return EXIT_INVALID
     except SpecError as error:
-        _error(f"{args.file}: invalid PretrainJob:")
+        _error(f"{path}: invalid PretrainJob:")
         for problem in error.problems:
             _error(f"  {problem}")
+    return None
+
+
+def _run(args: argparse.Namespace, out: Console) -> int:
+    from .local.display import Display, summary
+    from .local.runner import RunError, run
+
+    job = _load_job(args.file)
+    if job is None:
         return EXIT_INVALID
     run_dir = Path(args.dir or Path("runs") / job.name)
     try:
@@ -192,20 +199,13 @@ def _workers(args: argparse.Namespace, out: Console) -> int:
 def _render(args: argparse.Namespace, out: Console) -> int:
     from .kube.objects import Gang
     from .kube.render import RenderError, render, to_yaml
-    from .manifests import load_job
 
+    job = _load_job(args.file)
+    if job is None:
+        return EXIT_INVALID
     try:
-        job = load_job(Path(args.file))
         objects = render(job, namespace=args.namespace, stage=args.stage, workers=args.workers,
                          gang=Gang(None if args.gang == "none" else args.gang))  # fmt: skip
-    except ManifestError as error:
-        _error(f"error: {error}")
-        return EXIT_INVALID
-    except SpecError as error:
-        _error(f"{args.file}: invalid PretrainJob:")
-        for problem in error.problems:
-            _error(f"  {problem}")
-        return EXIT_INVALID
     except RenderError as error:
         _error(f"error: {error}")
         return EXIT_INVALID
@@ -329,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
         description="Serve PretrainJobs until stopped. Settings come from the environment: "
         "PRETRAIN_OPERATOR_NAMESPACES (comma-separated; empty: the whole cluster), "
         "_RESYNC_SECONDS, _METRICS_PORT, _HEALTH_PORT, _PEERING, _STANDALONE, "
-        "_GANG_SCHEDULER (none|volcano|coscheduling), _WATCH_NODES.",
+        "_GANG_SCHEDULER (none|volcano|coscheduling), _STANDBY_PRIORITY_CLASS, _WATCH_NODES.",
     )
     operator.set_defaults(run=_operator)
     return root

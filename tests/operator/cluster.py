@@ -107,6 +107,8 @@ class Cluster:
                     node = ready[0] if ready else None
                 else:
                     node = free.pop(0) if free else None
+                if node is None and pod["metadata"]["labels"].get(ROLE) == "worker":
+                    self._preempt_standby(pods)  # its node is free on the next pass
                 if node is None:
                     continue
                 self.client.request(
@@ -116,6 +118,21 @@ class Cluster:
                 )  # fmt: skip
                 self._status(name, {"phase": "Running", "containerStatuses": [
                     {"name": "trainer", "ready": True, "state": {"running": {}}}]})  # fmt: skip
+
+    def _preempt_standby(self, pods: list[dict[str, Any]]) -> None:
+        """What the scheduler does for a pending pod of higher priority: delete a running
+        standby of a lower PriorityClass (standbys without one are not preemptible)."""
+        for pod in pods:
+            if (
+                pod["metadata"]["labels"].get(ROLE) == "standby"
+                and pod["spec"].get("priorityClassName")
+                and pod.get("status", {}).get("phase") == "Running"
+                and not pod["metadata"].get("deletionTimestamp")
+            ):
+                name = pod["metadata"]["name"]
+                self.client.delete("Pod", name, namespace=self.namespace, grace_seconds=0)
+                pods.remove(pod)
+                return
 
     def finish(self, name: str, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
         """The trainer in pod ``name`` exits, leaving ``report`` as its termination message."""

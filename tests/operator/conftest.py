@@ -26,7 +26,9 @@ def running_operator(server: ApiServer, **settings: Any) -> Iterator[KopfRunner]
     """The operator as a user runs it (one replica), until the block ends."""
     registry = kopf.OperatorRegistry()
     kopf_login(server, registry=registry)
-    operator = OperatorSettings(standalone=True, resync_seconds=1.0, **settings)
+    defaults = {"standalone": True, "resync_seconds": 1.0,
+                "standby_priority_class": "pretrain-standby"}  # fmt: skip
+    operator = OperatorSettings(**{**defaults, **settings})
     register(registry, operator=operator, make_client=lambda: KubeClient(server.client()))
     args = ["run", "--standalone", "--namespace=default"]
     with KopfRunner(args, registry=registry, timeout=60) as runner:

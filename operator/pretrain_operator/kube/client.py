@@ -123,15 +123,18 @@ class KubeClient:
         return list(listed.get("items") or [])
 
     # -- writes ------------------------------------------------------------------------------
-    def create(self, obj: Mapping[str, Any], *, namespace: str) -> bool:
-        """Create ``obj``; False when it already exists (someone, maybe us, was first)."""
+    def create(self, obj: Mapping[str, Any], *, namespace: str) -> dict[str, Any] | None:
+        """Create ``obj`` and return it as stored; None when it already exists (someone,
+        maybe us, was first)."""
         try:
-            self.request("POST", _path(obj, namespace), body=obj, verb="create")
+            created: dict[str, Any] = self.request(
+                "POST", _path(obj, namespace), body=obj, verb="create"
+            )
         except TemporaryApiError as error:
             if error.status == 409:
-                return False
+                return None
             raise
-        return True
+        return created
 
     def replace_or_create(self, obj: Mapping[str, Any], *, namespace: str) -> None:
         """Make a (small, whole) object read as ``obj``: a merge patch, or a create."""

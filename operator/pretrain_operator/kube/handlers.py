@@ -2,17 +2,21 @@
 about the job may have changed, and at least every ``resync_seconds``.
 
 Nothing here decides anything. The daemon re-reads the job each pass (a strongly consistent
-read: kopf's live body can trail the status we just wrote) and sleeps until the plan's requeue
-time, the resync interval, or a poke: an event on the job, on one of its pods (found by the
-``pretrain.dev/job`` label), or on a node whose readiness changed. Pokes coalesce, so a burst of
-1,000 pod events costs a handful of reconciles. Handler results are never stored in status, and
-kopf's finalizer and annotations use the project's own names.
+read: kopf's live body can trail the status we just wrote); its pods and the nodes' readiness
+come from kopf indexes fed by the watches (a watch cache, corrected by :mod:`.cache` for this
+operator's own recent writes), so a steady pass costs one GET whatever the job's size. It
+sleeps until the plan's requeue time, the resync interval, or a poke: an event on the job, on
+one of its pods (found by the ``pretrain.dev/job`` label), or on a node whose readiness
+changed. Pokes coalesce, so a burst of 1,000 pod events costs a handful of reconciles. Handler
+results are never stored in status, and kopf's finalizer and annotations use the project's own
+names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -23,6 +27,7 @@ import kopf
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ..api import GROUP, PLURAL, VERSION
+from .cache import Expectations
 from .client import ApiError, KubeClient, TemporaryApiError
 from .objects import JOB, Gang
 from .reconcile import reconcile
@@ -85,30 +90,69 @@ def register(
     def startup(*, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings, operator)
 
-    def one_pass(client: KubeClient, namespace: str, name: str) -> float | None:
+    @kopf.index("", "v1", "pods", labels={JOB: kopf.PRESENT}, id="pods_by_job", registry=registry)
+    def pods_by_job(
+        *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(namespace or "", labels[JOB]): copy.deepcopy(dict(body))}
+
+    if operator.watch_nodes:
+
+        @kopf.index("", "v1", "nodes", id="node_ready", registry=registry)
+        def node_ready(*, name: str, body: kopf.Body, **_: Any) -> dict[str, bool]:
+            conditions = body.get("status", {}).get("conditions") or []
+            return {name: any(c.get("type") == "Ready" and c.get("status") == "True"
+                              for c in conditions)}  # fmt: skip
+
+    def one_pass(
+        client: KubeClient,
+        namespace: str,
+        name: str,
+        expectations: Expectations,
+        indexes: Mapping[str, Any],
+    ) -> float | None:
         started = time.perf_counter()
         try:
             body = client.get_job(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
                 return None
-            outcome = reconcile(client, body, now=datetime.now(UTC), gang=gang)
+            cached = indexes["pods_by_job"].get((namespace, name), [])
+            pods = expectations.correct(cached, now=time.monotonic())
+            nodes = indexes.get("node_ready")
+            readiness = {n: next(iter(v)) for n, v in nodes.items()} if nodes is not None else None
+            outcome = reconcile(
+                client,
+                body,
+                now=datetime.now(UTC),
+                gang=gang,
+                pods=pods,
+                readiness=readiness,
+                standby_priority_class=operator.standby_priority_class,
+            )
+            expectations.record(created=outcome.applied.created, deleted=outcome.applied.deleted,
+                                now=time.monotonic())  # fmt: skip
             return outcome.requeue_after
         finally:
             metrics.reconcile_seconds.observe(time.perf_counter() - started)
 
-    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=10.0)
+    @kopf.daemon(
+        GROUP, VERSION, PLURAL, id="reconcile", registry=registry, cancellation_timeout=10.0
+    )
     async def run_job(
-        *, stopped: kopf.DaemonStopped, namespace: str | None, name: str, logger: Any, **_: Any
+        *, stopped: kopf.DaemonStopped, namespace: str | None, name: str, logger: Any, **kw: Any
     ) -> None:
         namespace = namespace or "default"
         wake = pokes.setdefault((namespace, name), asyncio.Event())
         client = make_client()
+        expectations = Expectations()
         try:
             while not stopped:
                 wake.clear()
                 wait = operator.resync_seconds
                 try:
-                    requeue = await asyncio.to_thread(one_pass, client, namespace, name)
+                    requeue = await asyncio.to_thread(
+                        one_pass, client, namespace, name, expectations, kw
+                    )
                     if requeue is not None:
                         wait = min(max(requeue, 0.05), wait)
                 except TemporaryApiError as error:

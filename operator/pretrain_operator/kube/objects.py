@@ -312,10 +312,17 @@ def worker_pod(
     return pod
 
 
-def standby_pod(job: PretrainJob, slot: int) -> dict[str, Any]:
+def standby_pod(
+    job: PretrainJob, slot: int, *, priority_class: str | None = None
+) -> dict[str, Any]:
+    """Asks for a worker's resources where a worker may run, and sleeps. ``priority_class``
+    should be one below every workload's (the chart creates one), so any pod that needs the
+    node, this job's next worker or another job's, preempts it."""
     pod = _pod(job, standby_name(job, slot), _labels(job, STANDBY, slot=slot),
                command=["sleep", "infinity"])  # fmt: skip
     pod["spec"]["terminationGracePeriodSeconds"] = 1
+    if priority_class:
+        pod["spec"]["priorityClassName"] = priority_class
     return pod
 
 

@@ -113,9 +113,12 @@ def observe(
     *,
     attempt: int,
     group_slots: Iterable[int],
+    slots: int = 0,
 ) -> Observed:
     """Workers per slot from the job's pods; ``attempt`` and ``group_slots`` come from the
-    status: the current attempt's slots whose pod is gone are reported lost."""
+    status: the current attempt's slots whose pod is gone are reported lost. Of the first
+    ``slots`` (those worth a pod), one with no pod yet, or whose old worker is leaving, is
+    capacity on its way (Pending): a standby is about to ask for it."""
     current: dict[int, Mapping[str, Any]] = {}
     older: dict[int, Mapping[str, Any]] = {}
     standby: dict[int, Mapping[str, Any]] = {}
@@ -131,7 +134,7 @@ def observe(
             standby[slot] = pod
     workers = []
     group = set(group_slots)
-    for slot in sorted(group | set(current) | set(older) | set(standby)):
+    for slot in sorted(group | set(current) | set(older) | set(standby) | set(range(slots))):
         if slot in current:
             workers.append(_worker(current[slot], slot, nodes))
         elif slot in group:
@@ -142,10 +145,14 @@ def observe(
             if old.state in (WorkerState.RUNNING, WorkerState.PENDING):
                 workers.append(Worker(slot=slot, state=WorkerState.RUNNING, attempt=old.attempt,
                                       stage=old.stage))  # fmt: skip
+            elif slot < slots:
+                workers.append(Worker(slot=slot, state=WorkerState.PENDING))  # leaving
         elif slot in standby:
             waiting = _worker(standby[slot], slot, nodes)
             state = WorkerState.IDLE if waiting.state == WorkerState.RUNNING else (
                 WorkerState.PENDING
             )  # fmt: skip
             workers.append(Worker(slot=slot, state=state))
+        else:  # below ``slots``, and nothing there yet
+            workers.append(Worker(slot=slot, state=WorkerState.PENDING))
     return Observed(tuple(workers))

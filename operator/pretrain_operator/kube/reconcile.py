@@ -12,8 +12,8 @@ nothing else happens until the spec changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -42,10 +42,19 @@ from .observe import observe, ready_nodes
 
 
 @dataclass(frozen=True)
+class Applied:
+    """The pods a pass created and deleted (for the watch cache's expectations)."""
+
+    created: list[dict[str, Any]] = field(default_factory=list)
+    deleted: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Outcome:
     status: JobStatus
     events: tuple[Event, ...]
     requeue_after: float | None
+    applied: Applied = Applied()
 
 
 def _label(pod: Mapping[str, Any], key: str) -> str | None:
@@ -92,7 +101,12 @@ def reconcile(
     *,
     now: datetime,
     gang: Gang | None = None,
+    standby_priority_class: str | None = None,
+    pods: Sequence[Mapping[str, Any]] | None = None,
+    readiness: Mapping[str, bool] | None = None,
 ) -> Outcome:
+    """One pass. ``pods`` and ``readiness`` (node name -> Ready) come from the caller's watch
+    cache when it has one; otherwise they are read from the API server."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         job = parse_job(body)
@@ -105,21 +119,26 @@ def reconcile(
             client.event(body, reason=said[0].reason, message=said[0].message, warning=True)
         return Outcome(status, said, None)
     old = _current_status(body, job)
-    pods = client.list_pods(namespace, selector=selector(job))
-    nodes = client.list_nodes()
-    readiness = ready_nodes(nodes) if nodes is not None else _assume_ready(pods)
-    observed = observe(pods, readiness, attempt=old.attempt, group_slots=old.workers.slots)
+    if pods is None:
+        pods = list(client.list_pods(namespace, selector=selector(job)))
+    if readiness is None:
+        nodes = client.list_nodes()
+        readiness = ready_nodes(nodes) if nodes is not None else _assume_ready(pods)
+    stage = old.stage.index if old.stage is not None else 0
+    observed = observe(pods, readiness, attempt=old.attempt, group_slots=old.workers.slots,
+                       slots=_useful_slots(job, stage))  # fmt: skip
     result = plan(job.spec, old, observed, now)
-    apply(client, job, result, pods, nodes=readiness, gang=gang)
+    applied = apply(client, job, result, pods, nodes=readiness, gang=gang,
+                    standby_priority_class=standby_priority_class)  # fmt: skip
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
     if status != job.status:
         client.patch_job_status(namespace, name, _dump(status))
     for event in result.events:
         client.event(body, reason=event.reason, message=event.message, warning=event.warning)
-    return Outcome(status, result.events, result.requeue_after)
+    return Outcome(status, result.events, result.requeue_after, applied)
 
 
-def _assume_ready(pods: list[dict[str, Any]]) -> dict[str, bool]:
+def _assume_ready(pods: Sequence[Mapping[str, Any]]) -> dict[str, bool]:
     """Without the right to read nodes, trust the pods' own phase (the kubelet's word)."""
     return {p["spec"]["nodeName"]: True for p in pods if p.get("spec", {}).get("nodeName")}
 
@@ -128,25 +147,34 @@ def apply(
     client: KubeClient,
     job: PretrainJob,
     result: Plan,
-    pods: list[dict[str, Any]],
+    pods: Sequence[Mapping[str, Any]],
     *,
     nodes: Mapping[str, bool],
     gang: Gang | None = None,
-) -> None:
+    standby_priority_class: str | None = None,
+) -> Applied:
     """Make the job's objects match the plan. Idempotent. ``nodes``: readiness by name."""
     namespace = job.metadata.namespace or "default"
     gang = gang or Gang()
     by_name = {p["metadata"]["name"]: p for p in pods}
     phase = result.status.phase
+    applied = Applied()
 
     def delete(pod: Mapping[str, Any], *, grace: int | None = None) -> None:
         if not pod["metadata"].get("deletionTimestamp"):
-            client.delete("Pod", pod["metadata"]["name"], namespace=namespace, grace_seconds=grace)
+            name = pod["metadata"]["name"]
+            if client.delete("Pod", name, namespace=namespace, grace_seconds=grace):
+                applied.deleted.append(pod)
+
+    def create(obj: dict[str, Any]) -> None:
+        created = client.create(obj, namespace=namespace)
+        if created is not None and obj["kind"] == "Pod":
+            applied.created.append(created)
 
     if phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         for pod in pods:  # everything goes; the checkpoints stay on their volume
             delete(pod)
-        return
+        return applied
 
     rendezvous = by_name.get(rendezvous_name(job))
     if rendezvous is not None and _gone(rendezvous, nodes):
@@ -154,7 +182,7 @@ def apply(
         rendezvous = None
     if rendezvous is None:
         for obj in job_objects(job):
-            client.create(obj, namespace=namespace)
+            create(obj)
 
     group = result.group
     stop = set(result.stop)
@@ -174,7 +202,7 @@ def apply(
         client.replace_or_create(config_map(job), namespace=namespace)
         pod_group = gang.pod_group(job, group)
         if pod_group is not None:
-            client.create(pod_group, namespace=namespace)
+            create(pod_group)
             client.delete("PodGroup", attempt_name(job, group.attempt - 1), namespace=namespace,
                           api_version=pod_group["apiVersion"])  # fmt: skip
     group_slots = set(group.slots) if group is not None else set()
@@ -182,10 +210,10 @@ def apply(
         for slot in group.slots:
             if worker_name(job, group.attempt, slot) in by_name:
                 continue
+            create(worker_pod(job, group, slot, gang=gang))
             standby = by_name.get(standby_name(job, slot))
-            if standby is not None:
+            if standby is not None:  # after the create: a pass that dies in between keeps it
                 delete(standby, grace=0)  # its node is where this worker should run
-            client.create(worker_pod(job, group, slot, gang=gang), namespace=namespace)
 
     # Standbys probe for spare capacity. While a group's pods wait for the scheduler, an
     # unscheduled standby would compete with them for the nodes just freed: it goes, and comes
@@ -195,17 +223,28 @@ def apply(
     )
     busy = {int(_label(p, SLOT) or -1) for p in pods if _label(p, ROLE) == WORKER
             and p.get("status", {}).get("phase") in ("Pending", "Running")}  # fmt: skip
-    for slot in range(job.spec.elastic.max_count):
+    stage = result.group.stage if result.group is not None else (
+        result.status.stage.index if result.status.stage is not None else 0
+    )  # fmt: skip
+    for slot in range(_useful_slots(job, stage)):
         if slot in group_slots:
             continue
         standby = by_name.get(standby_name(job, slot))
         if standby is None:
             if not placing and slot not in busy:
-                client.create(standby_pod(job, slot), namespace=namespace)
+                create(standby_pod(job, slot, priority_class=standby_priority_class))
         elif standby.get("status", {}).get("phase") in ("Failed", "Succeeded"):
             delete(standby)  # evicted or killed: ask again next time
         elif placing and not _scheduled(standby):
             delete(standby, grace=0)
+    return applied
+
+
+def _useful_slots(job: PretrainJob, stage: int) -> int:
+    """Slots worth a pod: up to the largest group the stage can run at. A standby beyond it
+    could never be used, and would only hold a node that others need."""
+    usable = job.spec.worker_counts(job.spec.stages[stage]).usable
+    return max(usable, default=job.spec.elastic.max_count)
 
 
 def _gone(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> bool:

@@ -32,6 +32,8 @@ class OperatorSettings(BaseModel):
     """Run without peering (one replica only; tests and development)."""
     gang_scheduler: Literal["none", "volcano", "coscheduling"] = "none"
     """Create a PodGroup per attempt for this gang scheduler."""
+    standby_priority_class: str | None = None
+    """PriorityClass of standby pods: lower than every workload's, so they yield their nodes."""
     watch_nodes: bool = True
     """Watch nodes so a NotReady node's workers count as lost at once (needs read on nodes)."""
 
