@@ -3,21 +3,28 @@ backend, with the tests playing scheduler and kubelets (``cluster.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import time
+from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 import yaml
+from kopf.testing import KopfRunner
 from pretrain_operator.api import JobStatus
 from pretrain_operator.kube.client import KubeClient, TemporaryApiError
+from pretrain_operator.kube.handlers import register
 from pretrain_operator.kube.reconcile import reconcile
+from pretrain_operator.kube.settings import OperatorSettings
 
-from tests.kube.apiserver import ApiServer
+from tests.kube.apiserver import ApiServer, kopf_login
 from tests.operator.cluster import Cluster
 from tests.operator.conftest import GROUP, PLURAL, VERSION, job, running_operator
 
@@ -373,3 +380,47 @@ def test_kubectl_apply_starts_a_job_and_kubectl_shows_its_pods(
         assert sorted(listed.split()) == ["pod/from-kubectl-a1-w0", "pod/from-kubectl-a1-w1"]
         shown = json.loads(kubectl("get", "ptj", "from-kubectl", "-o", "json"))
         assert shown["status"]["stage"]["name"] == "s0"
+
+
+class CountingClient(KubeClient):
+    """Counts every API request one operator replica makes."""
+
+    made: Counter[str] = Counter()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        CountingClient.made[self.replica] += 1
+        return super().request(method, path, **kwargs)
+
+    def __init__(self, api: Any, *, replica: str) -> None:
+        super().__init__(api)
+        self.replica = replica
+
+
+@contextlib.contextmanager
+def replica(server: ApiServer, name: str, *, priority: int) -> Iterator[KopfRunner]:
+    registry = kopf.OperatorRegistry()
+    kopf_login(server, registry=registry)
+    settings = OperatorSettings(peering="pretrain-operator", namespaces=("default",))
+    register(registry, operator=settings,
+             make_client=lambda: CountingClient(server.client(), replica=name))  # fmt: skip
+    args = ["run", "--namespace=default", "--peering=pretrain-operator", f"--priority={priority}"]
+    with KopfRunner(args, registry=registry, timeout=60) as runner:
+        yield runner
+
+
+def test_of_two_peered_replicas_only_the_one_with_the_highest_priority_acts(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+               "metadata": {"name": "pretrain-operator", "namespace": "default"}}  # fmt: skip
+    cluster.client.request("POST", "/apis/kopf.dev/v1/namespaces/default/kopfpeerings",
+                           body=peering)  # fmt: skip
+    CountingClient.made.clear()
+    with replica(apiserver, "first", priority=100), replica(apiserver, "second", priority=50):
+        time.sleep(3)  # the peers see each other; the lower one pauses
+        create(cluster, job())
+        cluster.eventually(lambda: attempt(cluster, 1), what="Running")
+        cluster.eventually(lambda: status(cluster).get("phase") == "Running")
+    assert CountingClient.made["first"] > 0, dict(CountingClient.made)
+    assert CountingClient.made["second"] == 0, dict(CountingClient.made)
+    assert reasons(apiserver).count("Created") == 1
