@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 # Type-checked strictly: the whole of both packages.
 MYPY_TARGETS := trainer/pretrain_trainer operator/pretrain_operator
 
-.PHONY: demo test lint typecheck unit crd venv clean
+.PHONY: demo test lint typecheck unit tools crd dashboards venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(MYPY_TARGETS)
 
-unit: $(STAMP)
+unit: $(STAMP) tools
 	$(BIN)/pytest
+
+# Real tools the tests drive: Prometheus and promtool (Debian's package) when missing.
+tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+	  echo "prometheus not installed: its tests will be skipped"
 
 # Regenerate the committed CRD after changing the API models.
 crd: $(STAMP)
 	$(BIN)/pretrainctl crd --output crds/pretrainjob.yaml
+
+# Regenerate the committed Grafana dashboards after changing dashboards/generate.py.
+dashboards: $(STAMP)
+	$(BIN)/python dashboards/generate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs

@@ -151,7 +151,8 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     run_dir = Path(args.dir or Path("runs") / job.name)
     try:
         with Display(job, run_dir, out) as display:
-            status = run(job, run_dir, workers=args.workers, on_update=display.update)
+            status = run(job, run_dir, workers=args.workers, on_update=display.update,
+                         metrics_port=args.metrics_port)  # fmt: skip
     except RunError as error:
         _error(f"error: {error}")
         return EXIT_INVALID
@@ -296,6 +297,13 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("file", metavar="FILE")
     run.add_argument("--workers", type=int, help="worker slots (default: elastic.maxWorkers)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the job's Prometheus series on PORT and worker slot s's trainer on "
+        "PORT+1+s (127.0.0.1)",
+    )
     run.add_argument("--dir", help="run directory (default: runs/<job>)")
     run.set_defaults(run=_run)
 

@@ -6,13 +6,14 @@ control plane understands: 0 stage complete, 75 retryable, 78 permanent (bad con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import traceback
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
         optimizer.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
 
     metrics = TrainerMetrics(namespace=env.namespace, job=env.job, stage=stage.name)
+    metrics.checkpoint_interval_steps.set(config.checkpoint.interval_steps)
     health = Health(step_timeout=config.trainer.step_timeout_seconds)
     if env.metrics_port is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
         serve(port=env.metrics_port, metrics=metrics, health=health)
@@ -202,6 +204,11 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
         plan = restored.plan
     if plan is not None:
         metrics.checkpoint_restore_seconds.set(restore_seconds)
+        trainer.unreported_restore = restore_seconds
+        metrics.last_checkpoint_step.set(plan.manifest.step)
+        with contextlib.suppress(ValueError):
+            saved = datetime.fromisoformat(plan.manifest.saved_at.replace("Z", "+00:00"))
+            metrics.last_checkpoint_timestamp.set(saved.timestamp())
         size = plan.manifest.total_bytes
         log0(
             f"restored {'everything' if plan.full else 'weights'} from {plan.directory}: "

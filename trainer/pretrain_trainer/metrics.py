@@ -65,6 +65,16 @@ class TrainerMetrics:
         self.last_step_timestamp = gauge(
             "last_step_timestamp_seconds", "Unix time the last step finished."
         )
+        self.last_checkpoint_timestamp = gauge(
+            "last_checkpoint_timestamp_seconds",
+            "Unix time the newest checkpoint became complete (global rank 0 reports it).",
+        )
+        self.last_checkpoint_step = gauge(
+            "last_checkpoint_step", "Step of the newest complete checkpoint (global rank 0)."
+        )
+        self.checkpoint_interval_steps = gauge(
+            "checkpoint_interval_steps", "Steps between two checkpoints (checkpoint.intervalSteps)."
+        )
         self._expert_load = Gauge(
             PREFIX + "moe_expert_load",
             "Fraction of tokens routed to each expert (mean over MoE layers, last step).",

@@ -118,6 +118,9 @@ class Trainer:
     _last_save_seconds: float = 0.0
     _window_start: float = field(default_factory=time.perf_counter)
     _window_steps: int = 0
+    # Lost time the next step record reports (goodput accounting by the control plane).
+    unreported_restore: float = 0.0
+    _unreported_blocking: float = 0.0
 
     @property
     def stage(self) -> Stage:
@@ -144,6 +147,7 @@ class Trainer:
             loss=self.progress.loss,
         )
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
+        self._unreported_blocking += blocking
         self._saved_at = time.monotonic()
         self.last_checkpoint = stage_dir(self.checkpoints.root, self.stage_index) / (
             f"step-{self.progress.step}"
@@ -155,6 +159,8 @@ class Trainer:
         """Called on rank 0's writer thread once a checkpoint is complete."""
         self._last_save_seconds = saved.seconds
         self.metrics.checkpoint_save_seconds.observe(saved.seconds)
+        self.metrics.last_checkpoint_timestamp.set(time.time())
+        self.metrics.last_checkpoint_step.set(saved.manifest.step)
         gigabytes = saved.manifest.total_bytes / 1e9
         log0(f"saved {saved.directory} ({gigabytes:.3f} GB) in {saved.seconds:.2f}s")
 
@@ -253,6 +259,12 @@ class Trainer:
             "time": time.time(),
             "worldSize": self.world_size,
         }
+        if self.unreported_restore:  # the first step after a restore says what it cost
+            record["restoreSeconds"] = self.unreported_restore
+            self.unreported_restore = 0.0
+        if self._unreported_blocking:  # and the first step after a save, what that blocked
+            record["checkpointBlocking"] = self._unreported_blocking
+            self._unreported_blocking = 0.0
         if load is not None:
             record["auxLoss"] = float(self.engine.module.aux_loss().detach())
             record["expertLoad"] = load.tolist()

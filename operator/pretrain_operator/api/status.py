@@ -173,6 +173,8 @@ class JobStatus(Status):
     """Tokens trained in the current stage."""
     loss: float | None = None
     """Latest reported training loss."""
+    eta: datetime | None = None
+    """When the current stage should finish, at the recent step rate."""
     workers: WorkersStatus = WorkersStatus()
     """Workers of the current attempt."""
     attempt: int = 0

@@ -24,9 +24,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from ..api import GROUP, PLURAL, VERSION
+from ..telemetry.metrics import JobSnapshot, OperatorMetrics
 from .cache import Expectations
 from .client import ApiError, KubeClient, TemporaryApiError
 from .objects import JOB, Gang
@@ -35,23 +35,6 @@ from .settings import OperatorSettings
 
 FINALIZER = f"{GROUP}/finalizer"
 RETRY_SECONDS = 5.0
-
-
-class OperatorMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.reconcile_seconds = Histogram(
-            "pretrainjob_reconcile_seconds",
-            "Time of one reconcile of a PretrainJob (read, plan, apply, status).",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-            registry=self.registry,
-        )
-        self.reconcile_errors = Counter(
-            "pretrainjob_reconcile_errors_total",
-            "Reconciles that failed, by kind (temporary API errors are retried).",
-            ["kind"],
-            registry=self.registry,
-        )
 
 
 def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
@@ -131,6 +114,7 @@ def register(
             )
             expectations.record(created=outcome.applied.created, deleted=outcome.applied.deleted,
                                 now=time.monotonic())  # fmt: skip
+            metrics.jobs[(namespace, name)] = JobSnapshot(namespace, name, outcome.status)
             return outcome.requeue_after
         finally:
             metrics.reconcile_seconds.observe(time.perf_counter() - started)
@@ -170,6 +154,7 @@ def register(
                     await asyncio.wait_for(wake.wait(), timeout=wait)
         finally:
             pokes.pop((namespace, name), None)
+            metrics.jobs.pop((namespace, name), None)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     def job_changed(*, namespace: str | None, name: str | None, **_: Any) -> None:

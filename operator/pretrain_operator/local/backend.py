@@ -56,8 +56,12 @@ def write_capacity(run_dir: Path, workers: int, down: set[int]) -> None:
 
 
 class LocalBackend:
-    def __init__(self, *, job: PretrainJob, run_dir: Path, store_port: int) -> None:
+    def __init__(
+        self, *, job: PretrainJob, run_dir: Path, store_port: int, metrics_port: int | None = None
+    ) -> None:
+        """``metrics_port``: slot s's trainer serves its metrics on ``metrics_port + s``."""
         self.job, self.run_dir, self.store_port = job, run_dir, store_port
+        self.metrics_port = metrics_port
         self.processes: dict[int, _Process] = {}
         self.attempt = 0
         self.group: Group | None = None
@@ -150,6 +154,8 @@ class LocalBackend:
         folder.mkdir(parents=True, exist_ok=True)
         report = folder / f"report-{attempt}.json"
         env = worker_env(self.job, self.run_dir, stage=stage, attempt=attempt, report=report)
+        if self.metrics_port is not None:
+            env[contract.ENV_METRICS_PORT] = str(self.metrics_port + slot)
         command = torchrun_command(
             self.job, store_port=self.store_port, rdzv_id=f"{self.job.name}-a{attempt}",
             nnodes=str(world),

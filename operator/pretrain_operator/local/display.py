@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import deque
 from pathlib import Path
@@ -16,27 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..api import JobStatus, PretrainJob
+from .journal import StepLog
 from .runner import Update
-
-
-class StepLog:
-    """Follows the trainer's JSON-lines step log as it grows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
-        self.last: dict[str, Any] | None = None
-
-    def poll(self) -> dict[str, Any] | None:
-        try:
-            with self.path.open() as log:
-                log.seek(self.offset)
-                for line in log:
-                    if line.endswith("\n"):
-                        self.offset += len(line)
-                        self.last = json.loads(line)
-        except (OSError, ValueError):
-            pass
-        return self.last
 
 
 class Display:

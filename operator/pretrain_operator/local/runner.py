@@ -17,13 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pretrain_trainer.config import RunConfig
 
 from ..api import JobStatus, Phase, PretrainJob
 from ..plan import Event, Plan, plan
+from ..telemetry.metrics import JobSnapshot, OperatorMetrics
 from .backend import LocalBackend, read_capacity, write_capacity
+from .journal import Journal
 from .store import StoreError, StoreProcess
 
 STATUS = "status.json"
@@ -85,8 +88,11 @@ def run(
     workers: int | None = None,
     on_update: Callable[[Update], None] = lambda update: None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    metrics_port: int | None = None,
 ) -> JobStatus:
-    """Run ``job`` to the end (Succeeded or Failed); Ctrl-C suspends it."""
+    """Run ``job`` to the end (Succeeded or Failed); Ctrl-C suspends it. With
+    ``metrics_port``, the control plane's series (phase, restarts, workers, goodput...) are
+    served there and each worker slot's trainer on ``metrics_port + 1 + slot``."""
     run_dir = run_dir.resolve()  # workers run inside it, and their paths must not depend on it
     status = prepare(job, run_dir, workers=workers)
     if status.phase == Phase.SUCCEEDED:
@@ -99,14 +105,25 @@ def run(
         store = StoreProcess().start()
     except StoreError as error:
         raise RunError(str(error)) from None
-    backend = LocalBackend(job=job, run_dir=run_dir, store_port=store.port)
+    backend = LocalBackend(job=job, run_dir=run_dir, store_port=store.port,
+                           metrics_port=metrics_port + 1 if metrics_port else None)  # fmt: skip
+    journal = Journal(run_dir)
+    metrics = OperatorMetrics() if metrics_port else None
+    server = _serve(metrics, metrics_port) if metrics is not None and metrics_port else None
     spec = job.spec
     try:
         while True:
+            started = time.perf_counter()
             result = plan(spec, status, backend.observe(), clock())
             backend.apply(result)
-            status = result.status
+            journal.note(result.events, result.status, now=time.time())
+            status = journal.progress(result.status, spec, now=time.time())
             _write_json(run_dir / STATUS, status.model_dump(mode="json", by_alias=True))
+            if metrics is not None:
+                metrics.reconcile_seconds.observe(time.perf_counter() - started)
+                metrics.jobs[("local", job.name)] = JobSnapshot(
+                    "local", job.name, status, journal.goodput()
+                )
             on_update(Update(status, result.events, result))
             if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
                 return status
@@ -115,8 +132,18 @@ def run(
         backend.shutdown()
         suspended = plan(spec.model_copy(update={"suspend": True}), status, backend.observe(),
                          clock()).status  # fmt: skip
+        journal.suspended(now=time.time())
         _write_json(run_dir / STATUS, suspended.model_dump(mode="json", by_alias=True))
         return suspended
     finally:
         backend.shutdown()
         store.close()
+        if server is not None:
+            server.shutdown()
+
+
+def _serve(metrics: OperatorMetrics, port: int) -> Any:
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=metrics.registry)
+    return server

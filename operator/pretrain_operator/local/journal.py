@@ -1,0 +1,142 @@
+"""What a local run remembers besides its status: the trainer's step log as it grows, and the
+control plane's timeline (``events.jsonl``: every event with its time). From the two come the
+status' progress (step, tokens, loss, ETA) and the job's goodput.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ..api import JobStatus, Phase, PretrainJobSpec, Reason
+from ..plan import Event
+from ..telemetry.goodput import Attempt, Goodput, account
+
+EVENTS = "events.jsonl"
+PROGRESS_EVERY = 5.0  # seconds between two progress updates of the status
+LOSSES = (Reason.WORKER_LOST, Reason.WORKER_FAILED, Reason.PREEMPTED)
+STARTS = {Reason.CREATED: "startup", Reason.RESTARTED: "restart", Reason.RESIZED: "restart",
+          Reason.RESUMED: "restart", Reason.STAGE_COMPLETED: "stage_transition"}  # fmt: skip
+WAITING = "WaitingForWorkers"
+ACCOUNTED = ("stage", "step", "time", "seconds", "restoreSeconds", "checkpointBlocking")
+
+
+class StepLog:
+    """Follows the trainer's JSON-lines step log as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+        self.last: dict[str, Any] | None = None
+        self.records: list[dict[str, Any]] = []  # what goodput needs of every record
+
+    def poll(self) -> dict[str, Any] | None:
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self.offset)
+                for line in log:
+                    if not line.endswith(b"\n"):
+                        break  # a record being written: next time
+                    self.offset += len(line)
+                    self.last = json.loads(line)
+                    self.records.append({k: self.last[k] for k in ACCOUNTED if k in self.last})
+        except (OSError, ValueError):
+            pass
+        return self.last
+
+
+@dataclass
+class Journal:
+    run_dir: Path
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    steps: StepLog = field(init=False)
+    _progressed: float = 0.0
+    _waiting: bool = False
+
+    def __post_init__(self) -> None:
+        self.steps = StepLog(self.run_dir / "steps.jsonl")
+        try:
+            lines = (self.run_dir / EVENTS).read_text().splitlines()
+            self.timeline = [json.loads(line) for line in lines if line.strip()]
+        except (OSError, ValueError):
+            self.timeline = []
+
+    def note(self, events: Iterable[Event], status: JobStatus, *, now: float) -> None:
+        """Append the plan's events (and the start of a wait for workers) to the timeline."""
+        entries = [{"time": now, "reason": e.reason, "message": e.message} for e in events]
+        waiting = status.phase in (Phase.PENDING, Phase.RESTARTING) and any(
+            c.reason == WAITING for c in status.conditions
+        )
+        if waiting and not self._waiting:
+            entries.append({"time": now, "reason": WAITING, "message": "waiting for workers"})
+        self._waiting = waiting
+        if not entries:
+            return
+        self.timeline.extend(entries)
+        with (self.run_dir / EVENTS).open("a") as out:
+            out.writelines(json.dumps(e) + "\n" for e in entries)
+
+    def suspended(self, *, now: float) -> None:
+        self.note([Event(Reason.SUSPENDED, "suspended")], JobStatus(), now=now)
+
+    # -- derived -----------------------------------------------------------------------------
+    def progress(self, status: JobStatus, spec: PretrainJobSpec, *, now: float) -> JobStatus:
+        """``status`` with the newest step, tokens, loss and the stage's ETA; at most every
+        PROGRESS_EVERY seconds, so the status is not rewritten at every step."""
+        record = self.steps.poll()
+        if record is None or now - self._progressed < PROGRESS_EVERY or status.stage is None:
+            return status
+        if record.get("stage") != status.stage.index or status.phase != Phase.RUNNING:
+            return status
+        self._progressed = now
+        total = spec.stages[status.stage.index].total_steps(spec.model)
+        recent = [r for r in self.steps.records[-50:] if r.get("stage") == record["stage"]]
+        eta = None
+        if len(recent) >= 2 and recent[-1]["step"] > recent[0]["step"]:
+            per_step = (recent[-1]["time"] - recent[0]["time"]) / (
+                recent[-1]["step"] - recent[0]["step"]
+            )
+            left = max(total - int(record["step"]), 0) * per_step
+            eta = datetime.fromtimestamp(record["time"], UTC) + timedelta(seconds=left)
+        return status.model_copy(update={"step": int(record["step"]),
+                                         "tokens": int(record["tokens"]),
+                                         "loss": float(record["loss"]), "eta": eta})  # fmt: skip
+
+    def goodput(self, *, now: float | None = None) -> Goodput | None:
+        self.steps.poll()
+        if not self.timeline:
+            return None
+        now = time.time() if now is None else now
+        attempts, waiting, suspended = [], [], []
+        lost_at: float | None = None
+        wait_from: float | None = None
+        pause_from: float | None = None
+        for entry in self.timeline:
+            at, reason = float(entry["time"]), entry["reason"]
+            if reason in LOSSES and lost_at is None:
+                lost_at = at
+            elif reason == WAITING and wait_from is None:
+                wait_from = at
+            elif reason == Reason.SUSPENDED and pause_from is None:
+                pause_from = at
+            if reason in STARTS and not entry.get("message", "").startswith("job "):
+                cause = STARTS[reason]
+                attempts.append(Attempt(at, cause, lost_at if cause == "restart" else None))
+                lost_at = None
+                if wait_from is not None:
+                    waiting.append((wait_from, at))
+                    wait_from = None
+                if pause_from is not None:
+                    suspended.append((pause_from, at))
+                    pause_from = None
+        if wait_from is not None:
+            waiting.append((wait_from, now))
+        if pause_from is not None:
+            suspended.append((pause_from, now))
+        return account(started=float(self.timeline[0]["time"]), now=now,
+                       steps=self.steps.records, attempts=attempts, waiting=waiting,
+                       suspended=suspended)  # fmt: skip

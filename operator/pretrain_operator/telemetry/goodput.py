@@ -1,0 +1,112 @@
+"""Goodput: how much of a job's wall time went into training that counted, and where the rest
+went. Pure: computed from the trainer's step records and the attempts the control plane started.
+
+Every second since the job started (suspensions excluded) lands in exactly one bucket:
+
+- productive: inside a training step whose result survived (the last run of each (stage, step));
+- ``restart``: steps redone after a failure (work lost since the last checkpoint), the time from
+  a failure to the next attempt, and that attempt's start-up (process start, rendezvous, engine
+  set-up) less its restore; resizes count here too;
+- ``restore``: loading the checkpoint (the trainer reports it with its first step);
+- ``checkpoint_blocking``: training stopped while a save copied the state out;
+- ``stage_transition``: from a stage's last step to the next stage's first, less its restore;
+- ``waiting_for_workers``: no group could run for lack of workers;
+- ``startup``: the first attempt's start, before the job's very first step;
+- ``other``: the rest (logging, data loading between steps, the time after the last step).
+
+``goodput_ratio = productive / wall``. Recovery times (a loss to the first step of the attempt
+that followed it) come out of the same walk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+REASONS = ("restart", "restore", "checkpoint_blocking", "stage_transition",
+           "waiting_for_workers", "startup", "other")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Attempt:
+    started: float
+    """Unix time the control plane started it."""
+    cause: str
+    """``startup``, ``restart`` or ``stage_transition``: the bucket its start-up is charged to."""
+    lost_at: float | None = None
+    """For an attempt after a failure: when the loss was seen (the start of the recovery)."""
+
+
+@dataclass(frozen=True)
+class Goodput:
+    wall: float
+    productive: float
+    badput: dict[str, float] = field(default_factory=dict)
+    recoveries: tuple[float, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.productive / self.wall if self.wall > 0 else 0.0
+
+
+def _overlap(start: float, end: float, spans: Sequence[tuple[float, float]]) -> float:
+    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in spans)
+
+
+def account(
+    *,
+    started: float,
+    now: float,
+    steps: Sequence[Mapping[str, Any]],
+    attempts: Sequence[Attempt] = (),
+    waiting: Sequence[tuple[float, float]] = (),
+    suspended: Sequence[tuple[float, float]] = (),
+) -> Goodput:
+    """Split ``[started, now]`` (less ``suspended``) into productive time and badput."""
+    badput = dict.fromkeys(REASONS, 0.0)
+    records = sorted(steps, key=lambda r: float(r["time"]))
+    last_run = {(r["stage"], r["step"]): i for i, r in enumerate(records)}
+    attempts = sorted(attempts, key=lambda a: a.started)
+    productive = 0.0
+
+    def charge_gap(start: float, end: float, record: Mapping[str, Any] | None) -> None:
+        if end <= start:
+            return
+        pause = _overlap(start, end, suspended)
+        wait = _overlap(start, end, waiting)
+        begun = [a for a in attempts if start <= a.started <= end]
+        span = end - start - pause - wait
+        badput["waiting_for_workers"] += wait
+        if begun:
+            cause = begun[-1].cause
+            restore = min(float((record or {}).get("restoreSeconds", 0.0)), max(span, 0.0))
+            badput["restore"] += restore
+            badput[cause] += max(span - restore, 0.0)
+        else:
+            blocking = min(float((record or {}).get("checkpointBlocking", 0.0)), max(span, 0.0))
+            badput["checkpoint_blocking"] += blocking
+            badput["other"] += max(span - blocking, 0.0)
+
+    edge = started
+    for i, record in enumerate(records):
+        end = min(float(record["time"]), now)
+        begin = max(end - float(record["seconds"]), edge)
+        charge_gap(edge, begin, record)
+        if last_run[(record["stage"], record["step"])] == i:
+            productive += end - begin
+        else:
+            badput["restart"] += end - begin  # redone after a failure: lost work
+        edge = max(edge, end)
+    charge_gap(edge, now, None)
+
+    recoveries = []
+    for attempt in attempts:
+        if attempt.lost_at is None:
+            continue
+        first = next((float(r["time"]) for r in records if float(r["time"]) > attempt.started),
+                     None)  # fmt: skip
+        if first is not None:
+            recoveries.append(first - attempt.lost_at)
+    wall = max(now - started - _overlap(started, now, suspended), 0.0)
+    return Goodput(wall=wall, productive=productive, badput=badput, recoveries=tuple(recoveries))

@@ -1,0 +1,46 @@
+"""Goodput accounting on hand-made timelines: every second lands in one bucket."""
+
+from __future__ import annotations
+
+import pytest
+from pretrain_operator.telemetry.goodput import Attempt, account
+
+
+def step(stage: int, number: int, *, end: float, seconds: float = 1.0, **extra: float) -> dict:
+    return {"stage": stage, "step": number, "time": end, "seconds": seconds, **extra}
+
+
+def test_a_failure_charges_lost_work_restart_and_restore_and_every_second_is_counted() -> None:
+    steps = [
+        step(0, 1, end=5), step(0, 2, end=6), step(0, 3, end=7),  # checkpoint after step 3
+        step(0, 4, end=8.6, checkpointBlocking=0.5),  # began at 7.6: 0.5 s blocked, 0.1 other
+        # a loss at 9; the attempt after it starts at 10 and restores step 3 in 2 s
+        step(0, 4, end=14, restoreSeconds=2.0),  # step 4 again: the first run was lost
+    ]  # fmt: skip
+    attempts = [Attempt(started=0, cause="startup"), Attempt(started=10, cause="restart",
+                                                           lost_at=9)]  # fmt: skip
+    result = account(started=0, now=15, steps=steps, attempts=attempts)
+    assert result.wall == 15
+    assert result.productive == pytest.approx(4)
+    assert result.badput == pytest.approx({
+        "startup": 4, "checkpoint_blocking": 0.5, "restore": 2, "restart": 2.4 + 1,
+        "other": 0.1 + 1, "stage_transition": 0, "waiting_for_workers": 0,
+    })  # fmt: skip
+    assert result.productive + sum(result.badput.values()) == pytest.approx(result.wall)
+    assert result.recoveries == pytest.approx((5,))
+    assert result.ratio == pytest.approx(4 / 15)
+
+
+def test_stage_transitions_waits_for_workers_and_suspensions() -> None:
+    steps = [step(0, 1, end=2), step(1, 1, end=10, restoreSeconds=1.0)]
+    attempts = [Attempt(0, "startup"), Attempt(4, "stage_transition")]
+    result = account(started=0, now=20, steps=steps, attempts=attempts,
+                     waiting=[(3, 5)], suspended=[(12, 18)])  # fmt: skip
+    assert result.wall == 14  # 20 s less 6 s suspended
+    assert result.productive == 2
+    assert result.badput["startup"] == 1
+    assert result.badput["waiting_for_workers"] == 2
+    assert result.badput["restore"] == 1
+    assert result.badput["stage_transition"] == pytest.approx(9 - 2 - 2 - 1)
+    assert result.badput["other"] == pytest.approx(10 - 6)  # after the last step, not suspended
+    assert result.productive + sum(result.badput.values()) == pytest.approx(result.wall)
