@@ -75,18 +75,19 @@ def account(
             return
         pause = _overlap(start, end, suspended)
         wait = _overlap(start, end, waiting)
-        begun = [a for a in attempts if start <= a.started <= end]
-        span = end - start - pause - wait
+        span = max(end - start - pause - wait, 0.0)
         badput["waiting_for_workers"] += wait
-        if begun:
-            cause = begun[-1].cause
-            restore = min(float((record or {}).get("restoreSeconds", 0.0)), max(span, 0.0))
-            badput["restore"] += restore
-            badput[cause] += max(span - restore, 0.0)
-        else:
-            blocking = min(float((record or {}).get("checkpointBlocking", 0.0)), max(span, 0.0))
-            badput["checkpoint_blocking"] += blocking
-            badput["other"] += max(span - blocking, 0.0)
+        said = record or {}
+        restore = min(float(said.get("restoreSeconds", 0.0)), span)
+        blocking = min(float(said.get("checkpointBlocking", 0.0)), span - restore)
+        badput["restore"] += restore
+        badput["checkpoint_blocking"] += blocking
+        # The rest of a gap in which an attempt started, or that ends in an attempt's first
+        # step (it restored), is that attempt's start-up: charged to what caused it.
+        begun = [a for a in attempts if a.started <= end]
+        starting = bool(restore) or any(start <= a.started for a in begun)
+        cause = begun[-1].cause if begun and starting else "other"
+        badput[cause] += span - restore - blocking
 
     edge = started
     for i, record in enumerate(records):

@@ -1,0 +1,177 @@
+"""A real Prometheus scrapes a local run of the tiny job (the runner's series and each worker's
+trainer) while a worker is lost and comes back; then every dashboard panel's query returns
+data over the run, every alert rule evaluates, and goodput makes sense against the run's logs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pretrain_operator.local.backend import read_capacity, write_capacity
+from pretrain_operator.local.journal import Journal
+from pretrain_operator.local.runner import run
+from pretrain_operator.manifests import load_job
+from pretrain_trainer.data import build_stdlib_corpus
+
+from tests.conftest import ROOT
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed"),
+]
+DASHBOARDS = ["pretrainjob-overview.json", "operator-health.json"]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` consecutive free ports (the runner serves on P, its trainers on P+1...)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base = int(probe.getsockname()[1])
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as taken:
+                    taken.bind(("127.0.0.1", port))
+            return list(range(base, base + count))
+        except OSError:
+            continue
+
+
+def _api(port: int, path: str, **query: Any) -> Any:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path) -> Iterator[tuple[int, list[int]]]:
+    """Prometheus on a free port, scraping the ports a run will serve on, every second."""
+    (port,), targets = _free_ports(1), _free_ports(3)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "alerts" / "pretrainjob-rules.yaml")],
+        "scrape_configs": [{
+            "job_name": "pretrain",
+            "honor_labels": True,  # our `job` label is the PretrainJob's name
+            "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in targets]}],
+        }],
+    }  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                _api(port, "status/buildinfo")
+                break
+            except OSError:
+                assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
+                assert time.monotonic() < deadline, "prometheus did not start"
+                time.sleep(0.2)
+        yield port, targets
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _kill_and_return(run_dir: Path, stop: threading.Event) -> None:
+    """Take worker slot 0 away once stage 0 has a checkpoint, and give it back later."""
+    latest = run_dir / "checkpoints" / "tiny-cpu" / "latest"
+    for action, condition in (("kill", latest.exists), ("add", lambda: _step(run_dir) >= 70)):
+        while not stop.is_set() and not condition():
+            time.sleep(0.05)
+        capacity, down = read_capacity(run_dir)
+        write_capacity(run_dir, capacity, down | {0} if action == "kill" else down - {0})
+
+
+def _step(run_dir: Path) -> int:
+    try:
+        last = json.loads((run_dir / "steps.jsonl").read_text().splitlines()[-1])
+        return int(last["step"]) if last["stage"] == 0 else 10**6
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _values(port: int, expr: str, start: float, end: float) -> list[float]:
+    data = _api(port, "query_range", query=expr, start=start, end=end, step="1s")
+    return [float(v) for series in data["result"] for _, v in series["values"]]
+
+
+def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
+    tmp_path: Path, prometheus: tuple[int, list[int]]
+) -> None:
+    port, (metrics_port, *_trainers) = prometheus
+    run_dir = tmp_path / "run"
+    build_stdlib_corpus(run_dir / "data")
+    stop = threading.Event()
+    chaos = threading.Thread(target=_kill_and_return, args=(run_dir, stop))
+    chaos.start()
+    started = time.time()
+    try:
+        status = run(load_job(ROOT / "examples" / "tiny-cpu.yaml"), run_dir, workers=2,
+                     metrics_port=metrics_port)  # fmt: skip
+    finally:
+        stop.set()
+        chaos.join()
+    ended = time.time()
+    assert status.phase == "Succeeded"
+    time.sleep(2)  # the last scrapes and rule evaluations
+
+    empty = []
+    for name in DASHBOARDS:
+        dashboard = json.loads((ROOT / "dashboards" / name).read_text())
+        for panel in dashboard["panels"]:
+            for target in panel.get("targets", []):
+                expr = (target["expr"].replace("$namespace", "local")
+                        .replace("$job", "tiny-cpu"))  # fmt: skip
+                if not _values(port, expr, started, ended):
+                    empty.append(f"{name}: {panel['title']}: {expr}")
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+
+    rules = yaml.safe_load((ROOT / "alerts" / "pretrainjob-rules.yaml").read_text())
+    for rule in (r for g in rules["groups"] for r in g["rules"]):
+        _values(port, rule["expr"], started, ended)  # evaluates (may be empty: no alert)
+    groups = _api(port, "rules")["groups"]
+    health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+    assert health == dict.fromkeys(health, "ok")
+    assert len(health) == 6
+
+    # Goodput, against the run's own logs.
+    goodput = Journal(run_dir).goodput(now=ended)
+    assert goodput is not None
+    assert 0 < goodput.ratio < 1
+    assert goodput.badput["restart"] > 0
+    assert goodput.badput["restore"] > 0
+    records = [json.loads(x) for x in (run_dir / "steps.jsonl").read_text().splitlines()]
+    kept = {(r["stage"], r["step"]): r["seconds"] for r in records}  # the last run of each
+    assert goodput.productive == pytest.approx(sum(kept.values()), rel=0.05)
+    restored = sum(r.get("restoreSeconds", 0.0) for r in records)
+    assert goodput.badput["restore"] == pytest.approx(restored, rel=0.05)
+    assert goodput.productive + sum(goodput.badput.values()) == pytest.approx(goodput.wall)
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    lost = next(e["time"] for e in events if e["reason"] == "WorkerLost")
+    back = next(e["time"] for e in events if e["reason"] == "Restarted" and e["time"] > lost)
+    first = next(r["time"] for r in records if r["time"] > back)
+    assert goodput.recoveries[0] == pytest.approx(first - lost, abs=0.01)
+    scraped = _values(port, 'pretrainjob_goodput_ratio{job="tiny-cpu"}', started, ended)
+    assert scraped[-1] == pytest.approx(goodput.ratio, abs=0.1)  # scraped a moment before
+    recovered = _values(port, 'pretrainjob_recovery_seconds_count{job="tiny-cpu"}', started, ended)
+    assert max(recovered) >= 1
