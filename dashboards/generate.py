@@ -129,7 +129,7 @@ def overview() -> board.Dashboard:
     dash = dash.with_panel(_stat("Stage", _query(f"pretrainjob_stage_index{{{JOB}}}")))
     dash = dash.with_panel(_stat("Step", _query(f"max(pretrainjob_step{{{JOB}}})")))
     dash = dash.with_panel(
-        _stat("Tokens (stage)", _query(f"sum(pretrainjob_tokens_total{{{JOB}}})"), unit="short")
+        _stat("Tokens (stage)", _query(f"max(pretrainjob_stage_tokens{{{JOB}}})"), unit="short")
     )
     dash = dash.with_panel(
         _stat("Stage ETA", _query(f"pretrainjob_stage_eta_seconds{{{JOB}}}"), unit="s")
@@ -142,15 +142,18 @@ def overview() -> board.Dashboard:
     )
     dash = dash.with_row(board.Row("Learning"))
     dash = dash.with_panel(
-        _series("Loss by stage", _query(f"pretrainjob_loss{{{JOB}}}", "{{stage}}"))
+        _series("Loss by stage", _query(f"max by (stage) (pretrainjob_loss{{{JOB}}})", "{{stage}}"))
     )
     dash = dash.with_panel(
-        _series("Learning rate", _query(f"pretrainjob_learning_rate{{{JOB}}}", "{{stage}}"))
+        _series(
+            "Learning rate",
+            _query(f"max by (stage) (pretrainjob_learning_rate{{{JOB}}})", "{{stage}}"),
+        )
     )
     dash = dash.with_panel(
         _series(
             "Gradient norm and skipped steps",
-            _query(f"pretrainjob_grad_norm{{{JOB}}}", "grad norm {{stage}}"),
+            _query(f"max by (stage) (pretrainjob_grad_norm{{{JOB}}})", "grad norm {{stage}}"),
             _query(
                 f"sum(increase(pretrainjob_skipped_steps_total{{{JOB}}}[15m]))", "skipped in 15m"
             ),
@@ -160,7 +163,7 @@ def overview() -> board.Dashboard:
     dash = dash.with_panel(
         _series(
             "Tokens per second",
-            _query(f"pretrainjob_tokens_per_second{{{JOB}}}", "{{stage}}"),
+            _query(f"max by (stage) (pretrainjob_tokens_per_second{{{JOB}}})", "{{stage}}"),
             unit="short",
         )
     )
@@ -216,7 +219,9 @@ def overview() -> board.Dashboard:
     dash = dash.with_panel(
         _series(
             "Checkpoint age",
-            _query(f"time() - max(pretrainjob_last_checkpoint_timestamp_seconds{{{JOB}}})", "age"),
+            _query(
+                f"time() - (max(pretrainjob_last_checkpoint_timestamp_seconds{{{JOB}}}) > 0)", "age"
+            ),
             _query(
                 f"max(pretrainjob_step{{{JOB}}}) - max(pretrainjob_last_checkpoint_step{{{JOB}}})",
                 "steps since",

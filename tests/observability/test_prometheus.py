@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -25,6 +20,7 @@ from pretrain_operator.manifests import load_job
 from pretrain_trainer.data import build_stdlib_corpus
 
 from tests.conftest import ROOT
+from tests.observability.prom import Prometheus, free_ports
 
 pytestmark = [
     pytest.mark.slow,
@@ -33,63 +29,11 @@ pytestmark = [
 DASHBOARDS = ["pretrainjob-overview.json", "operator-health.json"]
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` consecutive free ports (the runner serves on P, its trainers on P+1...)."""
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as taken:
-                    taken.bind(("127.0.0.1", port))
-            return list(range(base, base + count))
-        except OSError:
-            continue
-
-
-def _api(port: int, path: str, **query: Any) -> Any:
-    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(query)}"
-    with urllib.request.urlopen(url, timeout=30) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    return body["data"]
-
-
 @pytest.fixture
-def prometheus(tmp_path: Path) -> Iterator[tuple[int, list[int]]]:
+def prometheus(tmp_path: Path) -> Iterator[Prometheus]:
     """Prometheus on a free port, scraping the ports a run will serve on, every second."""
-    (port,), targets = _free_ports(1), _free_ports(3)
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(ROOT / "alerts" / "pretrainjob-rules.yaml")],
-        "scrape_configs": [{
-            "job_name": "pretrain",
-            "honor_labels": True,  # our `job` label is the PretrainJob's name
-            "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in targets]}],
-        }],
-    }  # fmt: skip
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    with (tmp_path / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(
-            ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _api(port, "status/buildinfo")
-                break
-            except OSError:
-                assert process.poll() is None, (tmp_path / "prometheus.log").read_text()
-                assert time.monotonic() < deadline, "prometheus did not start"
-                time.sleep(0.2)
-        yield port, targets
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with Prometheus(tmp_path / "prometheus", targets=free_ports(3)) as server:
+        yield server
 
 
 def _kill_and_return(run_dir: Path, stop: threading.Event) -> None:
@@ -110,15 +54,10 @@ def _step(run_dir: Path) -> int:
         return 0
 
 
-def _values(port: int, expr: str, start: float, end: float) -> list[float]:
-    data = _api(port, "query_range", query=expr, start=start, end=end, step="1s")
-    return [float(v) for series in data["result"] for _, v in series["values"]]
-
-
 def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
-    tmp_path: Path, prometheus: tuple[int, list[int]]
+    tmp_path: Path, prometheus: Prometheus
 ) -> None:
-    port, (metrics_port, *_trainers) = prometheus
+    metrics_port = prometheus.targets[0]
     run_dir = tmp_path / "run"
     build_stdlib_corpus(run_dir / "data")
     stop = threading.Event()
@@ -142,14 +81,14 @@ def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
             for target in panel.get("targets", []):
                 expr = (target["expr"].replace("$namespace", "local")
                         .replace("$job", "tiny-cpu"))  # fmt: skip
-                if not _values(port, expr, started, ended):
+                if not prometheus.values(expr, started, ended):
                     empty.append(f"{name}: {panel['title']}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
     rules = yaml.safe_load((ROOT / "alerts" / "pretrainjob-rules.yaml").read_text())
     for rule in (r for g in rules["groups"] for r in g["rules"]):
-        _values(port, rule["expr"], started, ended)  # evaluates (may be empty: no alert)
-    groups = _api(port, "rules")["groups"]
+        prometheus.values(rule["expr"], started, ended)  # evaluates (may be empty: no alert)
+    groups = prometheus.api("rules")["groups"]
     health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
     assert health == dict.fromkeys(health, "ok")
     assert len(health) == 6
@@ -171,7 +110,9 @@ def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
     back = next(e["time"] for e in events if e["reason"] == "Restarted" and e["time"] > lost)
     first = next(r["time"] for r in records if r["time"] > back)
     assert goodput.recoveries[0] == pytest.approx(first - lost, abs=0.01)
-    scraped = _values(port, 'pretrainjob_goodput_ratio{job="tiny-cpu"}', started, ended)
+    scraped = prometheus.values('pretrainjob_goodput_ratio{job="tiny-cpu"}', started, ended)
     assert scraped[-1] == pytest.approx(goodput.ratio, abs=0.1)  # scraped a moment before
-    recovered = _values(port, 'pretrainjob_recovery_seconds_count{job="tiny-cpu"}', started, ended)
+    recovered = prometheus.values(
+        'pretrainjob_recovery_seconds_count{job="tiny-cpu"}', started, ended
+    )
     assert max(recovered) >= 1

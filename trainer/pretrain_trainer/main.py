@@ -205,7 +205,8 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     if plan is not None:
         metrics.checkpoint_restore_seconds.set(restore_seconds)
         trainer.unreported_restore = restore_seconds
-        metrics.last_checkpoint_step.set(plan.manifest.step)
+        if plan.full:  # a new stage starts from the last one's weights: no checkpoint of its own
+            metrics.last_checkpoint_step.set(plan.manifest.step)
         with contextlib.suppress(ValueError):
             saved = datetime.fromisoformat(plan.manifest.saved_at.replace("Z", "+00:00"))
             metrics.last_checkpoint_timestamp.set(saved.timestamp())

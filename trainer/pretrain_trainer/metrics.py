@@ -42,7 +42,10 @@ class TrainerMetrics:
 
         self.step = gauge("step", "Optimizer steps completed in the current stage.")
         self.loss = gauge("loss", "Training loss of the last step (mean over the global batch).")
-        self.tokens = counter("tokens", "Tokens trained in the current stage by all ranks.")
+        self.tokens = counter("tokens", "Tokens trained by this process's group (for rates).")
+        self.stage_tokens = gauge(
+            "stage_tokens", "Tokens trained in the current stage so far (restored ones included)."
+        )
         self.tokens_per_second = gauge("tokens_per_second", "Global training throughput.")
         self.step_seconds = histogram("step_seconds", "Wall time of one step.", STEP_BUCKETS)
         self.learning_rate = gauge("learning_rate", "Learning rate of the last step.")
@@ -82,6 +85,8 @@ class TrainerMetrics:
             registry=self.registry,
         )
         self._labels = values
+        for unknown in (self.loss, self.tokens_per_second, self.learning_rate, self.grad_norm):
+            unknown.set(float("nan"))  # not zero: nothing is known before the first step
 
     def expert_load(self, loads: Iterable[float]) -> None:
         for expert, load in enumerate(loads):

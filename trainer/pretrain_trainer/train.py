@@ -136,6 +136,11 @@ class Trainer:
         loss = manifest.extra.get("loss")
         self.progress.loss = float(loss) if loss is not None else float("nan")
         self.sampler.load_state_dict(manifest.sampler)
+        # Until the first step, the series say where training resumes, not zero.
+        self.metrics.step.set(manifest.step)
+        self.metrics.stage_tokens.set(manifest.tokens)
+        if loss is not None:
+            self.metrics.loss.set(float(loss))
 
     def save(self, *, final: bool = False) -> Path:
         blocking = self.checkpoints.save(
@@ -276,6 +281,7 @@ class Trainer:
         m.step.set(self.progress.step)
         m.loss.set(loss)
         m.tokens.inc(tokens)
+        m.stage_tokens.set(self.progress.tokens)
         m.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
         m.step_seconds.observe(seconds)
         m.learning_rate.set(lr)
