@@ -198,15 +198,16 @@ def _workers(args: argparse.Namespace, out: Console) -> int:
 
 
 def _render(args: argparse.Namespace, out: Console) -> int:
-    from .kube.objects import Gang
+    from .kube.objects import Gang, Options
     from .kube.render import RenderError, render, to_yaml
 
     job = _load_job(args.file)
     if job is None:
         return EXIT_INVALID
     try:
+        gang = Gang(None if args.gang == "none" else args.gang)
         objects = render(job, namespace=args.namespace, stage=args.stage, workers=args.workers,
-                         gang=Gang(None if args.gang == "none" else args.gang))  # fmt: skip
+                         options=Options(gang=gang))  # fmt: skip
     except RenderError as error:
         _error(f"error: {error}")
         return EXIT_INVALID

@@ -116,7 +116,7 @@ class Cluster:
                     body={"spec": {"nodeName": node}},
                     content_type="application/merge-patch+json",
                 )  # fmt: skip
-                self._status(name, {"phase": "Running", "containerStatuses": [
+                self._status(name, {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [
                     {"name": "trainer", "ready": True, "state": {"running": {}}}]})  # fmt: skip
 
     def _preempt_standby(self, pods: list[dict[str, Any]]) -> None:

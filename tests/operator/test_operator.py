@@ -23,6 +23,7 @@ from pretrain_operator.kube.client import KubeClient, TemporaryApiError
 from pretrain_operator.kube.handlers import register
 from pretrain_operator.kube.reconcile import reconcile
 from pretrain_operator.kube.settings import OperatorSettings
+from pretrain_trainer.metrics import Health, TrainerMetrics, serve
 
 from tests.kube.apiserver import ApiServer, kopf_login
 from tests.operator.cluster import Cluster
@@ -424,3 +425,28 @@ def test_of_two_peered_replicas_only_the_one_with_the_highest_priority_acts(
     assert CountingClient.made["first"] > 0, dict(CountingClient.made)
     assert CountingClient.made["second"] == 0, dict(CountingClient.made)
     assert reasons(apiserver).count("Created") == 1
+
+
+def test_a_running_jobs_status_shows_the_trainers_progress_and_an_eta(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    # What rank 0's trainer serves in its pod: the real metrics and endpoint, mid-stage.
+    trainer = TrainerMetrics(namespace="default", job="demo", stage="s0")
+    trainer.step.set(4)
+    trainer.stage_tokens.set(4 * 256)
+    trainer.loss.set(2.75)
+    for _ in range(4):
+        trainer.step_seconds.observe(0.5)
+    server = serve(port=0, metrics=trainer, health=Health(step_timeout=60))
+    try:
+        port = server.server_address[1]
+        with running_operator(apiserver, trainer_metrics_port=port, progress_seconds=1.0):
+            create(cluster, job())
+            cluster.eventually(lambda: status(cluster).get("step") == 4, what="progress")
+    finally:
+        server.shutdown()
+    current = status(cluster)
+    assert (current["tokens"], current["loss"]) == (1024, 2.75)
+    eta = datetime.fromisoformat(current["eta"].replace("Z", "+00:00"))
+    left = (eta - datetime.now(UTC)).total_seconds()
+    assert 0 < left <= (10 - 4) * 0.5 + 1  # 6 steps to go at 0.5 s a step

@@ -9,7 +9,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from pretrain_operator.cli import main
-from pretrain_operator.kube.objects import Gang, standby_pod
+from pretrain_operator.kube.objects import Gang, Options, standby_pod
 from pretrain_operator.kube.render import render
 from pretrain_operator.manifests import load_job
 
@@ -94,7 +94,7 @@ def test_gang_scheduling_adds_a_pod_group_of_the_whole_group(
     scheduler: str, api_version: str, marker: tuple[str, str]
 ) -> None:
     job = load_job(ROOT / "examples" / "tiny-cpu.yaml")
-    objects = render(job, namespace="ml", gang=Gang(scheduler))
+    objects = render(job, namespace="ml", options=Options(gang=Gang(scheduler)))
     group = next(o for o in objects if o["kind"] == "PodGroup")
     assert (group["apiVersion"], group["spec"]["minMember"]) == (api_version, 2)
     for pod in _pods(objects):

@@ -133,3 +133,35 @@ def test_expectations_expire_and_the_cache_is_believed() -> None:
     expectations.record(created=[pod("lost-event")], deleted=[pod("old")], now=0)
     assert expectations.correct([pod("old")], now=31) == [pod("old")]
     assert (expectations.created, expectations.deleted) == ({}, {})
+
+
+def test_progress_is_read_from_the_trainers_own_exposition() -> None:
+    from datetime import UTC, datetime
+
+    from pretrain_operator.api import JobStatus, Phase, StageStatus, parse_job
+    from pretrain_operator.kube.progress import parse, with_progress
+    from pretrain_trainer.metrics import TrainerMetrics
+    from prometheus_client import generate_latest
+
+    from tests.conftest import minimal_job
+
+    trainer = TrainerMetrics(namespace="ml", job="j", stage="s")
+    assert parse(generate_latest(trainer.registry).decode()) is not None  # step 0, no loss yet
+    assert parse(generate_latest(trainer.registry).decode()).loss is None  # type: ignore[union-attr]
+    trainer.step.set(4)  # of the minimal job's 10
+    trainer.stage_tokens.set(7680)
+    trainer.loss.set(3.5)
+    trainer.step_seconds.observe(2.0)
+    trainer.step_seconds.observe(4.0)
+    read = parse(generate_latest(trainer.registry).decode())
+    assert read is not None
+    assert (read.step, read.tokens, read.loss, read.seconds_per_step) == (4, 7680, 3.5, 3.0)
+    spec = parse_job(minimal_job()).spec
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    running = JobStatus(phase=Phase.RUNNING, stage=StageStatus(index=0, name="x", started_at=now))
+    total = spec.stages[0].total_steps(spec.model)
+    shown = with_progress(running, spec, read, now=now)
+    assert (shown.step, shown.tokens, shown.loss) == (4, 7680, 3.5)
+    assert shown.eta is not None
+    assert (shown.eta - now).total_seconds() == (total - 4) * 3.0 > 0
+    assert with_progress(JobStatus(), spec, read, now=now) == JobStatus()  # not running

@@ -25,11 +25,12 @@ from typing import Any
 
 import kopf
 
-from ..api import GROUP, PLURAL, VERSION
+from ..api import GROUP, PLURAL, VERSION, Phase
 from ..telemetry.metrics import JobSnapshot, OperatorMetrics
+from . import progress
 from .cache import Expectations
 from .client import ApiError, KubeClient, TemporaryApiError
-from .objects import JOB, Gang
+from .objects import JOB
 from .reconcile import reconcile
 from .settings import OperatorSettings
 
@@ -61,7 +62,8 @@ def register(
 ) -> None:
     pokes: dict[tuple[str, str], asyncio.Event] = {}
     readiness: dict[str, bool] = {}
-    gang = Gang(None if operator.gang_scheduler == "none" else operator.gang_scheduler)
+    options = operator.pod_options()
+    progressed: dict[tuple[str, str], float] = {}  # when each job's progress was last read
     metrics = metrics or OperatorMetrics()
 
     def poke(namespace: str | None, name: str | None) -> None:
@@ -103,18 +105,20 @@ def register(
             pods = expectations.correct(cached, now=time.monotonic())
             nodes = indexes.get("node_ready")
             readiness = {n: next(iter(v)) for n, v in nodes.items()} if nodes is not None else None
-            outcome = reconcile(
-                client,
-                body,
-                now=datetime.now(UTC),
-                gang=gang,
-                pods=pods,
-                readiness=readiness,
-                standby_priority_class=operator.standby_priority_class,
-            )
+            outcome = reconcile(client, body, now=datetime.now(UTC), options=options, pods=pods,
+                                readiness=readiness)  # fmt: skip
             expectations.record(created=outcome.applied.created, deleted=outcome.applied.deleted,
                                 now=time.monotonic())  # fmt: skip
-            metrics.jobs[(namespace, name)] = JobSnapshot(namespace, name, outcome.status)
+            status = outcome.status
+            if (
+                time.monotonic() - progressed.get((namespace, name), 0.0)
+                >= (operator.progress_seconds)
+                and status.phase == Phase.RUNNING
+            ):
+                progressed[(namespace, name)] = time.monotonic()
+                status = progress.refresh(client, body, status, pods,
+                                          port=operator.trainer_metrics_port)  # fmt: skip
+            metrics.jobs[(namespace, name)] = JobSnapshot(namespace, name, status)
             return outcome.requeue_after
         finally:
             metrics.reconcile_seconds.observe(time.perf_counter() - started)

@@ -77,6 +77,15 @@ class Gang:
             pod["metadata"]["labels"][COSCHEDULING_GROUP_LABEL] = name
 
 
+@dataclass(frozen=True)
+class Options:
+    """How the cluster wants the pods: from the operator's settings, the same for every job."""
+
+    gang: Gang = Gang()
+    standby_priority_class: str | None = None
+    metrics_port: int = contract.DEFAULT_METRICS_PORT
+
+
 # -- names -------------------------------------------------------------------------------------
 def service_name(job: PretrainJob) -> str:
     return job.name
@@ -143,7 +152,9 @@ def _meta(job: PretrainJob, name: str, labels: dict[str, str]) -> dict[str, Any]
     return meta
 
 
-def service(job: PretrainJob) -> dict[str, Any]:
+def service(
+    job: PretrainJob, *, metrics_port: int = contract.DEFAULT_METRICS_PORT
+) -> dict[str, Any]:
     """Headless: pods get DNS names under it, the rendezvous pod included."""
     return {
         "apiVersion": "v1",
@@ -155,7 +166,7 @@ def service(job: PretrainJob) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
             "ports": [
                 {"name": "rendezvous", "port": contract.RENDEZVOUS_PORT},
-                {"name": METRICS_PORT_NAME, "port": contract.DEFAULT_METRICS_PORT},
+                {"name": METRICS_PORT_NAME, "port": metrics_port},
             ],
         },
     }
@@ -250,8 +261,9 @@ def _pod(
 
 
 def worker_pod(
-    job: PretrainJob, group: Group, slot: int, *, gang: Gang | None = None
+    job: PretrainJob, group: Group, slot: int, *, options: Options | None = None
 ) -> dict[str, Any]:
+    options = options or Options()
     spec = job.spec
     namespace = job.metadata.namespace or "default"
     rank = group.slots.index(slot)
@@ -271,7 +283,7 @@ def worker_pod(
         contract.ENV_STAGE: str(group.stage),
         contract.ENV_ATTEMPT: str(group.attempt),
         contract.ENV_RUN_CONFIG: contract.RUN_CONFIG_PATH,
-        contract.ENV_METRICS_PORT: str(contract.DEFAULT_METRICS_PORT),
+        contract.ENV_METRICS_PORT: str(options.metrics_port),
         contract.ENV_REPORT_PATH: contract.REPORT_PATH,
     }
     pod = _pod(job, worker_name(job, group.attempt, slot), labels, command=command, env=env)
@@ -279,9 +291,7 @@ def worker_pod(
     # SIGTERM -> the trainer's preemption save -> torchrun's own shutdown wait; then SIGKILL.
     grace = spec.checkpoint.preemption_grace_seconds + TORCHRUN_SHUTDOWN_SECONDS + 15
     pod_spec["terminationGracePeriodSeconds"] = int(grace)
-    container["ports"] = [
-        {"name": METRICS_PORT_NAME, "containerPort": contract.DEFAULT_METRICS_PORT}
-    ]
+    container["ports"] = [{"name": METRICS_PORT_NAME, "containerPort": options.metrics_port}]
     container["livenessProbe"] = {
         "httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME},
         "initialDelaySeconds": 120,  # start, rendezvous and restore come before the first step
@@ -308,7 +318,7 @@ def worker_pod(
     if spec.queue_name:  # Kueue's pod groups: admitted together
         pod["metadata"]["labels"][KUEUE_GROUP_LABEL] = attempt_name(job, group.attempt)
         pod["metadata"]["annotations"] = {KUEUE_COUNT_ANNOTATION: str(group.world)}
-    (gang or Gang()).mark(pod, job, group)
+    options.gang.mark(pod, job, group)
     return pod
 
 
@@ -351,6 +361,8 @@ def rendezvous_pod(job: PretrainJob) -> dict[str, Any]:
     return pod
 
 
-def job_objects(job: PretrainJob) -> list[dict[str, Any]]:
+def job_objects(job: PretrainJob, options: Options | None = None) -> list[dict[str, Any]]:
     """What every job has while it runs, whatever its stage."""
-    return [service_account(job), service(job), config_map(job), rendezvous_pod(job)]
+    port = (options or Options()).metrics_port
+    return [service_account(job), service(job, metrics_port=port), config_map(job),
+            rendezvous_pod(job)]  # fmt: skip

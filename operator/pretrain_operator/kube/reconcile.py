@@ -27,7 +27,7 @@ from .objects import (
     ROLE,
     SLOT,
     WORKER,
-    Gang,
+    Options,
     attempt_name,
     config_map,
     job_objects,
@@ -100,8 +100,7 @@ def reconcile(
     body: Mapping[str, Any],
     *,
     now: datetime,
-    gang: Gang | None = None,
-    standby_priority_class: str | None = None,
+    options: Options | None = None,
     pods: Sequence[Mapping[str, Any]] | None = None,
     readiness: Mapping[str, bool] | None = None,
 ) -> Outcome:
@@ -128,8 +127,7 @@ def reconcile(
     observed = observe(pods, readiness, attempt=old.attempt, group_slots=old.workers.slots,
                        slots=_useful_slots(job, stage))  # fmt: skip
     result = plan(job.spec, old, observed, now)
-    applied = apply(client, job, result, pods, nodes=readiness, gang=gang,
-                    standby_priority_class=standby_priority_class)  # fmt: skip
+    applied = apply(client, job, result, pods, nodes=readiness, options=options)
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
     if status != job.status:
         client.patch_job_status(namespace, name, _dump(status))
@@ -150,12 +148,11 @@ def apply(
     pods: Sequence[Mapping[str, Any]],
     *,
     nodes: Mapping[str, bool],
-    gang: Gang | None = None,
-    standby_priority_class: str | None = None,
+    options: Options | None = None,
 ) -> Applied:
     """Make the job's objects match the plan. Idempotent. ``nodes``: readiness by name."""
     namespace = job.metadata.namespace or "default"
-    gang = gang or Gang()
+    options = options or Options()
     by_name = {p["metadata"]["name"]: p for p in pods}
     phase = result.status.phase
     applied = Applied()
@@ -181,7 +178,7 @@ def apply(
         delete(rendezvous, grace=0)  # the store is unreachable: a new one, same DNS name
         rendezvous = None
     if rendezvous is None:
-        for obj in job_objects(job):
+        for obj in job_objects(job, options):
             create(obj)
 
     group = result.group
@@ -200,7 +197,7 @@ def apply(
         # A new attempt: the run config may have changed with the spec, and a gang needs its
         # PodGroup before its pods.
         client.replace_or_create(config_map(job), namespace=namespace)
-        pod_group = gang.pod_group(job, group)
+        pod_group = options.gang.pod_group(job, group)
         if pod_group is not None:
             create(pod_group)
             client.delete("PodGroup", attempt_name(job, group.attempt - 1), namespace=namespace,
@@ -210,7 +207,7 @@ def apply(
         for slot in group.slots:
             if worker_name(job, group.attempt, slot) in by_name:
                 continue
-            create(worker_pod(job, group, slot, gang=gang))
+            create(worker_pod(job, group, slot, options=options))
             standby = by_name.get(standby_name(job, slot))
             if standby is not None:  # after the create: a pass that dies in between keeps it
                 delete(standby, grace=0)  # its node is where this worker should run
@@ -232,7 +229,7 @@ def apply(
         standby = by_name.get(standby_name(job, slot))
         if standby is None:
             if not placing and slot not in busy:
-                create(standby_pod(job, slot, priority_class=standby_priority_class))
+                create(standby_pod(job, slot, priority_class=options.standby_priority_class))
         elif standby.get("status", {}).get("phase") in ("Failed", "Succeeded"):
             delete(standby)  # evicted or killed: ask again next time
         elif placing and not _scheduled(standby):

@@ -9,7 +9,7 @@ import yaml
 
 from ..api import PretrainJob
 from ..plan import Group, choose_world
-from .objects import Gang, job_objects, worker_pod
+from .objects import Options, job_objects, worker_pod
 
 
 class RenderError(ValueError):
@@ -22,7 +22,7 @@ def render(
     namespace: str,
     stage: int = 0,
     workers: int | None = None,
-    gang: Gang | None = None,
+    options: Options | None = None,
 ) -> list[dict[str, Any]]:
     spec = job.spec
     if not 0 <= stage < len(spec.stages):
@@ -39,11 +39,12 @@ def render(
         update={"metadata": job.metadata.model_copy(update={"namespace": namespace})}
     )
     group = Group(stage=stage, attempt=1, slots=tuple(range(world)))
-    objects = job_objects(job)
-    pod_group = (gang or Gang()).pod_group(job, group)
+    options = options or Options()
+    objects = job_objects(job, options)
+    pod_group = options.gang.pod_group(job, group)
     if pod_group is not None:
         objects.append(pod_group)
-    objects.extend(worker_pod(job, group, slot, gang=gang) for slot in group.slots)
+    objects.extend(worker_pod(job, group, slot, options=options) for slot in group.slots)
     return objects
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
+from pretrain_trainer.contract import DEFAULT_METRICS_PORT
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .objects import Gang, Options
 
 PREFIX = "PRETRAIN_OPERATOR_"
 
@@ -34,6 +37,10 @@ class OperatorSettings(BaseModel):
     """Create a PodGroup per attempt for this gang scheduler."""
     standby_priority_class: str | None = None
     """PriorityClass of standby pods: lower than every workload's, so they yield their nodes."""
+    trainer_metrics_port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_METRICS_PORT
+    """Port of the trainers' /metrics and /healthz in worker pods (read for status progress)."""
+    progress_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    """Least time between two progress updates (step, tokens, loss, ETA) of a job's status."""
     watch_nodes: bool = True
     """Watch nodes so a NotReady node's workers count as lost at once (needs read on nodes)."""
 
@@ -57,3 +64,8 @@ class OperatorSettings(BaseModel):
                 f"{PREFIX}{str(e['loc'][0]).upper()}: {e['msg']}" for e in error.errors()
             )
             raise SettingsError(problems) from None
+
+    def pod_options(self) -> Options:
+        gang = Gang(None if self.gang_scheduler == "none" else self.gang_scheduler)
+        return Options(gang=gang, standby_priority_class=self.standby_priority_class,
+                       metrics_port=self.trainer_metrics_port)  # fmt: skip
