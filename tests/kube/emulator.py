@@ -144,6 +144,10 @@ class Emulator(kmock.KubernetesScaffold):
     history_limit: int = 10_000  # watch events kept; older resourceVersions get 410 Gone
     objects: kmock.ObjectsArray = attrs.field(factory=kmock.ObjectsArray)
     requests: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    # (user agent's product, API group, resource[/subresource], verb): what RBAC must grant.
+    requests_by_agent: collections.Counter[tuple[str, str, str, str]] = attrs.field(
+        factory=collections.Counter
+    )
     requests_by_resource: collections.Counter[tuple[str, str]] = attrs.field(
         factory=collections.Counter
     )
@@ -270,7 +274,11 @@ class Emulator(kmock.KubernetesScaffold):
         if verb is None:
             raise _failure(405, "MethodNotAllowed", f"{request.method} is not supported here")
         self.requests[verb] += 1
-        self.requests_by_resource[verb, str(resource.plural)] += 1
+        plural = str(resource.plural)
+        kind = f"{plural}/{request.subresource}" if request.subresource else plural
+        self.requests_by_resource[verb, kind] += 1
+        agent = request.headers.get("User-Agent", "").split("/")[0]
+        self.requests_by_agent[agent, str(resource.group or ""), kind, verb] += 1
         if request.subresource not in {None, STATUS_SUBRESOURCE} or (
             request.subresource and not self._has_status(resource)
         ):

@@ -35,7 +35,8 @@ def eventually(check: Callable[[], Any], *, timeout: float = 20.0, what: str = "
 class Cluster:
     def __init__(self, server: ApiServer, *, nodes: int, namespace: str = "default") -> None:
         self.server, self.namespace = server, namespace
-        self.client = KubeClient(server.client())
+        # The kubelets and the test: its requests are not the operator's.
+        self.client = KubeClient(server.client(), field_manager="kubelet")
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

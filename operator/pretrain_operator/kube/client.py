@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from .. import __version__
 from ..api import GROUP, PLURAL, VERSION
 
 
@@ -54,6 +55,7 @@ class KubeClient:
 
     def __init__(self, api_client: Any, *, field_manager: str = "pretrain-operator") -> None:
         self.api = api_client
+        self.api.user_agent = f"{field_manager}/{__version__}"  # how audit logs tell us apart
         self.field_manager = field_manager
         self.requests: Counter[str] = Counter()  # by verb, for benchmarks and metrics
 
