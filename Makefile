@@ -67,10 +67,12 @@ $(TOOLS)/bin/helm:
 # Regenerate the committed CRD after changing the API models.
 crd: $(STAMP)
 	$(BIN)/pretrainctl crd --output crds/pretrainjob.yaml
+	cp crds/pretrainjob.yaml charts/pretrain-operator/crds/pretrainjob.yaml
 
 # Regenerate the committed Grafana dashboards after changing dashboards/generate.py.
 dashboards: $(STAMP)
 	$(BIN)/python dashboards/generate.py
+	cp dashboards/*.json alerts/pretrainjob-rules.yaml charts/pretrain-operator/files/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis runs
