@@ -12,10 +12,12 @@ Every second since the job started (suspensions excluded) lands in exactly one b
 - ``stage_transition``: from a stage's last step to the next stage's first, less its restore;
 - ``waiting_for_workers``: no group could run for lack of workers;
 - ``startup``: the first attempt's start, before the job's very first step;
-- ``other``: the rest (logging, data loading between steps, the time after the last step).
+- ``other``: the rest (logging, data loading between steps).
 
-``goodput_ratio = productive / wall``. Recovery times (a loss to the first step of the attempt
-that followed it) come out of the same walk.
+``goodput_ratio = productive / wall``, where the wall time ends at the last moment whose use is
+known (the last step, or the start of an attempt or a wait after it): no bucket ever shrinks.
+Recovery times (a loss to the first step of the attempt that followed it) come out of the same
+walk.
 """
 
 from __future__ import annotations
@@ -99,7 +101,13 @@ def account(
         else:
             badput["restart"] += end - begin  # redone after a failure: lost work
         edge = max(edge, end)
-    charge_gap(edge, now, None)
+    # After the last step, only what is already known: waiting, and the time up to the start of
+    # an attempt. The rest is charged once the next step says how it was spent, so no bucket
+    # ever shrinks (they are Prometheus counters) and the accounted wall time ends there.
+    known = [a.started for a in attempts if edge < a.started <= now]
+    known += [min(b, now) for a, b in waiting if a < now]
+    settled = max([edge, *known])
+    charge_gap(edge, settled, None)
 
     recoveries = []
     for attempt in attempts:
@@ -109,5 +117,5 @@ def account(
                      None)  # fmt: skip
         if first is not None:
             recoveries.append(first - attempt.lost_at)
-    wall = max(now - started - _overlap(started, now, suspended), 0.0)
+    wall = max(settled - started - _overlap(started, settled, suspended), 0.0)
     return Goodput(wall=wall, productive=productive, badput=badput, recoveries=tuple(recoveries))
