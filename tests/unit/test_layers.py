@@ -41,6 +41,28 @@ FORBIDDEN = {
         "rich",
     ),
     "pretrain_operator.crd": ("torch", "deepspeed", "kopf", "kubernetes", "pretrain_operator.cli"),
+    # The two backends know nothing of each other; telemetry serves both and neither's API.
+    "pretrain_operator.telemetry": (
+        "torch",
+        "deepspeed",
+        "kopf",
+        "kubernetes",
+        "pretrain_operator.kube",
+        "pretrain_operator.local",
+        "pretrain_operator.cli",
+    ),
+    "pretrain_operator.kube": (
+        "torch",
+        "deepspeed",
+        "pretrain_operator.local",
+        "pretrain_operator.cli",
+    ),
+    "pretrain_operator.local": (
+        "kopf",
+        "kubernetes",
+        "pretrain_operator.kube",
+        "pretrain_operator.cli",
+    ),
 }
 
 
