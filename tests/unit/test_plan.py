@@ -229,3 +229,15 @@ def test_a_start_waits_up_to_the_cool_down_for_capacity_being_scheduled() -> Non
     late = _go(spec, waiting.status, *_idle(0), *coming, at=NOW + timedelta(seconds=61))
     assert late.group is not None
     assert late.group.slots == (0,)
+
+
+def test_a_worker_that_never_starts_counts_as_lost_after_the_start_timeout() -> None:
+    spec = _spec(startTimeoutSeconds=300)
+    status = _started(spec, 0, 1)
+    stuck = (*_running(1, 0), Worker(slot=1, state=S.PENDING, attempt=1, stage=0))
+    waiting = _go(spec, status, *stuck, at=NOW + timedelta(seconds=299))
+    assert waiting.status.phase != Phase.RESTARTING  # still within the timeout
+    restarted = _go(spec, status, *stuck, at=NOW + timedelta(seconds=301))
+    assert restarted.status.phase == Phase.RESTARTING
+    assert restarted.status.restarts.by_reason == {"WorkerLost": 1}
+    assert "worker 1 did not start within 300s" in restarted.status.conditions[-1].message

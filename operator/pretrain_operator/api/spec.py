@@ -86,6 +86,9 @@ class ElasticConfig(Spec):
     """Delay before a restart after a failure; doubles on consecutive failures."""
     scale_up_cooldown_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
     """Time to wait after a resize before growing again, so flapping nodes do not thrash."""
+    start_timeout_seconds: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    """A worker of a new attempt that is still not running after this long (its pod never
+    scheduled, its image never pulled) counts as lost: the group restarts without it."""
 
     @property
     def max_count(self) -> int:

@@ -214,6 +214,20 @@ def _broken(status: JobStatus, current: list[Worker]) -> tuple[Reason, str] | No
     return None
 
 
+def _stuck(
+    spec: PretrainJobSpec, status: JobStatus, current: list[Worker], now: datetime
+) -> tuple[Reason, str] | None:
+    """A worker of the current attempt that has not started within the start timeout."""
+    limit = spec.elastic.start_timeout_seconds
+    started = status.attempt_started_at
+    if started is None or (now - started).total_seconds() <= limit:
+        return None
+    pending = [w.slot for w in current if w.state == WorkerState.PENDING]
+    if not pending:
+        return None
+    return Reason.WORKER_LOST, f"worker {pending[0]} did not start within {limit:g}s"
+
+
 def plan(spec: PretrainJobSpec, status: JobStatus, observed: Observed, now: datetime) -> Plan:
     if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
         return Plan(group=None, status=status, stop=_running_slots(observed))
@@ -280,7 +294,7 @@ def plan(spec: PretrainJobSpec, status: JobStatus, observed: Observed, now: date
             events=(Event(Reason.PERMANENT_ERROR, message, warning=True),),
         )
 
-    broken = _broken(status, current)
+    broken = _broken(status, current) or _stuck(spec, status, current, now)
     if broken is not None:
         return _restart(spec, status, observed, stage, now, *broken, events=events)
 
