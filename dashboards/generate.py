@@ -194,7 +194,17 @@ def overview() -> board.Dashboard:
     )
     dash = dash.with_panel(
         _series(
-            "Goodput and badput by reason",
+            "Goodput",
+            _query(f"pretrainjob_goodput_ratio{{{JOB}}}", "goodput (control plane)"),
+            _query(f"pretrainjob:step_time_ratio:rate1h{{{JOB}}}", "in training steps, 1h"),
+            unit="percentunit",
+            description="The control plane's goodput (local runs), and the share of the last "
+            "hour the trainers spent inside steps (everywhere; redone steps included).",
+        )
+    )
+    dash = dash.with_panel(
+        _series(
+            "Badput by reason",
             _query(f"pretrainjob_badput_seconds_total{{{JOB}}}", "{{reason}}"),
             unit="s",
             stacked=True,

@@ -91,7 +91,7 @@ def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
     groups = prometheus.api("rules")["groups"]
     health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
     assert health == dict.fromkeys(health, "ok")
-    assert len(health) == 6
+    assert len(health) == 7  # 6 alerts and the recording rule
 
     # Goodput, against the run's own logs.
     goodput = Journal(run_dir).goodput(now=ended)
