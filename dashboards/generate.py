@@ -196,10 +196,10 @@ def overview() -> board.Dashboard:
         _series(
             "Goodput",
             _query(f"pretrainjob_goodput_ratio{{{JOB}}}", "goodput (control plane)"),
-            _query(f"pretrainjob:step_time_ratio:rate1h{{{JOB}}}", "in training steps, 1h"),
+            _query(f"pretrainjob:step_time_ratio:rate5m{{{JOB}}}", "in training steps, 5m"),
             unit="percentunit",
-            description="The control plane's goodput (local runs), and the share of the last "
-            "hour the trainers spent inside steps (everywhere; redone steps included).",
+            description="The control plane's goodput (local runs), and the share of the last 5 "
+            "minutes the trainers spent inside steps (everywhere; redone steps included).",
         )
     )
     dash = dash.with_panel(

@@ -56,7 +56,7 @@ def test_the_prometheus_rule_carries_exactly_the_plain_rules() -> None:
     assert resource["spec"] == plain
     alerts = {r["alert"] for g in plain["groups"] for r in g["rules"] if "alert" in r}
     records = {r["record"] for g in plain["groups"] for r in g["rules"] if "record" in r}
-    assert records == {"pretrainjob:step_time_ratio:rate1h"}
+    assert records == {"pretrainjob:step_time_ratio:rate5m"}
     assert alerts == {"PretrainJobFailed", "PretrainJobStalled", "PretrainJobRestartsSpiking",
                       "PretrainJobSlowRestore", "PretrainJobCheckpointStale",
                       "PretrainJobLowGoodput"}  # fmt: skip
