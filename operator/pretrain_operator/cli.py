@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,6 +150,10 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     if job is None:
         return EXIT_INVALID
     run_dir = Path(args.dir or Path("runs") / job.name)
+    # Ctrl-C, and a plain `kill`, suspend the job (workers save, checkpoints stay), even when
+    # the shell that started us left SIGINT ignored (a background job of a script).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with Display(job, run_dir, out) as display:
             status = run(job, run_dir, workers=args.workers, on_update=display.update,
