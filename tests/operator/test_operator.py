@@ -139,7 +139,10 @@ def test_a_node_going_not_ready_shrinks_the_group_and_its_return_grows_it(
         node = cluster.pod("demo-a1-w0")["spec"]["nodeName"]
         cluster.node_not_ready(node)  # the node that hosts rank 0
         cluster.eventually(lambda: attempt(cluster, 2, size=1), what="shrunk to 1")
-        moved = cluster.eventually(lambda: cluster.pods("rendezvous"), what="rendezvous pod")
+        moved = cluster.eventually(
+            lambda: [p for p in cluster.pods("rendezvous") if p["spec"].get("nodeName")],
+            what="rendezvous pod placed",
+        )
         assert moved[0]["spec"]["nodeName"] != node  # its store went down with the node
         lost = status(cluster)
         assert lost["restarts"]["byReason"] == {"WorkerLost": 1}

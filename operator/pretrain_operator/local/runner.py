@@ -111,6 +111,7 @@ def run(
     metrics = OperatorMetrics() if metrics_port else None
     server = _serve(metrics, metrics_port) if metrics is not None and metrics_port else None
     spec = job.spec
+    counted = 0.0  # when goodput was last computed
     try:
         while True:
             started = time.perf_counter()
@@ -121,9 +122,13 @@ def run(
             _write_json(run_dir / STATUS, status.model_dump(mode="json", by_alias=True))
             if metrics is not None:
                 metrics.reconcile_seconds.observe(time.perf_counter() - started)
-                metrics.jobs[("local", job.name)] = JobSnapshot(
-                    "local", job.name, status, journal.goodput()
-                )
+                previous = metrics.jobs.get(("local", job.name))
+                fresh = previous is None or result.events or time.monotonic() - counted > 5.0
+                # Goodput walks every step record: recount on events, else every 5 s at most.
+                if fresh:
+                    counted = time.monotonic()
+                goodput = journal.goodput() if fresh or previous is None else previous.goodput
+                metrics.jobs[("local", job.name)] = JobSnapshot("local", job.name, status, goodput)
             on_update(Update(status, result.events, result))
             if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
                 return status
