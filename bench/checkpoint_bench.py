@@ -76,11 +76,19 @@ def launch(args: argparse.Namespace) -> int:
             "OMP_NUM_THREADS": "1",
         }
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", __file__, args.what, "--worker",
-            f"--rounds={args.rounds}", f"--bandwidth={args.bandwidth}",
-            f"--cache={args.cache}", f"--nodes={args.nodes}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            __file__,
+            args.what,
+            "--worker",
+            f"--rounds={args.rounds}",
+            f"--bandwidth={args.bandwidth}",
+            f"--cache={args.cache}",
+            f"--nodes={args.nodes}",
+        ]
         return subprocess.run(command, env=env, check=False).returncode
 
 

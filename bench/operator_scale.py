@@ -92,8 +92,10 @@ def one_big_job(workers: int) -> None:
         cluster.schedule()
         _pass(client)  # Running
         listed = [_pass(client) for _ in range(10)]
-        cache = (client.list_pods("default", selector="pretrain.dev/job=big"),
-                 {n: True for n in cluster.ready_nodes()})  # fmt: skip
+        cache = (
+            client.list_pods("default", selector="pretrain.dev/job=big"),
+            {n: True for n in cluster.ready_nodes()},
+        )
         cached = [_pass(client, cache) for _ in range(10)]
         seconds = statistics.median(s for s, _ in cached)
         requests = max(r for _, r in cached)
@@ -103,8 +105,12 @@ def one_big_job(workers: int) -> None:
         template = pods[0]
         started = time.perf_counter()
         for i in range(workers):
-            pod = {"apiVersion": "v1", "kind": "Pod", "spec": template["spec"],
-                   "metadata": {"name": f"raw-{i}", "labels": {"raw": "yes"}}}  # fmt: skip
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "spec": template["spec"],
+                "metadata": {"name": f"raw-{i}", "labels": {"raw": "yes"}},
+            }
             client.create(pod, namespace="baseline")
         raw_create = time.perf_counter() - started
         started = time.perf_counter()
@@ -115,11 +121,15 @@ def one_big_job(workers: int) -> None:
         server.__exit__(None, None, None)
     group = first + second
     print(f"one job of {workers} workers")
-    print(f"  first pass (job objects, {workers} standbys)   {first:7.2f} s  "
-          f"{first_requests} requests")  # fmt: skip
+    print(
+        f"  first pass (job objects, {workers} standbys)   {first:7.2f} s  "
+        f"{first_requests} requests"
+    )
     print(f"  scheduler + kubelets (the bench, not ours)   {kubelet:7.2f} s")
-    print(f"  second pass (start: {workers} workers)         {second:7.2f} s  "
-          f"{second_requests} requests")  # fmt: skip
+    print(
+        f"  second pass (start: {workers} workers)         {second:7.2f} s  "
+        f"{second_requests} requests"
+    )
     print(
         f"  group created: {group:.2f} s (goal <= 10 s); baseline: {workers} bare pod creates "
         f"{raw_create:.2f} s; ratio {group / raw_create:.2f}"

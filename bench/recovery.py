@@ -66,17 +66,33 @@ def _job(model: str, steps: int) -> dict[str, object]:
         "spec": {
             "image": "pretrain-trainer:bench",
             "model": MODELS[model],
-            "data": {"sources": [{"name": "code", "path": "data/code"},
-                                 {"name": "prose", "path": "data/prose"}]},
-            "elastic": {"minWorkers": 1, "maxWorkers": 2, "restartBackoffSeconds": 0,
-                        "scaleUpCooldownSeconds": 86400},
+            "data": {
+                "sources": [
+                    {"name": "code", "path": "data/code"},
+                    {"name": "prose", "path": "data/prose"},
+                ]
+            },
+            "elastic": {
+                "minWorkers": 1,
+                "maxWorkers": 2,
+                "restartBackoffSeconds": 0,
+                "scaleUpCooldownSeconds": 86400,
+            },
             "checkpoint": {"intervalSteps": 4, "keep": 2},
             "trainer": {"logEverySteps": 1000},
-            "stages": [{"name": "bench", "budget": {"steps": steps},
-                        "dataMix": {"code": 1, "prose": 1}, "globalBatchSize": 4,
-                        "microBatchSize": 1, "precision": "fp32", "zeroStage": 1}],
+            "stages": [
+                {
+                    "name": "bench",
+                    "budget": {"steps": steps},
+                    "dataMix": {"code": 1, "prose": 1},
+                    "globalBatchSize": 4,
+                    "microBatchSize": 1,
+                    "precision": "fp32",
+                    "zeroStage": 1,
+                }
+            ],
         },
-    }  # fmt: skip
+    }
 
 
 Phases = dict[str, float]
@@ -138,14 +154,24 @@ def membership(job: PretrainJob, run_dir: Path) -> Phases:
                 env = worker_env(job, run_dir, stage=0, attempt=1, report=folder / "report.json")
                 env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # else scale-up fails
                 command = torchrun_command(
-                    job, store_port=store.port, rdzv_id="recovery-elastic", nnodes="1:2",
-                    rdzv_conf=MEMBERSHIP_CONF, max_restarts=3,
-                )  # fmt: skip
+                    job,
+                    store_port=store.port,
+                    rdzv_id="recovery-elastic",
+                    nnodes="1:2",
+                    rdzv_conf=MEMBERSHIP_CONF,
+                    max_restarts=3,
+                )
                 with (folder / "agent.log").open("ab") as log:
-                    agents.append(subprocess.Popen(
-                        command, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    ))  # fmt: skip
+                    agents.append(
+                        subprocess.Popen(
+                            command,
+                            env=env,
+                            cwd=run_dir,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            start_new_session=True,
+                        )
+                    )
             while not _latest(run_dir).exists():
                 time.sleep(0.05)
             logs = [run_dir / "workers" / str(slot) / "agent.log" for slot in (0, 1)]

@@ -66,10 +66,17 @@ def launch(args: argparse.Namespace) -> int:
             "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc)),
         }
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={args.nproc}", __file__, "--worker",
-            f"--steps={args.steps}", f"--rounds={args.rounds}", f"--warmup={args.warmup}",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc}",
+            __file__,
+            "--worker",
+            f"--steps={args.steps}",
+            f"--rounds={args.rounds}",
+            f"--warmup={args.warmup}",
+        ]
         return subprocess.run(command, env=env, check=False).returncode
 
 

@@ -52,8 +52,12 @@ def main() -> int:
             chaos.start()
             started = time.time()
             try:
-                run(load_job(ROOT / "examples" / "tiny-cpu.yaml"), run_dir, workers=2,
-                    metrics_port=prometheus.targets[0])  # fmt: skip
+                run(
+                    load_job(ROOT / "examples" / "tiny-cpu.yaml"),
+                    run_dir,
+                    workers=2,
+                    metrics_port=prometheus.targets[0],
+                )
             finally:
                 stop.set()
                 chaos.join()

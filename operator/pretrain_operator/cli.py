@@ -156,8 +156,13 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with Display(job, run_dir, out) as display:
-            status = run(job, run_dir, workers=args.workers, on_update=display.update,
-                         metrics_port=args.metrics_port)  # fmt: skip
+            status = run(
+                job,
+                run_dir,
+                workers=args.workers,
+                on_update=display.update,
+                metrics_port=args.metrics_port,
+            )
     except RunError as error:
         _error(f"error: {error}")
         return EXIT_INVALID
@@ -211,8 +216,13 @@ def _render(args: argparse.Namespace, out: Console) -> int:
         return EXIT_INVALID
     try:
         gang = Gang(None if args.gang == "none" else args.gang)
-        objects = render(job, namespace=args.namespace, stage=args.stage, workers=args.workers,
-                         options=Options(gang=gang))  # fmt: skip
+        objects = render(
+            job,
+            namespace=args.namespace,
+            stage=args.stage,
+            workers=args.workers,
+            options=Options(gang=gang),
+        )
     except RenderError as error:
         _error(f"error: {error}")
         return EXIT_INVALID
@@ -333,8 +343,12 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--namespace", default="default")
     render.add_argument("--stage", type=int, default=0, help="stage index (default: 0)")
     render.add_argument("--workers", type=int, help="workers (default: elastic.maxWorkers)")
-    render.add_argument("--gang", choices=["none", "volcano", "coscheduling"], default="none",
-                        help="add the PodGroup of this gang scheduler")  # fmt: skip
+    render.add_argument(
+        "--gang",
+        choices=["none", "volcano", "coscheduling"],
+        default="none",
+        help="add the PodGroup of this gang scheduler",
+    )
     render.set_defaults(run=_render)
 
     operator = commands.add_parser(

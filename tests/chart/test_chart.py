@@ -27,9 +27,16 @@ CHART = ROOT / "charts" / "pretrain-operator"
 HELM = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
 needs_helm = pytest.mark.skipif(not os.access(HELM, os.X_OK), reason="helm is not installed")
 
-EVERYTHING = ["--set", "metrics.serviceMonitor.enabled=true", "--set",
-              "metrics.podMonitor.enabled=true", "--set", "prometheusRule.enabled=true",
-              "--set", "gangScheduler=volcano"]  # fmt: skip
+EVERYTHING = [
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "metrics.podMonitor.enabled=true",
+    "--set",
+    "prometheusRule.enabled=true",
+    "--set",
+    "gangScheduler=volcano",
+]
 NAMESPACED = ["--set", "namespaces={ml,research}"]
 CONFIGS = {"default": [], "namespaced": NAMESPACED, "everything": EVERYTHING}
 # Kinds Kubernetes' own schemas do not know (CRD instances).
@@ -118,13 +125,20 @@ def test_rbac_grants_nothing_broad_no_secrets_and_no_exec(config: str) -> None:
         cluster = [rule for kind, rule in rules if kind == "ClusterRole"]
         assert {v for rule in cluster for v in rule["verbs"]} == {"list", "watch"}  # reads only
         assert {r for rule in cluster for r in rule["resources"]} == {
-            "namespaces", "customresourcedefinitions", "nodes"}  # fmt: skip
+            "namespaces",
+            "customresourcedefinitions",
+            "nodes",
+        }
 
 
 def _granted(documents: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {(group, resource, verb) for _, rule in _rules(documents)
-            for group in rule["apiGroups"] for resource in rule["resources"]
-            for verb in rule["verbs"]}  # fmt: skip
+    return {
+        (group, resource, verb)
+        for _, rule in _rules(documents)
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
 
 
 @needs_helm
@@ -138,13 +152,20 @@ def test_every_request_of_a_recorded_operator_run_is_granted(apiserver: ApiServe
             )
             cluster.finish(group[0]["metadata"]["name"], exit_code=1)  # a restart
             cluster.eventually(lambda: "Restarted" in str(apiserver.objects("events")))
-            cluster.client.request("PATCH", f"{jobs}/demo", body={"spec": {"suspend": True}},
-                                   content_type="application/merge-patch+json")  # fmt: skip
+            cluster.client.request(
+                "PATCH",
+                f"{jobs}/demo",
+                body={"spec": {"suspend": True}},
+                content_type="application/merge-patch+json",
+            )
             cluster.eventually(lambda: cluster.pods() == [])
             cluster.client.request("DELETE", f"{jobs}/demo")
             cluster.eventually(lambda: apiserver.objects("pretrainjobs") == [])
-    used = {(g, resource, verb) for (agent, g, resource, verb) in apiserver.requests_by_agent
-            if agent in ("kopf", "pretrain-operator")}  # fmt: skip
+    used = {
+        (g, resource, verb)
+        for (agent, g, resource, verb) in apiserver.requests_by_agent
+        if agent in ("kopf", "pretrain-operator")
+    }
     assert ("", "pods", "create") in used  # the recording is of the operator at work
     assert ("pretrain.dev", "pretrainjobs/status", "patch") in used
     for config in ("default", "namespaced"):
@@ -212,8 +233,9 @@ def test_the_images_provide_the_entry_points_the_code_runs() -> None:
     operator = dict(_instructions(ROOT / "operator" / "Dockerfile"))
     assert json.loads(operator["ENTRYPOINT"])[0] in scripts  # pretrainctl
     assert json.loads(operator["CMD"]) == ["operator"]
-    installs = [arg for command, arg in _instructions(ROOT / "operator" / "Dockerfile")
-                if command == "RUN"]  # fmt: skip
+    installs = [
+        arg for command, arg in _instructions(ROOT / "operator" / "Dockerfile") if command == "RUN"
+    ]
     assert not [i for i in installs if "torch" in i or "deepspeed" in i]  # a slim image
     trainer = (ROOT / "trainer" / "Dockerfile").read_text()
     assert "pytorch/pytorch:" in trainer  # an official PyTorch CUDA image: torchrun included
@@ -223,8 +245,7 @@ def test_the_images_provide_the_entry_points_the_code_runs() -> None:
     from pretrain_operator.plan import Group
 
     tiny = load_job(ROOT / "examples" / "tiny-cpu.yaml")
-    commands = [worker_pod(tiny, Group(0, 1, (0,)), 0), rendezvous_pod(tiny),
-                standby_pod(tiny, 0)]  # fmt: skip
+    commands = [worker_pod(tiny, Group(0, 1, (0,)), 0), rendezvous_pod(tiny), standby_pod(tiny, 0)]
     for pod in commands:
         command = pod["spec"]["containers"][0]["command"]
         if command[:2] == ["python", "-m"]:

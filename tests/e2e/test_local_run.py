@@ -172,8 +172,11 @@ def test_backend_reads_the_trainers_outcome_from_its_report(tmp_path: Path) -> N
     assert (_report(report), _trainer_exit(report, 1)) == (None, 1)  # no report: torchrun's code
     report.write_text(json.dumps({"finished": False, "exitCode": 78, "error": "bad shard"}))
     assert (_report(report), _trainer_exit(report, 1)) == (None, 78)
-    report.write_text(json.dumps({"finished": True, "stage": 1, "step": 40, "tokens": 9,
-                                  "loss": 2.5, "checkpoint": "/c"}))  # fmt: skip
+    report.write_text(
+        json.dumps(
+            {"finished": True, "stage": 1, "step": 40, "tokens": 9, "loss": 2.5, "checkpoint": "/c"}
+        )
+    )
     stage_report = _report(report)
     assert stage_report is not None
     assert (stage_report.stage, stage_report.step, stage_report.loss) == (1, 40, 2.5)
@@ -213,8 +216,17 @@ def test_an_unwritable_checkpoint_path_fails_the_job_naming_it_and_a_rerun_retri
 
 def test_ctrl_c_suspends_with_a_checkpoint_and_a_second_run_resumes(tmp_path: Path) -> None:
     run_dir = _prepared(tmp_path, "run")
-    command = [sys.executable, "-m", "pretrain_operator.cli", "run", str(TINY),
-               "--dir", str(run_dir), "--workers", "2"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain_operator.cli",
+        "run",
+        str(TINY),
+        "--dir",
+        str(run_dir),
+        "--workers",
+        "2",
+    ]
     with (tmp_path / "pretrainctl.log").open("wb") as log:
         cli = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -46,21 +46,27 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{
-                "job_name": "pretrain",
-                "honor_labels": True,  # our `job` label is the PretrainJob's name
-                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in self.targets]}],
-            }],
-        }  # fmt: skip
+            "scrape_configs": [
+                {
+                    "job_name": "pretrain",
+                    "honor_labels": True,  # our `job` label is the PretrainJob's name
+                    "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in self.targets]}],
+                }
+            ],
+        }
         (self.workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = self.workdir / "prometheus.log"
         with log.open("wb") as out:
             self.process = subprocess.Popen(
-                ["prometheus", f"--config.file={self.workdir / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                [
+                    "prometheus",
+                    f"--config.file={self.workdir / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -17,8 +17,12 @@ RULES = ROOT / "alerts" / "pretrainjob-rules.yaml"
 
 
 def test_committed_dashboards_are_what_the_generator_writes() -> None:
-    done = subprocess.run([sys.executable, str(DASHBOARDS / "generate.py"), "--check"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(DASHBOARDS / "generate.py"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -57,14 +61,20 @@ def test_the_prometheus_rule_carries_exactly_the_plain_rules() -> None:
     alerts = {r["alert"] for g in plain["groups"] for r in g["rules"] if "alert" in r}
     records = {r["record"] for g in plain["groups"] for r in g["rules"] if "record" in r}
     assert records == {"pretrainjob:step_time_ratio:rate5m"}
-    assert alerts == {"PretrainJobFailed", "PretrainJobStalled", "PretrainJobRestartsSpiking",
-                      "PretrainJobSlowRestore", "PretrainJobCheckpointStale",
-                      "PretrainJobLowGoodput"}  # fmt: skip
+    assert alerts == {
+        "PretrainJobFailed",
+        "PretrainJobStalled",
+        "PretrainJobRestartsSpiking",
+        "PretrainJobSlowRestore",
+        "PretrainJobCheckpointStale",
+        "PretrainJobLowGoodput",
+    }
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 def test_promtool_accepts_the_rules() -> None:
-    done = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True,
-                          text=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS: 7 rules found" in done.stdout

@@ -65,8 +65,12 @@ def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
     chaos.start()
     started = time.time()
     try:
-        status = run(load_job(ROOT / "examples" / "tiny-cpu.yaml"), run_dir, workers=2,
-                     metrics_port=metrics_port)  # fmt: skip
+        status = run(
+            load_job(ROOT / "examples" / "tiny-cpu.yaml"),
+            run_dir,
+            workers=2,
+            metrics_port=metrics_port,
+        )
     finally:
         stop.set()
         chaos.join()
@@ -79,8 +83,7 @@ def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
         dashboard = json.loads((ROOT / "dashboards" / name).read_text())
         for panel in dashboard["panels"]:
             for target in panel.get("targets", []):
-                expr = (target["expr"].replace("$namespace", "local")
-                        .replace("$job", "tiny-cpu"))  # fmt: skip
+                expr = target["expr"].replace("$namespace", "local").replace("$job", "tiny-cpu")
                 if not prometheus.values(expr, started, ended):
                     empty.append(f"{name}: {panel['title']}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)

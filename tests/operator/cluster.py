@@ -55,9 +55,11 @@ class Cluster:
     def _node_ready(self, name: str, ready: bool) -> None:
         condition = {"type": "Ready", "status": "True" if ready else "False"}
         self.client.request(
-            "PATCH", f"/api/v1/nodes/{name}/status", body={"status": {"conditions": [condition]}},
+            "PATCH",
+            f"/api/v1/nodes/{name}/status",
+            body={"status": {"conditions": [condition]}},
             content_type="application/merge-patch+json",
-        )  # fmt: skip
+        )
 
     def node_not_ready(self, name: str) -> None:
         with self.lock:
@@ -80,9 +82,11 @@ class Cluster:
 
     def _status(self, name: str, status: dict[str, Any]) -> None:
         self.client.request(
-            "PATCH", f"/api/v1/namespaces/{self.namespace}/pods/{name}/status",
-            body={"status": status}, content_type="application/merge-patch+json",
-        )  # fmt: skip
+            "PATCH",
+            f"/api/v1/namespaces/{self.namespace}/pods/{name}/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+        )
 
     def schedule(self) -> None:
         """One pass of scheduler and kubelets."""
@@ -113,12 +117,21 @@ class Cluster:
                 if node is None:
                     continue
                 self.client.request(
-                    "PATCH", f"/api/v1/namespaces/{self.namespace}/pods/{name}",
+                    "PATCH",
+                    f"/api/v1/namespaces/{self.namespace}/pods/{name}",
                     body={"spec": {"nodeName": node}},
                     content_type="application/merge-patch+json",
-                )  # fmt: skip
-                self._status(name, {"phase": "Running", "podIP": "127.0.0.1", "containerStatuses": [
-                    {"name": "trainer", "ready": True, "state": {"running": {}}}]})  # fmt: skip
+                )
+                self._status(
+                    name,
+                    {
+                        "phase": "Running",
+                        "podIP": "127.0.0.1",
+                        "containerStatuses": [
+                            {"name": "trainer", "ready": True, "state": {"running": {}}}
+                        ],
+                    },
+                )
 
     def _preempt_standby(self, pods: list[dict[str, Any]]) -> None:
         """What the scheduler does for a pending pod of higher priority: delete a running
@@ -141,15 +154,20 @@ class Cluster:
         if report is not None:
             terminated["message"] = json.dumps(report)
         with self.lock:
-            self._status(name, {
-                "phase": "Succeeded" if exit_code == 0 else "Failed",
-                "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}],
-            })  # fmt: skip
+            self._status(
+                name,
+                {
+                    "phase": "Succeeded" if exit_code == 0 else "Failed",
+                    "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}],
+                },
+            )
 
     def describe(self) -> str:
         """Pods, job status and events: what a failed test should show."""
-        pods = [(p["metadata"]["name"], p["spec"].get("nodeName"), p.get("status", {}).get("phase"))
-                for p in self.pods()]  # fmt: skip
+        pods = [
+            (p["metadata"]["name"], p["spec"].get("nodeName"), p.get("status", {}).get("phase"))
+            for p in self.pods()
+        ]
         jobs = [
             (j["metadata"]["name"], j.get("status")) for j in self.server.objects("pretrainjobs")
         ]

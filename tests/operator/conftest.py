@@ -26,8 +26,11 @@ def running_operator(server: ApiServer, **settings: Any) -> Iterator[KopfRunner]
     """The operator as a user runs it (one replica), until the block ends."""
     registry = kopf.OperatorRegistry()
     kopf_login(server, registry=registry)
-    defaults = {"standalone": True, "resync_seconds": 1.0,
-                "standby_priority_class": "pretrain-standby"}  # fmt: skip
+    defaults = {
+        "standalone": True,
+        "resync_seconds": 1.0,
+        "standby_priority_class": "pretrain-standby",
+    }
     operator = OperatorSettings(**{**defaults, **settings})
     register(registry, operator=operator, make_client=lambda: KubeClient(server.client()))
     args = ["run", "--standalone", "--namespace=default"]
@@ -49,12 +52,25 @@ def job(name: str = "demo", *, stages: int = 2, **spec: Any) -> dict[str, Any]:
         "image": "trainer:test",
         "model": {"layers": 2, "hidden": 64, "heads": 4, "vocabSize": 256, "seqLen": 64},
         "data": {"sources": [{"name": "web", "path": "/data/web"}]},
-        "elastic": {"minWorkers": 1, "maxWorkers": 3, "maxRestarts": 3,
-                    "restartBackoffSeconds": 0, "scaleUpCooldownSeconds": 2},
+        "elastic": {
+            "minWorkers": 1,
+            "maxWorkers": 3,
+            "maxRestarts": 3,
+            "restartBackoffSeconds": 0,
+            "scaleUpCooldownSeconds": 2,
+        },
         "checkpoint": {"path": "/ckpt", "intervalSteps": 10},
-        "stages": [{"name": f"s{i}", "budget": {"steps": 10}, "dataMix": {"web": 1},
-                    "globalBatchSize": 4, "microBatchSize": 1} for i in range(stages)],
-    }  # fmt: skip
+        "stages": [
+            {
+                "name": f"s{i}",
+                "budget": {"steps": 10},
+                "dataMix": {"web": 1},
+                "globalBatchSize": 4,
+                "microBatchSize": 1,
+            }
+            for i in range(stages)
+        ],
+    }
     body.update(spec)
     return {
         "apiVersion": f"{GROUP}/{VERSION}",

@@ -37,8 +37,9 @@ def create(cluster: Cluster, body: dict[str, Any]) -> None:
 
 
 def patch_spec(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
-    cluster.client.request("PATCH", f"{JOBS}/{name}", body={"spec": spec},
-                           content_type="application/merge-patch+json")  # fmt: skip
+    cluster.client.request(
+        "PATCH", f"{JOBS}/{name}", body={"spec": spec}, content_type="application/merge-patch+json"
+    )
 
 
 def status(cluster: Cluster, name: str = "demo") -> dict[str, Any]:
@@ -65,8 +66,14 @@ def attempt(cluster: Cluster, number: int, size: int = 2) -> list[str]:
 
 
 def report(stage: int, *, step: int = 10) -> dict[str, Any]:
-    return {"finished": True, "stage": stage, "step": step, "tokens": step * 256, "loss": 2.5,
-            "checkpoint": f"/ckpt/demo/stage-{stage}/step-{step}"}  # fmt: skip
+    return {
+        "finished": True,
+        "stage": stage,
+        "step": step,
+        "tokens": step * 256,
+        "loss": 2.5,
+        "checkpoint": f"/ckpt/demo/stage-{stage}/step-{step}",
+    }
 
 
 def names(objects: list[dict[str, Any]]) -> list[str]:
@@ -203,8 +210,9 @@ def test_a_permanent_trainer_error_fails_the_job_with_its_message(
     with running_operator(apiserver):
         create(cluster, job())
         cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
-        cluster.finish("demo-a1-w0", exit_code=1,
-                       report={"finished": False, "exitCode": 78, "error": error})  # fmt: skip
+        cluster.finish(
+            "demo-a1-w0", exit_code=1, report={"finished": False, "exitCode": 78, "error": error}
+        )
         cluster.eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
     failed = next(c for c in status(cluster)["conditions"] if c["type"] == "Failed")
     assert (failed["reason"], failed["message"]) == (
@@ -348,8 +356,9 @@ def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplica
         reconcile(client, body, now=datetime.now(UTC))
 
     cluster.eventually(lambda: (once(failing), len(cluster.pods("standby")) == 2)[1])
-    cluster.eventually(lambda: len([p for p in cluster.pods("standby")
-                                    if p["spec"].get("nodeName")]) == 2)  # fmt: skip
+    cluster.eventually(
+        lambda: len([p for p in cluster.pods("standby") if p["spec"].get("nodeName")]) == 2
+    )
     with pytest.raises(TemporaryApiError):
         once(failing)  # created worker 0, died creating worker 1: no status written
     assert workers(cluster) == ["demo-a1-w0"]
@@ -372,8 +381,13 @@ def test_kubectl_apply_starts_a_job_and_kubectl_shows_its_pods(
     manifest.write_text(yaml.safe_dump(job("from-kubectl")))
 
     def kubectl(*args: str) -> str:
-        done = subprocess.run(["kubectl", f"--kubeconfig={config}", *args], capture_output=True,
-                              text=True, timeout=60, check=True)  # fmt: skip
+        done = subprocess.run(
+            ["kubectl", f"--kubeconfig={config}", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         return done.stdout
 
     with running_operator(apiserver):
@@ -405,8 +419,11 @@ def replica(server: ApiServer, name: str, *, priority: int) -> Iterator[KopfRunn
     registry = kopf.OperatorRegistry()
     kopf_login(server, registry=registry)
     settings = OperatorSettings(peering="pretrain-operator", namespaces=("default",))
-    register(registry, operator=settings,
-             make_client=lambda: CountingClient(server.client(), replica=name))  # fmt: skip
+    register(
+        registry,
+        operator=settings,
+        make_client=lambda: CountingClient(server.client(), replica=name),
+    )
     args = ["run", "--namespace=default", "--peering=pretrain-operator", f"--priority={priority}"]
     with KopfRunner(args, registry=registry, timeout=60) as runner:
         yield runner
@@ -415,10 +432,14 @@ def replica(server: ApiServer, name: str, *, priority: int) -> Iterator[KopfRunn
 def test_of_two_peered_replicas_only_the_one_with_the_highest_priority_acts(
     apiserver: ApiServer, cluster: Cluster
 ) -> None:
-    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
-               "metadata": {"name": "pretrain-operator", "namespace": "default"}}  # fmt: skip
-    cluster.client.request("POST", "/apis/kopf.dev/v1/namespaces/default/kopfpeerings",
-                           body=peering)  # fmt: skip
+    peering = {
+        "apiVersion": "kopf.dev/v1",
+        "kind": "KopfPeering",
+        "metadata": {"name": "pretrain-operator", "namespace": "default"},
+    }
+    cluster.client.request(
+        "POST", "/apis/kopf.dev/v1/namespaces/default/kopfpeerings", body=peering
+    )
     CountingClient.made.clear()
     with replica(apiserver, "first", priority=100), replica(apiserver, "second", priority=50):
         time.sleep(3)  # the peers see each other; the lower one pauses

@@ -133,9 +133,14 @@ def start_trainer(
     command = [sys.executable, "-m", "pretrain_trainer"]
     if torchrun:  # --standalone picks a free rendezvous port: parallel runs never collide
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", "pretrain_trainer",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "pretrain_trainer",
+        ]
     log = workdir / f"stderr-{stage_index}.log"
     with log.open("w") as sink:  # a file, not a pipe: a chatty run can never block on it
         process = subprocess.Popen(

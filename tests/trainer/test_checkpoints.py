@@ -187,9 +187,14 @@ def test_next_stage_starts_from_final_weights_at_another_world_size_and_zero_sta
 ) -> None:
     stages = [
         stage(budget={"steps": 30}, zeroStage=1),
-        stage(name="enhancement", budget={"steps": 5}, zeroStage=3,
-              optimizer={"lr": 1e-3}, lrSchedule={"warmupSteps": 4}),
-    ]  # fmt: skip
+        stage(
+            name="enhancement",
+            budget={"steps": 5},
+            zeroStage=3,
+            optimizer={"lr": 1e-3},
+            lrSchedule={"warmupSteps": 4},
+        ),
+    ]
     config = run_config(corpus, stages=stages)
     first = run_trainer(tmp_path, config, nproc=2, stage_index=0)
     assert first.returncode == 0, first.stderr

@@ -52,8 +52,11 @@ def test_every_pod_runs_unprivileged_without_host_access(example: Any) -> None:
 def test_worker_pods_carry_the_spec_scheduling_and_the_trainer_contract() -> None:
     job = load_job(ROOT / "examples" / "deepseek-3stage.yaml")
     spec = job.spec
-    workers = [p for p in _pods(render(job, namespace="ml", stage=1, workers=64))
-               if p["metadata"]["labels"]["pretrain.dev/role"] == "worker"]  # fmt: skip
+    workers = [
+        p
+        for p in _pods(render(job, namespace="ml", stage=1, workers=64))
+        if p["metadata"]["labels"]["pretrain.dev/role"] == "worker"
+    ]
     assert len(workers) == 64
     last = workers[-1]
     assert last["metadata"]["name"] == f"{job.name}-a1-w63"
@@ -105,8 +108,11 @@ def test_gang_scheduling_adds_a_pod_group_of_the_whole_group(
 def test_a_queue_name_labels_every_pod_for_kueue_as_one_pod_group() -> None:
     job = load_job(ROOT / "examples" / "tiny-cpu.yaml")
     job = job.model_copy(update={"spec": job.spec.model_copy(update={"queue_name": "team-a"})})
-    workers = [p for p in _pods(render(job, namespace="ml"))
-               if p["metadata"]["labels"]["pretrain.dev/role"] == "worker"]  # fmt: skip
+    workers = [
+        p
+        for p in _pods(render(job, namespace="ml"))
+        if p["metadata"]["labels"]["pretrain.dev/role"] == "worker"
+    ]
     for pod in workers:
         assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
         assert pod["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] == "tiny-cpu-a1"

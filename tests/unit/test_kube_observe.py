@@ -55,25 +55,66 @@ REPORT = {"finished": True, "stage": 0, "step": 40, "tokens": 9, "loss": 2.5, "c
     [
         ([pod("w", phase="Pending", node=None)], Worker(0, S.PENDING, attempt=1, stage=0)),
         ([pod("w")], Worker(0, S.RUNNING, attempt=1, stage=0)),
-        ([pod("w", node="n1")],
-         Worker(0, S.LOST, attempt=1, stage=0, reason="node n1 not ready")),
+        ([pod("w", node="n1")], Worker(0, S.LOST, attempt=1, stage=0, reason="node n1 not ready")),
         ([pod("w", deleting=True)], Worker(0, S.LOST, attempt=1, stage=0, reason="deleted")),
-        ([pod("w", conditions=[{"type": "DisruptionTarget", "status": "True",
-                                "reason": "PreemptionByScheduler"}])],
-         Worker(0, S.LOST, attempt=1, stage=0, reason="preempted")),
-        ([pod("w", phase="Failed", reason="Evicted")],
-         Worker(0, S.LOST, attempt=1, stage=0, reason="evicted")),
-        ([pod("w", phase="Failed", terminated={"exitCode": 1, "message": json.dumps(
-            {"finished": False, "exitCode": 78, "error": "bad shard"})})],
-         Worker(0, S.FAILED, attempt=1, stage=0, exit_code=78, reason="bad shard")),
-        ([pod("w", phase="Failed", terminated={"exitCode": 137})],
-         Worker(0, S.FAILED, attempt=1, stage=0, exit_code=137)),
-        ([pod("w", phase="Succeeded", terminated={"exitCode": 0, "message": json.dumps(REPORT)})],
-         Worker(0, S.SUCCEEDED, attempt=1, stage=0, exit_code=0,
-                report=StageReport(stage=0, step=40, tokens=9, loss=2.5, checkpoint="/c"))),
+        (
+            [
+                pod(
+                    "w",
+                    conditions=[
+                        {
+                            "type": "DisruptionTarget",
+                            "status": "True",
+                            "reason": "PreemptionByScheduler",
+                        }
+                    ],
+                )
+            ],
+            Worker(0, S.LOST, attempt=1, stage=0, reason="preempted"),
+        ),
+        (
+            [pod("w", phase="Failed", reason="Evicted")],
+            Worker(0, S.LOST, attempt=1, stage=0, reason="evicted"),
+        ),
+        (
+            [
+                pod(
+                    "w",
+                    phase="Failed",
+                    terminated={
+                        "exitCode": 1,
+                        "message": json.dumps(
+                            {"finished": False, "exitCode": 78, "error": "bad shard"}
+                        ),
+                    },
+                )
+            ],
+            Worker(0, S.FAILED, attempt=1, stage=0, exit_code=78, reason="bad shard"),
+        ),
+        (
+            [pod("w", phase="Failed", terminated={"exitCode": 137})],
+            Worker(0, S.FAILED, attempt=1, stage=0, exit_code=137),
+        ),
+        (
+            [
+                pod(
+                    "w",
+                    phase="Succeeded",
+                    terminated={"exitCode": 0, "message": json.dumps(REPORT)},
+                )
+            ],
+            Worker(
+                0,
+                S.SUCCEEDED,
+                attempt=1,
+                stage=0,
+                exit_code=0,
+                report=StageReport(stage=0, step=40, tokens=9, loss=2.5, checkpoint="/c"),
+            ),
+        ),
         ([], Worker(0, S.LOST, attempt=1, reason="pod deleted")),  # in the group, gone
     ],
-)  # fmt: skip
+)
 def test_the_current_attempts_pod_reads_as_its_worker(
     pods: list[dict[str, Any]], expected: Worker
 ) -> None:
@@ -91,7 +132,7 @@ def test_the_current_attempts_pod_reads_as_its_worker(
         ([pod("old", attempt=1, phase="Succeeded")], Worker(0, S.PENDING)),  # done: no pod yet
         ([], Worker(0, S.PENDING)),  # no pod yet: a standby is about to ask for it
     ],
-)  # fmt: skip
+)
 def test_a_slot_outside_the_group_reads_as_capacity_or_its_absence(
     pods: list[dict[str, Any]], expected: Worker
 ) -> None:
@@ -103,8 +144,11 @@ def test_node_readiness_comes_from_the_ready_condition() -> None:
     def node(name: str, *conditions: dict[str, str]) -> dict[str, Any]:
         return {"metadata": {"name": name}, "status": {"conditions": list(conditions)}}
 
-    nodes = [node("a", {"type": "Ready", "status": "True"}),
-             node("b", {"type": "Ready", "status": "False"}), node("c")]  # fmt: skip
+    nodes = [
+        node("a", {"type": "Ready", "status": "True"}),
+        node("b", {"type": "Ready", "status": "False"}),
+        node("c"),
+    ]
     assert ready_nodes(nodes) == {"a": True, "b": False, "c": False}
 
 

@@ -18,13 +18,26 @@ S = WorkerState
 
 def _spec(**elastic: Any) -> PretrainJobSpec:
     stages = [
-        {"name": "foundation", "budget": {"steps": 10}, "dataMix": {"prose": 1},
-         "globalBatchSize": 8},
-        {"name": "instruction", "budget": {"steps": 10}, "dataMix": {"code": 1},
-         "globalBatchSize": 8},
-    ]  # fmt: skip
-    base = {"minWorkers": 1, "maxWorkers": 4, "maxRestarts": 2, "restartBackoffSeconds": 10,
-            "scaleUpCooldownSeconds": 60}  # fmt: skip
+        {
+            "name": "foundation",
+            "budget": {"steps": 10},
+            "dataMix": {"prose": 1},
+            "globalBatchSize": 8,
+        },
+        {
+            "name": "instruction",
+            "budget": {"steps": 10},
+            "dataMix": {"code": 1},
+            "globalBatchSize": 8,
+        },
+    ]
+    base = {
+        "minWorkers": 1,
+        "maxWorkers": 4,
+        "maxRestarts": 2,
+        "restartBackoffSeconds": 10,
+        "scaleUpCooldownSeconds": 60,
+    }
     return parse_job(minimal_job(stages=stages, elastic={**base, **elastic})).spec
 
 
@@ -179,8 +192,9 @@ def test_the_last_stage_finishing_succeeds_the_job() -> None:
 def test_suspend_stops_workers_and_resume_starts_a_new_attempt() -> None:
     spec = _spec()
     status = _started(spec, 0, 1)
-    suspended = plan(spec.model_copy(update={"suspend": True}), status,
-                     Observed(_running(1, 0, 1)), NOW)  # fmt: skip
+    suspended = plan(
+        spec.model_copy(update={"suspend": True}), status, Observed(_running(1, 0, 1)), NOW
+    )
     assert (suspended.group, suspended.stop) == (None, (0, 1))
     assert suspended.status.phase == Phase.SUSPENDED
     resumed = _go(spec, suspended.status, *_idle(0, 1))

@@ -44,11 +44,17 @@ def torchrun_args(
     the rendezvous down; ``nnodes`` fixed by the control plane, no restarts in place (DESIGN 4).
     Arguments after ``torchrun`` (or ``python -m torch.distributed.run``)."""
     return [
-        f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-id={rdzv_id}", f"--rdzv-conf=is_host=false{rdzv_conf}",
-        f"--max-restarts={max_restarts}", "--monitor-interval=0.5", "-m", "pretrain_trainer",
-    ]  # fmt: skip
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        f"--rdzv-conf=is_host=false{rdzv_conf}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.5",
+        "-m",
+        "pretrain_trainer",
+    ]
 
 
 class ExitCode(IntEnum):

@@ -29,9 +29,12 @@ class Expectations:
     deleted: dict[str, float] = field(default_factory=dict)  # by uid
 
     def record(
-        self, *, created: Iterable[Mapping[str, Any]], deleted: Iterable[Mapping[str, Any]],
+        self,
+        *,
+        created: Iterable[Mapping[str, Any]],
+        deleted: Iterable[Mapping[str, Any]],
         now: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         for pod in created:
             self.created[_uid(pod)] = (now, pod)
         for pod in deleted:

@@ -76,9 +76,12 @@ class KubeClient:
         headers = {"Accept": "application/json", "Content-Type": content_type}
         try:
             method_, url, headers_, body_, _ = self.api.param_serialize(
-                method=method, resource_path=path, header_params=headers, body=body,
+                method=method,
+                resource_path=path,
+                header_params=headers,
+                body=body,
                 auth_settings=["BearerToken"],
-            )  # fmt: skip
+            )
             response = self.api.call_api(method_, url, header_params=headers_, body=body_)
             data = response.read()
         except Exception as error:  # urllib3 and socket errors: the server is unreachable

@@ -86,8 +86,11 @@ def register(
         @kopf.index("", "v1", "nodes", id="node_ready", registry=registry)
         def node_ready(*, name: str, body: kopf.Body, **_: Any) -> dict[str, bool]:
             conditions = body.get("status", {}).get("conditions") or []
-            return {name: any(c.get("type") == "Ready" and c.get("status") == "True"
-                              for c in conditions)}  # fmt: skip
+            return {
+                name: any(
+                    c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+                )
+            }
 
     def one_pass(
         client: KubeClient,
@@ -105,10 +108,14 @@ def register(
             pods = expectations.correct(cached, now=time.monotonic())
             nodes = indexes.get("node_ready")
             readiness = {n: next(iter(v)) for n, v in nodes.items()} if nodes is not None else None
-            outcome = reconcile(client, body, now=datetime.now(UTC), options=options, pods=pods,
-                                readiness=readiness)  # fmt: skip
-            expectations.record(created=outcome.applied.created, deleted=outcome.applied.deleted,
-                                now=time.monotonic())  # fmt: skip
+            outcome = reconcile(
+                client, body, now=datetime.now(UTC), options=options, pods=pods, readiness=readiness
+            )
+            expectations.record(
+                created=outcome.applied.created,
+                deleted=outcome.applied.deleted,
+                now=time.monotonic(),
+            )
             status = outcome.status
             if (
                 time.monotonic() - progressed.get((namespace, name), 0.0)
@@ -116,8 +123,9 @@ def register(
                 and status.phase == Phase.RUNNING
             ):
                 progressed[(namespace, name)] = time.monotonic()
-                status = progress.refresh(client, body, status, pods,
-                                          port=operator.trainer_metrics_port)  # fmt: skip
+                status = progress.refresh(
+                    client, body, status, pods, port=operator.trainer_metrics_port
+                )
             metrics.jobs[(namespace, name)] = JobSnapshot(namespace, name, status)
             return outcome.requeue_after
         finally:

@@ -300,8 +300,10 @@ def worker_pod(
     }
     container["terminationMessagePath"] = contract.REPORT_PATH
     container["terminationMessagePolicy"] = "File"
-    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-              {"name": "shm", "mountPath": "/dev/shm"}]  # fmt: skip
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "shm", "mountPath": "/dev/shm"},
+    ]
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_name(job)}},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},  # NCCL and data loaders use it
@@ -328,8 +330,12 @@ def standby_pod(
     """Asks for a worker's resources where a worker may run, and sleeps. ``priority_class``
     should be one below every workload's (the chart creates one), so any pod that needs the
     node, this job's next worker or another job's, preempts it."""
-    pod = _pod(job, standby_name(job, slot), _labels(job, STANDBY, slot=slot),
-               command=["sleep", "infinity"])  # fmt: skip
+    pod = _pod(
+        job,
+        standby_name(job, slot),
+        _labels(job, STANDBY, slot=slot),
+        command=["sleep", "infinity"],
+    )
     pod["spec"]["terminationGracePeriodSeconds"] = 1
     if priority_class:
         pod["spec"]["priorityClassName"] = priority_class
@@ -352,8 +358,10 @@ def rendezvous_pod(job: PretrainJob) -> dict[str, Any]:
     pod["spec"]["restartPolicy"] = "Always"  # a container restart keeps its address
     container = pod["spec"]["containers"][0]
     container["ports"] = [{"name": "rendezvous", "containerPort": contract.RENDEZVOUS_PORT}]
-    container["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"},
-                              "limits": {"memory": "1Gi"}}  # fmt: skip
+    container["resources"] = {
+        "requests": {"cpu": "100m", "memory": "256Mi"},
+        "limits": {"memory": "1Gi"},
+    }
     if job.spec.tolerations:  # may share the workers' tainted nodes
         pod["spec"]["tolerations"] = [
             t.model_dump(by_alias=True, exclude_none=True) for t in job.spec.tolerations
@@ -364,5 +372,9 @@ def rendezvous_pod(job: PretrainJob) -> dict[str, Any]:
 def job_objects(job: PretrainJob, options: Options | None = None) -> list[dict[str, Any]]:
     """What every job has while it runs, whatever its stage."""
     port = (options or Options()).metrics_port
-    return [service_account(job), service(job, metrics_port=port), config_map(job),
-            rendezvous_pod(job)]  # fmt: skip
+    return [
+        service_account(job),
+        service(job, metrics_port=port),
+        config_map(job),
+        rendezvous_pod(job),
+    ]

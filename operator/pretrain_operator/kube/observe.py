@@ -21,8 +21,17 @@ from typing import Any
 from ..plan import Observed, StageReport, Worker, WorkerState
 from .objects import ATTEMPT, CONTAINER, ROLE, SLOT, STAGE, STANDBY, WORKER
 
-LOST_REASONS = ("Evicted", "Preempting", "Preempted", "NodeLost", "Shutdown", "Terminated",
-                "NodeShutdown", "DeadlineExceeded", "UnexpectedAdmissionError")  # fmt: skip
+LOST_REASONS = (
+    "Evicted",
+    "Preempting",
+    "Preempted",
+    "NodeLost",
+    "Shutdown",
+    "Terminated",
+    "NodeShutdown",
+    "DeadlineExceeded",
+    "UnexpectedAdmissionError",
+)
 
 
 def ready_nodes(nodes: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
@@ -62,10 +71,13 @@ def _stage_report(report: Mapping[str, Any]) -> StageReport | None:
         return None
     try:
         loss = report.get("loss")
-        return StageReport(stage=int(report["stage"]), step=int(report["step"]),
-                           tokens=int(report["tokens"]),
-                           loss=float(loss) if isinstance(loss, int | float) else None,
-                           checkpoint=str(report["checkpoint"]))  # fmt: skip
+        return StageReport(
+            stage=int(report["stage"]),
+            step=int(report["step"]),
+            tokens=int(report["tokens"]),
+            loss=float(loss) if isinstance(loss, int | float) else None,
+            checkpoint=str(report["checkpoint"]),
+        )
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -95,15 +107,26 @@ def _worker(pod: Mapping[str, Any], slot: int, nodes: Mapping[str, bool]) -> Wor
         return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
     if phase == "Succeeded":
         report = _stage_report(termination_report(pod))
-        return Worker(slot=slot, state=WorkerState.SUCCEEDED, attempt=attempt, stage=stage,
-                      exit_code=0, report=report)  # fmt: skip
+        return Worker(
+            slot=slot,
+            state=WorkerState.SUCCEEDED,
+            attempt=attempt,
+            stage=stage,
+            exit_code=0,
+            report=report,
+        )
     if phase == "Failed":
         said = termination_report(pod)
         code = said.get("exitCode", _terminated(pod).get("exitCode"))
         error = said.get("error")
-        return Worker(slot=slot, state=WorkerState.FAILED, attempt=attempt, stage=stage,
-                      exit_code=code if isinstance(code, int) else None,
-                      reason=error if isinstance(error, str) else None)  # fmt: skip
+        return Worker(
+            slot=slot,
+            state=WorkerState.FAILED,
+            attempt=attempt,
+            stage=stage,
+            exit_code=code if isinstance(code, int) else None,
+            reason=error if isinstance(error, str) else None,
+        )
     return Worker(slot=slot, state=WorkerState.PENDING, attempt=attempt, stage=stage)
 
 
@@ -138,20 +161,24 @@ def observe(
         if slot in current:
             workers.append(_worker(current[slot], slot, nodes))
         elif slot in group:
-            workers.append(Worker(slot=slot, state=WorkerState.LOST, attempt=attempt,
-                                  reason="pod deleted"))  # fmt: skip
+            workers.append(
+                Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, reason="pod deleted")
+            )
         elif slot in older:
             old = _worker(older[slot], slot, nodes)
             if old.state in (WorkerState.RUNNING, WorkerState.PENDING):
-                workers.append(Worker(slot=slot, state=WorkerState.RUNNING, attempt=old.attempt,
-                                      stage=old.stage))  # fmt: skip
+                workers.append(
+                    Worker(
+                        slot=slot, state=WorkerState.RUNNING, attempt=old.attempt, stage=old.stage
+                    )
+                )
             elif slot < slots:
                 workers.append(Worker(slot=slot, state=WorkerState.PENDING))  # leaving
         elif slot in standby:
             waiting = _worker(standby[slot], slot, nodes)
-            state = WorkerState.IDLE if waiting.state == WorkerState.RUNNING else (
-                WorkerState.PENDING
-            )  # fmt: skip
+            state = (
+                WorkerState.IDLE if waiting.state == WorkerState.RUNNING else (WorkerState.PENDING)
+            )
             workers.append(Worker(slot=slot, state=state))
         else:  # below ``slots``, and nothing there yet
             workers.append(Worker(slot=slot, state=WorkerState.PENDING))

@@ -79,8 +79,9 @@ def with_progress(
     if progress.seconds_per_step:
         left = max(total - progress.step, 0) * progress.seconds_per_step
         eta = (now + timedelta(seconds=left)).astimezone(UTC)
-    return status.model_copy(update={"step": progress.step, "tokens": progress.tokens,
-                                     "loss": progress.loss, "eta": eta})  # fmt: skip
+    return status.model_copy(
+        update={"step": progress.step, "tokens": progress.tokens, "loss": progress.loss, "eta": eta}
+    )
 
 
 def refresh(
@@ -103,7 +104,8 @@ def refresh(
     updated = with_progress(status, spec, read, now=datetime.now(UTC))
     if updated != status:
         meta = body["metadata"]
-        fields = updated.model_dump(mode="json", by_alias=True, include={"step", "tokens", "loss",
-                                                                         "eta"})  # fmt: skip
+        fields = updated.model_dump(
+            mode="json", by_alias=True, include={"step", "tokens", "loss", "eta"}
+        )
         client.patch_job_status(meta["namespace"], meta["name"], fields)
     return updated

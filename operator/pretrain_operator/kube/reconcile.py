@@ -78,8 +78,13 @@ def invalid(body: Mapping[str, Any], error: SpecError, now: datetime) -> JobStat
         and old.get("message") == (message)
     ):
         since = datetime.fromisoformat(old["lastTransitionTime"].replace("Z", "+00:00"))
-    condition = Condition(type=ConditionType.FAILED, status="True", reason=Reason.INVALID_SPEC,
-                          message=message, last_transition_time=since)  # fmt: skip
+    condition = Condition(
+        type=ConditionType.FAILED,
+        status="True",
+        reason=Reason.INVALID_SPEC,
+        message=message,
+        last_transition_time=since,
+    )
     return JobStatus(
         phase=Phase.FAILED,
         conditions=[condition],
@@ -124,8 +129,13 @@ def reconcile(
         nodes = client.list_nodes()
         readiness = ready_nodes(nodes) if nodes is not None else _assume_ready(pods)
     stage = old.stage.index if old.stage is not None else 0
-    observed = observe(pods, readiness, attempt=old.attempt, group_slots=old.workers.slots,
-                       slots=_useful_slots(job, stage))  # fmt: skip
+    observed = observe(
+        pods,
+        readiness,
+        attempt=old.attempt,
+        group_slots=old.workers.slots,
+        slots=_useful_slots(job, stage),
+    )
     result = plan(job.spec, old, observed, now)
     applied = apply(client, job, result, pods, nodes=readiness, options=options)
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
@@ -200,8 +210,12 @@ def apply(
         pod_group = options.gang.pod_group(job, group)
         if pod_group is not None:
             create(pod_group)
-            client.delete("PodGroup", attempt_name(job, group.attempt - 1), namespace=namespace,
-                          api_version=pod_group["apiVersion"])  # fmt: skip
+            client.delete(
+                "PodGroup",
+                attempt_name(job, group.attempt - 1),
+                namespace=namespace,
+                api_version=pod_group["apiVersion"],
+            )
     group_slots = set(group.slots) if group is not None else set()
     if group is not None:
         for slot in group.slots:
@@ -218,11 +232,16 @@ def apply(
     placing = group is not None and not all(
         _scheduled(by_name.get(worker_name(job, group.attempt, slot))) for slot in group.slots
     )
-    busy = {int(_label(p, SLOT) or -1) for p in pods if _label(p, ROLE) == WORKER
-            and p.get("status", {}).get("phase") in ("Pending", "Running")}  # fmt: skip
-    stage = result.group.stage if result.group is not None else (
-        result.status.stage.index if result.status.stage is not None else 0
-    )  # fmt: skip
+    busy = {
+        int(_label(p, SLOT) or -1)
+        for p in pods
+        if _label(p, ROLE) == WORKER and p.get("status", {}).get("phase") in ("Pending", "Running")
+    }
+    stage = (
+        result.group.stage
+        if result.group is not None
+        else (result.status.stage.index if result.status.stage is not None else 0)
+    )
     for slot in range(_useful_slots(job, stage)):
         if slot in group_slots:
             continue

@@ -67,5 +67,8 @@ class OperatorSettings(BaseModel):
 
     def pod_options(self) -> Options:
         gang = Gang(None if self.gang_scheduler == "none" else self.gang_scheduler)
-        return Options(gang=gang, standby_priority_class=self.standby_priority_class,
-                       metrics_port=self.trainer_metrics_port)  # fmt: skip
+        return Options(
+            gang=gang,
+            standby_priority_class=self.standby_priority_class,
+            metrics_port=self.trainer_metrics_port,
+        )

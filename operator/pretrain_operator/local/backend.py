@@ -88,8 +88,9 @@ class LocalBackend:
             and (process is None or process.attempt != group.attempt)
         )
         if waiting and group is not None:  # its start waits for the old worker to leave
-            return Worker(slot=slot, state=WorkerState.PENDING, attempt=group.attempt,
-                          stage=group.stage)  # fmt: skip
+            return Worker(
+                slot=slot, state=WorkerState.PENDING, attempt=group.attempt, stage=group.stage
+            )
         if process is None:
             return Worker(slot=slot, state=WorkerState.IDLE)
         code = process.popen.poll()
@@ -99,15 +100,31 @@ class LocalBackend:
         if process.stopping or attempt < self.attempt:
             return Worker(slot=slot, state=WorkerState.IDLE)  # stopped on purpose, or history
         if code == 0:
-            return Worker(slot=slot, state=WorkerState.SUCCEEDED, attempt=attempt, stage=stage,
-                          exit_code=0, report=_report(process.report))  # fmt: skip
+            return Worker(
+                slot=slot,
+                state=WorkerState.SUCCEEDED,
+                attempt=attempt,
+                stage=stage,
+                exit_code=0,
+                report=_report(process.report),
+            )
         if code < 0:
-            return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage,
-                          reason=f"killed by signal {-code}")  # fmt: skip
+            return Worker(
+                slot=slot,
+                state=WorkerState.LOST,
+                attempt=attempt,
+                stage=stage,
+                reason=f"killed by signal {-code}",
+            )
         error = _read_report(process.report).get("error")
-        return Worker(slot=slot, state=WorkerState.FAILED, attempt=attempt, stage=stage,
-                      exit_code=_trainer_exit(process.report, code),
-                      reason=error if isinstance(error, str) else None)  # fmt: skip
+        return Worker(
+            slot=slot,
+            state=WorkerState.FAILED,
+            attempt=attempt,
+            stage=stage,
+            exit_code=_trainer_exit(process.report, code),
+            reason=error if isinstance(error, str) else None,
+        )
 
     # -- apply -------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> None:
@@ -157,14 +174,20 @@ class LocalBackend:
         if self.metrics_port is not None:
             env[contract.ENV_METRICS_PORT] = str(self.metrics_port + slot)
         command = torchrun_command(
-            self.job, store_port=self.store_port, rdzv_id=f"{self.job.name}-a{attempt}",
+            self.job,
+            store_port=self.store_port,
+            rdzv_id=f"{self.job.name}-a{attempt}",
             nnodes=str(world),
-        )  # fmt: skip
+        )
         with (folder / f"attempt-{attempt}.log").open("ab") as log:
             popen = subprocess.Popen(
-                command, env=env, cwd=self.run_dir, stdout=log, stderr=subprocess.STDOUT,
+                command,
+                env=env,
+                cwd=self.run_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         self.processes[slot] = _Process(popen, attempt, stage, report)
 
 
@@ -197,12 +220,18 @@ def torchrun_command(
 ) -> list[str]:
     """A torchrun agent on this machine that meets its peers at the run's store."""
     return [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         *contract.torchrun_args(
-            nproc=job.spec.nproc_per_worker, endpoint=f"127.0.0.1:{store_port}",
-            rdzv_id=rdzv_id, nnodes=nnodes, rdzv_conf=rdzv_conf, max_restarts=max_restarts,
+            nproc=job.spec.nproc_per_worker,
+            endpoint=f"127.0.0.1:{store_port}",
+            rdzv_id=rdzv_id,
+            nnodes=nnodes,
+            rdzv_conf=rdzv_conf,
+            max_restarts=max_restarts,
         ),
-    ]  # fmt: skip
+    ]
 
 
 def _read_report(path: Path) -> dict[str, object]:
@@ -217,9 +246,13 @@ def _report(path: Path) -> StageReport | None:
     data = _read_report(path)
     if not data.get("finished"):
         return None
-    return StageReport(stage=int(str(data["stage"])), step=int(str(data["step"])),
-                       tokens=int(str(data["tokens"])), loss=_float(data.get("loss")),
-                       checkpoint=str(data["checkpoint"]))  # fmt: skip
+    return StageReport(
+        stage=int(str(data["stage"])),
+        step=int(str(data["step"])),
+        tokens=int(str(data["tokens"])),
+        loss=_float(data.get("loss")),
+        checkpoint=str(data["checkpoint"]),
+    )
 
 
 def _float(value: object) -> float | None:

@@ -48,11 +48,12 @@ class Display:
         total = stage.total_steps(spec.model)
         step = record["step"] if record and record.get("stage") == index else 0
         head = Text.assemble(
-            (f"{self.job.name} ", "bold"), (f"{status.phase}", "cyan"),
+            (f"{self.job.name} ", "bold"),
+            (f"{status.phase}", "cyan"),
             f"  stage {index + 1}/{len(spec.stages)} {stage.name}",
             f"  workers {status.workers.ready}/{status.workers.desired}",
             f"  attempt {status.attempt}  restarts {status.restarts.total}",
-        )  # fmt: skip
+        )
         line = Text(f"step {step}/{total}")
         if record and record.get("stage") == index:
             rate = (record["tokens"] / max(record["step"], 1)) / max(record["seconds"], 1e-9)

@@ -20,8 +20,13 @@ from ..telemetry.goodput import Attempt, Goodput, account
 EVENTS = "events.jsonl"
 PROGRESS_EVERY = 5.0  # seconds between two progress updates of the status
 LOSSES = (Reason.WORKER_LOST, Reason.WORKER_FAILED, Reason.PREEMPTED)
-STARTS = {Reason.CREATED: "startup", Reason.RESTARTED: "restart", Reason.RESIZED: "restart",
-          Reason.RESUMED: "restart", Reason.STAGE_COMPLETED: "stage_transition"}  # fmt: skip
+STARTS = {
+    Reason.CREATED: "startup",
+    Reason.RESTARTED: "restart",
+    Reason.RESIZED: "restart",
+    Reason.RESUMED: "restart",
+    Reason.STAGE_COMPLETED: "stage_transition",
+}
 WAITING = "WaitingForWorkers"
 ACCOUNTED = ("stage", "step", "time", "seconds", "restoreSeconds", "checkpointBlocking")
 
@@ -102,9 +107,14 @@ class Journal:
             )
             left = max(total - int(record["step"]), 0) * per_step
             eta = datetime.fromtimestamp(record["time"], UTC) + timedelta(seconds=left)
-        return status.model_copy(update={"step": int(record["step"]),
-                                         "tokens": int(record["tokens"]),
-                                         "loss": float(record["loss"]), "eta": eta})  # fmt: skip
+        return status.model_copy(
+            update={
+                "step": int(record["step"]),
+                "tokens": int(record["tokens"]),
+                "loss": float(record["loss"]),
+                "eta": eta,
+            }
+        )
 
     def goodput(self, *, now: float | None = None) -> Goodput | None:
         self.steps.poll()
@@ -137,6 +147,11 @@ class Journal:
             waiting.append((wait_from, now))
         if pause_from is not None:
             suspended.append((pause_from, now))
-        return account(started=float(self.timeline[0]["time"]), now=now,
-                       steps=self.steps.records, attempts=attempts, waiting=waiting,
-                       suspended=suspended)  # fmt: skip
+        return account(
+            started=float(self.timeline[0]["time"]),
+            now=now,
+            steps=self.steps.records,
+            attempts=attempts,
+            waiting=waiting,
+            suspended=suspended,
+        )

@@ -105,8 +105,12 @@ def run(
         store = StoreProcess().start()
     except StoreError as error:
         raise RunError(str(error)) from None
-    backend = LocalBackend(job=job, run_dir=run_dir, store_port=store.port,
-                           metrics_port=metrics_port + 1 if metrics_port else None)  # fmt: skip
+    backend = LocalBackend(
+        job=job,
+        run_dir=run_dir,
+        store_port=store.port,
+        metrics_port=metrics_port + 1 if metrics_port else None,
+    )
     journal = Journal(run_dir)
     metrics = OperatorMetrics() if metrics_port else None
     server = _serve(metrics, metrics_port) if metrics is not None and metrics_port else None
@@ -135,8 +139,9 @@ def run(
             time.sleep(min(TICK, result.requeue_after or TICK))
     except KeyboardInterrupt:
         backend.shutdown()
-        suspended = plan(spec.model_copy(update={"suspend": True}), status, backend.observe(),
-                         clock()).status  # fmt: skip
+        suspended = plan(
+            spec.model_copy(update={"suspend": True}), status, backend.observe(), clock()
+        ).status
         journal.suspended(now=time.time())
         _write_json(run_dir / STATUS, suspended.model_dump(mode="json", by_alias=True))
         return suspended

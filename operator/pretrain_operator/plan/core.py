@@ -160,8 +160,12 @@ def _start(
                 now,
             )
             left = (since + patience - now).total_seconds()
-            return Plan(group=None, status=status, events=tuple(events),
-                        requeue_after=min(WAIT_SECONDS, left))  # fmt: skip
+            return Plan(
+                group=None,
+                status=status,
+                events=tuple(events),
+                requeue_after=min(WAIT_SECONDS, left),
+            )
     attempt = status.attempt + 1
     group = Group(stage=stage, attempt=attempt, slots=tuple(available[:world]))
     stage_status = status.stage

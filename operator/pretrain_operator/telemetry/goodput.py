@@ -26,8 +26,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-REASONS = ("restart", "restore", "checkpoint_blocking", "stage_transition",
-           "waiting_for_workers", "startup", "other")  # fmt: skip
+REASONS = (
+    "restart",
+    "restore",
+    "checkpoint_blocking",
+    "stage_transition",
+    "waiting_for_workers",
+    "startup",
+    "other",
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,9 @@ def account(
     for attempt in attempts:
         if attempt.lost_at is None:
             continue
-        first = next((float(r["time"]) for r in records if float(r["time"]) > attempt.started),
-                     None)  # fmt: skip
+        first = next(
+            (float(r["time"]) for r in records if float(r["time"]) > attempt.started), None
+        )
         if first is not None:
             recoveries.append(first - attempt.lost_at)
     wall = max(settled - started - _overlap(started, settled, suspended), 0.0)

@@ -45,25 +45,30 @@ class JobsCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         labels = ["namespace", "job"]
-        phase = GaugeMetricFamily(PREFIX + "phase", "1 for the job's current phase, else 0.",
-                                  labels=[*labels, "phase"])  # fmt: skip
+        phase = GaugeMetricFamily(
+            PREFIX + "phase", "1 for the job's current phase, else 0.", labels=[*labels, "phase"]
+        )
         restarts = CounterMetricFamily(
-            PREFIX + "restarts", "Group restarts, by reason (resizes included).",
+            PREFIX + "restarts",
+            "Group restarts, by reason (resizes included).",
             labels=[*labels, "reason"],
-        )  # fmt: skip
+        )
         transitions = CounterMetricFamily(
             PREFIX + "stage_transitions", "Stages the job has finished.", labels=labels
         )
         workers = GaugeMetricFamily(
-            PREFIX + "workers", "Workers of the current attempt: desired and ready.",
+            PREFIX + "workers",
+            "Workers of the current attempt: desired and ready.",
             labels=[*labels, "state"],
-        )  # fmt: skip
-        stage = GaugeMetricFamily(PREFIX + "stage_index", "Index of the current stage.",
-                                  labels=labels)  # fmt: skip
+        )
+        stage = GaugeMetricFamily(
+            PREFIX + "stage_index", "Index of the current stage.", labels=labels
+        )
         eta = GaugeMetricFamily(
-            PREFIX + "stage_eta_seconds", "Estimated seconds until the current stage ends.",
+            PREFIX + "stage_eta_seconds",
+            "Estimated seconds until the current stage ends.",
             labels=labels,
-        )  # fmt: skip
+        )
         goodput = GaugeMetricFamily(
             PREFIX + "goodput_ratio",
             "Productive training time / wall time since the job started (suspensions excluded).",
@@ -100,8 +105,9 @@ class JobsCollector(Collector):
                 for reason in REASONS:
                     badput.add_metric([*key, reason], job.goodput.badput.get(reason, 0.0))
                 seen = job.goodput.recoveries
-                buckets = [(str(b), float(sum(1 for s in seen if s <= b)))
-                           for b in RECOVERY_BUCKETS]  # fmt: skip
+                buckets = [
+                    (str(b), float(sum(1 for s in seen if s <= b))) for b in RECOVERY_BUCKETS
+                ]
                 buckets.append(("+Inf", float(len(seen))))
                 recovery.add_metric(key, buckets, sum_value=float(sum(seen)))
         yield from (phase, restarts, transitions, workers, stage, eta, goodput, badput, recovery)

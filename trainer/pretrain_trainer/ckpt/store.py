@@ -64,9 +64,8 @@ class StorageError(Exception):
 
 # Errors that say the storage itself refuses writes, as opposed to a transient I/O problem.
 STORAGE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-     errno.ENOTDIR}
-)  # fmt: skip
+    {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+)
 
 
 def storage_error(error: BaseException) -> OSError | None:
