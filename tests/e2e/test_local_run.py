@@ -166,19 +166,33 @@ def test_workers_command_takes_slots_away_and_gives_them_back(tmp_path: Path) ->
 
 
 def test_backend_reads_the_trainers_outcome_from_its_report(tmp_path: Path) -> None:
-    from pretrain_operator.local.backend import _report, _trainer_exit
+    from pretrain_operator.plan import WorkerState, exited
+    from pretrain_trainer.contract import StageReport, read_report
 
     report = tmp_path / "report.json"
-    assert (_report(report), _trainer_exit(report, 1)) == (None, 1)  # no report: torchrun's code
+
+    def outcome(code: int) -> tuple[WorkerState, int | None, str | None, object]:
+        worker = exited(
+            slot=0,
+            attempt=1,
+            stage=1,
+            succeeded=code == 0,
+            exit_code=code,
+            report=read_report(report),
+        )
+        return worker.state, worker.exit_code, worker.reason, worker.report
+
+    assert outcome(1) == (WorkerState.FAILED, 1, None, None)  # no report: torchrun's code
     report.write_text(json.dumps({"finished": False, "exitCode": 78, "error": "bad shard"}))
-    assert (_report(report), _trainer_exit(report, 1)) == (None, 78)
+    assert outcome(1) == (WorkerState.FAILED, 78, "bad shard", None)
     report.write_text(
         json.dumps(
             {"finished": True, "stage": 1, "step": 40, "tokens": 9, "loss": 2.5, "checkpoint": "/c"}
         )
     )
-    stage_report = _report(report)
-    assert stage_report is not None
+    state, code, _, stage_report = outcome(0)
+    assert (state, code) == (WorkerState.SUCCEEDED, 0)
+    assert isinstance(stage_report, StageReport)
     assert (stage_report.stage, stage_report.step, stage_report.loss) == (1, 40, 2.5)
 
 

@@ -12,12 +12,17 @@ from typing import Any
 import pytest
 import torch
 from pretrain_trainer.config import ModelConfig, MoE, Stage
-from pretrain_trainer.contract import ContractError, TrainerEnv
+from pretrain_trainer.contract import (
+    ContractError,
+    StageReport,
+    TrainerEnv,
+    parse_report,
+    write_report,
+)
 from pretrain_trainer.dsconfig import deepspeed_config, owns_clipping
 from pretrain_trainer.metrics import Health, TrainerMetrics, serve
 from pretrain_trainer.model import Transformer, freeze
 from pretrain_trainer.optim import GuardedAdamW
-from pretrain_trainer.train import write_report
 
 
 def _stage(**fields: Any) -> Stage:
@@ -240,6 +245,13 @@ def test_metrics_and_healthz_are_served_over_http() -> None:
 
 def test_report_is_written_whole(tmp_path: Path) -> None:
     target = tmp_path / "reports" / "stage.json"
-    write_report(str(target), {"stage": 1, "finished": True})
-    assert target.read_text() == '{"finished": true, "stage": 1}\n'
+    report = StageReport(
+        job="j", stage=1, stage_name="b", step=7, tokens=70, loss=2.5, checkpoint="/c", world_size=2
+    )
+    write_report(str(target), report)
+    assert target.read_text() == (
+        '{"finished":true,"job":"j","stage":1,"stageName":"b","step":7,"tokens":70,"loss":2.5,'
+        '"skippedSteps":0,"checkpoint":"/c","worldSize":2}\n'
+    )
+    assert parse_report(target.read_text()) == report
     assert list(target.parent.iterdir()) == [target]

@@ -6,10 +6,15 @@ import itertools
 
 import pytest
 from pretrain_operator.telemetry.goodput import Attempt, account
+from pretrain_trainer.contract import StepRecord
 
 
-def step(stage: int, number: int, *, end: float, seconds: float = 1.0, **extra: float) -> dict:
-    return {"stage": stage, "step": number, "time": end, "seconds": seconds, **extra}
+def step(
+    stage: int, number: int, *, end: float, seconds: float = 1.0, **extra: float
+) -> StepRecord:
+    return StepRecord(
+        stage=stage, step=number, tokens=0, lr=0.0, seconds=seconds, time=end, world_size=1, **extra
+    )
 
 
 def test_a_failure_charges_lost_work_restart_and_restore_and_every_second_is_counted() -> None:
@@ -17,9 +22,9 @@ def test_a_failure_charges_lost_work_restart_and_restore_and_every_second_is_cou
         step(0, 1, end=5),
         step(0, 2, end=6),
         step(0, 3, end=7),  # checkpoint after step 3
-        step(0, 4, end=8.6, checkpointBlocking=0.5),  # began at 7.6: 0.5 s blocked, 0.1 other
+        step(0, 4, end=8.6, checkpoint_blocking=0.5),  # began at 7.6: 0.5 s blocked, 0.1 other
         # a loss at 9; the attempt after it starts at 10 and restores step 3 in 2 s
-        step(0, 4, end=14, restoreSeconds=2.0),  # step 4 again: the first run was lost
+        step(0, 4, end=14, restore_seconds=2.0),  # step 4 again: the first run was lost
     ]
     attempts = [
         Attempt(started=0, cause="startup"),
@@ -45,7 +50,7 @@ def test_a_failure_charges_lost_work_restart_and_restore_and_every_second_is_cou
 
 
 def test_stage_transitions_waits_for_workers_and_suspensions() -> None:
-    steps = [step(0, 1, end=2), step(1, 1, end=10, restoreSeconds=1.0)]
+    steps = [step(0, 1, end=2), step(1, 1, end=10, restore_seconds=1.0)]
     attempts = [Attempt(0, "startup"), Attempt(4, "stage_transition")]
     result = account(
         started=0, now=20, steps=steps, attempts=attempts, waiting=[(3, 5)], suspended=[(6, 7)]
@@ -61,13 +66,13 @@ def test_stage_transitions_waits_for_workers_and_suspensions() -> None:
 
 
 def test_no_bucket_ever_shrinks_as_the_run_goes_on() -> None:
-    steps = [step(0, 1, end=2), step(0, 2, end=3), step(0, 2, end=12, restoreSeconds=2.0)]
+    steps = [step(0, 1, end=2), step(0, 2, end=3), step(0, 2, end=12, restore_seconds=2.0)]
     attempts = [Attempt(0, "startup"), Attempt(6, "restart", lost_at=4)]
     seen = [
         account(
             started=0,
             now=now,
-            steps=[r for r in steps if r["time"] <= now],
+            steps=[r for r in steps if r.time <= now],
             attempts=[a for a in attempts if a.started <= now],
         )
         for now in range(1, 14)

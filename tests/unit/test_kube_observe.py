@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from pretrain_operator.kube.cache import Expectations
 from pretrain_operator.kube.observe import observe, ready_nodes
-from pretrain_operator.plan import StageReport, Worker, WorkerState
+from pretrain_operator.plan import Worker, WorkerState
+from pretrain_trainer.contract import StageReport
 
 S = WorkerState
 

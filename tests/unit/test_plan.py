@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 from pretrain_operator.api import JobStatus, Phase, PretrainJobSpec, parse_job
-from pretrain_operator.plan import Observed, Plan, StageReport, Worker, WorkerState, plan
-from pretrain_trainer.contract import ExitCode
+from pretrain_operator.plan import Observed, Plan, Worker, WorkerState, plan
+from pretrain_trainer.contract import ExitCode, StageReport
 
 from tests.conftest import minimal_job
 

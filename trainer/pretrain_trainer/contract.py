@@ -1,14 +1,28 @@
-"""The contract between the control plane and the trainer (DESIGN 5), in one place.
+"""The contract between the control plane and the trainer (docs/design.md, "The contract"),
+in one place.
 
 Both halves import these names: the operator and the local backend to set them, the trainer
-to read them. Nothing here imports torch.
+to read them. The way in is the environment (:class:`TrainerEnv`) and the run config; the way
+back is two typed records, each with one writer and one parser here: the :class:`StageReport`
+(or :class:`FailureReport`) a trainer leaves when it exits, and the :class:`StepRecord` rank 0
+appends for every optimizer step. Both are camelCase JSON and ignore keys they do not know, so
+an older control plane reads a newer trainer. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic.alias_generators import to_camel
+
+from .errors import PermanentError
+from .fsio import replace_atomic
 
 # Environment variables set for every trainer process.
 ENV_JOB = "PRETRAIN_JOB"  # job name
@@ -68,7 +82,7 @@ class ExitCode(IntEnum):
     """Bad configuration or data (EX_CONFIG): restarting cannot help; the job fails."""
 
 
-class ContractError(ValueError):
+class ContractError(PermanentError):
     """The environment the trainer was started with is incomplete or malformed."""
 
 
@@ -114,3 +128,127 @@ class TrainerEnv:
             report_path=environ.get(ENV_REPORT_PATH) or None,
             step_log=environ.get(ENV_STEP_LOG) or None,
         )
+
+
+def _finite_or_none(value: object) -> object:
+    """A loss that is not a finite number (no step yet, or a diverged one) is reported as
+    unknown: JSON has no NaN, and a status must stay valid JSON."""
+    if isinstance(value, int | float) and not math.isfinite(value):
+        return None
+    return value
+
+
+Loss = Annotated[float | None, BeforeValidator(_finite_or_none)]
+
+
+class _Record(BaseModel):
+    """A record on the way back: frozen, camelCase, tolerant of keys it does not know."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
+    )
+
+    def to_json(self) -> str:
+        """One line of JSON; absent optional fields are left out."""
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def parse(cls, text: str | bytes | None) -> Self | None:
+        """The record in ``text``, or None when there is none or it is not this record."""
+        if not text:
+            return None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError:
+            return None
+
+
+class StageReport(_Record):
+    """A stage's budget was reached and its final checkpoint saved (exit code 0)."""
+
+    finished: Literal[True] = True
+    stage: int
+    step: int
+    tokens: int
+    loss: Loss = None
+    checkpoint: str
+    """Directory of the stage's final checkpoint."""
+    # What the control plane needs is above; the rest describes the run.
+    job: str | None = None
+    stage_name: str | None = None
+    skipped_steps: int = 0
+    world_size: int | None = None
+
+
+class FailureReport(_Record):
+    """The trainer stopped with an error it knows retrying cannot fix (exit code 78)."""
+
+    finished: Literal[False] = False
+    exit_code: int = int(ExitCode.PERMANENT)
+    error: str
+
+
+def parse_report(text: str | bytes | None) -> StageReport | FailureReport | None:
+    """The report a trainer left (a termination message or a file), or None."""
+    return StageReport.parse(text) or FailureReport.parse(text)
+
+
+def write_report(path: str | Path, report: StageReport | FailureReport) -> None:
+    """The report, written atomically (a reader never sees half a report)."""
+    target = Path(path)
+    payload = (report.to_json() + "\n").encode()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        replace_atomic(target, payload, durable=False)
+    except OSError:
+        # A kubelet termination-message file is a bind mount: it cannot be renamed over.
+        target.write_bytes(payload)
+
+
+def read_report(path: Path) -> StageReport | FailureReport | None:
+    try:
+        return parse_report(path.read_bytes())
+    except OSError:
+        return None
+
+
+class StepRecord(_Record):
+    """One optimizer step, as rank 0 appends it to the step log (``ENV_STEP_LOG``)."""
+
+    stage: int
+    step: int
+    tokens: int
+    """Tokens trained in the stage so far."""
+    loss: Loss = None
+    """Mean loss over the global batch."""
+    lr: float
+    grad_norm: float | None = None
+    skipped: bool = False
+    """The stability guard skipped this step's update."""
+    seconds: float
+    """Wall time inside the step."""
+    time: float
+    """Unix time at its end."""
+    world_size: int
+    restore_seconds: float | None = None
+    """On the first step after a restore: what the restore cost."""
+    checkpoint_blocking: float | None = None
+    """On the first step after a save: how long that save blocked training."""
+    aux_loss: float | None = None
+    expert_load: list[float] | None = None
+    """MoE models: the share of tokens routed to each expert (mean over the MoE layers)."""
+
+    def slim(self) -> StepRecord:
+        """The record without its per-expert detail (what accounting keeps of every step)."""
+        if self.expert_load is None:
+            return self
+        return self.model_copy(update={"expert_load": None})
+
+
+def append_step(path: Path, record: StepRecord) -> None:
+    with path.open("a") as out:
+        out.write(record.to_json() + "\n")
+
+
+def parse_step(line: str | bytes) -> StepRecord | None:
+    return StepRecord.parse(line)

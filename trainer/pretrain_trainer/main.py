@@ -21,7 +21,14 @@ import yaml
 
 from .ckpt.store import StorageError
 from .config import RunConfig, SpecError
-from .contract import ContractError, ExitCode, TrainerEnv
+from .contract import (
+    ContractError,
+    ExitCode,
+    FailureReport,
+    StageReport,
+    TrainerEnv,
+    write_report,
+)
 
 
 class PermanentError(Exception):
@@ -245,7 +252,7 @@ def _restore(checkpoints: Any, engine: Any, plan: Any, *, extra_seconds: float) 
 def run(env: TrainerEnv, config: RunConfig) -> int:
     import torch.distributed as dist
 
-    from .train import Preempted, write_report
+    from .train import Preempted
 
     trainer = setup(env, config)
     signal.signal(signal.SIGTERM, lambda *_: setattr(trainer, "stop_requested", True))
@@ -255,21 +262,18 @@ def run(env: TrainerEnv, config: RunConfig) -> int:
         dist.destroy_process_group()
         return ExitCode.RETRYABLE
     if trainer.rank == 0 and env.report_path:
-        write_report(
-            env.report_path,
-            {
-                "job": env.job,
-                "stage": env.stage,
-                "stageName": trainer.stage.name,
-                "finished": True,
-                "step": trainer.progress.step,
-                "tokens": trainer.progress.tokens,
-                "loss": trainer.progress.loss,
-                "skippedSteps": trainer.optimizer.skipped_steps,
-                "checkpoint": str(final),
-                "worldSize": trainer.world_size,
-            },
+        report = StageReport(
+            job=env.job,
+            stage=env.stage,
+            stage_name=trainer.stage.name,
+            step=trainer.progress.step,
+            tokens=trainer.progress.tokens,
+            loss=trainer.progress.loss,
+            skipped_steps=trainer.optimizer.skipped_steps,
+            checkpoint=str(final),
+            world_size=trainer.world_size,
         )
+        write_report(env.report_path, report)
     dist.barrier()
     dist.destroy_process_group()
     return ExitCode.STAGE_COMPLETE
@@ -287,12 +291,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if env is not None and env.report_path:
             # torchrun (the container's process) exits 1 whatever the trainer's code was: the
             # report is how the control plane learns that retrying cannot help.
-            from .train import write_report
-
-            write_report(
-                env.report_path,
-                {"finished": False, "exitCode": int(ExitCode.PERMANENT), "error": str(error)},
-            )
+            write_report(env.report_path, FailureReport(error=str(error)))
         return ExitCode.PERMANENT
     except KeyboardInterrupt:
         return ExitCode.RETRYABLE

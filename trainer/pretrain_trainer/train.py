@@ -3,8 +3,6 @@ global batch) apart from ``Trainer.train`` (budget, metrics, logging, checkpoint
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import contract
 from .ckpt.engine import Saved
 from .ckpt.manager import CheckpointManager, stage_dir
 from .ckpt.store import Manifest
@@ -252,29 +251,26 @@ class Trainer:
         if self.step_log is None or self.rank != 0:
             return
         load = self.engine.module.expert_load()
-        record = {
-            "stage": self.stage_index,
-            "step": self.progress.step,
-            "tokens": self.progress.tokens,
-            "loss": loss,
-            "lr": lr,
-            "gradNorm": self.optimizer.last_grad_norm,
-            "skipped": self.optimizer.last_skipped,
-            "seconds": seconds,
-            "time": time.time(),
-            "worldSize": self.world_size,
-        }
-        if self.unreported_restore:  # the first step after a restore says what it cost
-            record["restoreSeconds"] = self.unreported_restore
-            self.unreported_restore = 0.0
-        if self._unreported_blocking:  # and the first step after a save, what that blocked
-            record["checkpointBlocking"] = self._unreported_blocking
-            self._unreported_blocking = 0.0
-        if load is not None:
-            record["auxLoss"] = float(self.engine.module.aux_loss().detach())
-            record["expertLoad"] = load.tolist()
-        with self.step_log.open("a") as out:
-            out.write(json.dumps(record) + "\n")
+        record = contract.StepRecord(
+            stage=self.stage_index,
+            step=self.progress.step,
+            tokens=self.progress.tokens,
+            loss=loss,
+            lr=lr,
+            grad_norm=self.optimizer.last_grad_norm,
+            skipped=self.optimizer.last_skipped,
+            seconds=seconds,
+            time=time.time(),
+            world_size=self.world_size,
+            # The first step after a restore says what it cost, the first after a save what
+            # that blocked (goodput accounting by the control plane).
+            restore_seconds=self.unreported_restore or None,
+            checkpoint_blocking=self._unreported_blocking or None,
+            aux_loss=float(self.engine.module.aux_loss().detach()) if load is not None else None,
+            expert_load=load.tolist() if load is not None else None,
+        )
+        self.unreported_restore = self._unreported_blocking = 0.0
+        contract.append_step(self.step_log, record)
 
     def _record(self, *, loss: float, lr: float, seconds: float, tokens: int) -> None:
         m = self.metrics
@@ -293,20 +289,6 @@ class Trainer:
         if load is not None:
             m.expert_load(load.tolist())
         self.health.progressed()
-
-
-def write_report(path: str, report: dict[str, Any]) -> None:
-    """The stage report, written atomically (a reader never sees half a report)."""
-    target, text = Path(path), json.dumps(report, sort_keys=True) + "\n"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, target)
-    except OSError:
-        # A kubelet termination-message file is a bind mount: it cannot be renamed over.
-        temporary.unlink(missing_ok=True)
-        target.write_text(text)
 
 
 def build_sampler(

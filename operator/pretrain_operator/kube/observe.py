@@ -14,11 +14,12 @@ One :class:`~pretrain_operator.plan.Worker` per slot:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..plan import Observed, StageReport, Worker, WorkerState
+from pretrain_trainer.contract import FailureReport, StageReport, parse_report
+
+from ..plan import Observed, Worker, WorkerState, exited
 from .objects import ATTEMPT, CONTAINER, ROLE, SLOT, STAGE, STANDBY, WORKER
 
 LOST_REASONS = (
@@ -57,29 +58,9 @@ def _terminated(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
-def termination_report(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's JSON report from the container's termination message ({} if none)."""
-    try:
-        report = json.loads(_terminated(pod).get("message") or "")
-    except ValueError:
-        return {}
-    return report if isinstance(report, dict) else {}
-
-
-def _stage_report(report: Mapping[str, Any]) -> StageReport | None:
-    if not report.get("finished"):
-        return None
-    try:
-        loss = report.get("loss")
-        return StageReport(
-            stage=int(report["stage"]),
-            step=int(report["step"]),
-            tokens=int(report["tokens"]),
-            loss=float(loss) if isinstance(loss, int | float) else None,
-            checkpoint=str(report["checkpoint"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        return None
+def termination_report(pod: Mapping[str, Any]) -> StageReport | FailureReport | None:
+    """The trainer's report from the container's termination message, if it left one."""
+    return parse_report(_terminated(pod).get("message"))
 
 
 def _lost_because(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> str | None:
@@ -105,27 +86,15 @@ def _worker(pod: Mapping[str, Any], slot: int, nodes: Mapping[str, bool]) -> Wor
     phase = pod.get("status", {}).get("phase", "Pending")
     if phase == "Running":
         return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
-    if phase == "Succeeded":
-        report = _stage_report(termination_report(pod))
-        return Worker(
+    if phase in ("Succeeded", "Failed"):
+        code = _terminated(pod).get("exitCode")
+        return exited(
             slot=slot,
-            state=WorkerState.SUCCEEDED,
             attempt=attempt,
             stage=stage,
-            exit_code=0,
-            report=report,
-        )
-    if phase == "Failed":
-        said = termination_report(pod)
-        code = said.get("exitCode", _terminated(pod).get("exitCode"))
-        error = said.get("error")
-        return Worker(
-            slot=slot,
-            state=WorkerState.FAILED,
-            attempt=attempt,
-            stage=stage,
+            succeeded=phase == "Succeeded",
             exit_code=code if isinstance(code, int) else None,
-            reason=error if isinstance(error, str) else None,
+            report=termination_report(pod),
         )
     return Worker(slot=slot, state=WorkerState.PENDING, attempt=attempt, stage=stage)
 

@@ -10,26 +10,18 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from pretrain_trainer.config import SpecError
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..api import JobStatus, Phase, PretrainJobSpec, parse_job
+from ..api import JobStatus, parse_job
+from ..telemetry.progress import TrainerProgress, with_progress
 from .client import KubeClient
 from .objects import ATTEMPT, RANK, ROLE, WORKER
 
 TIMEOUT = 2.0
-
-
-@dataclass(frozen=True)
-class TrainerProgress:
-    step: int
-    tokens: int
-    loss: float | None
-    seconds_per_step: float | None
 
 
 def parse(text: str) -> TrainerProgress | None:
@@ -43,6 +35,7 @@ def parse(text: str) -> TrainerProgress | None:
     count = values.get("pretrainjob_step_seconds_count", 0.0)
     loss = values.get("pretrainjob_loss")
     return TrainerProgress(
+        stage=None,
         step=int(values["pretrainjob_step"]),
         tokens=int(values.get("pretrainjob_stage_tokens", 0.0)),
         loss=loss if loss is not None and loss == loss else None,  # NaN: no step yet
@@ -66,22 +59,6 @@ def fetch(address: str, port: int) -> TrainerProgress | None:
             return parse(response.read().decode())
     except (OSError, ValueError):
         return None
-
-
-def with_progress(
-    status: JobStatus, spec: PretrainJobSpec, progress: TrainerProgress, *, now: datetime
-) -> JobStatus:
-    """``status`` carrying ``progress`` and the stage's ETA at the measured step time."""
-    if status.phase != Phase.RUNNING or status.stage is None:
-        return status
-    total = spec.stages[status.stage.index].total_steps(spec.model)
-    eta = None
-    if progress.seconds_per_step:
-        left = max(total - progress.step, 0) * progress.seconds_per_step
-        eta = (now + timedelta(seconds=left)).astimezone(UTC)
-    return status.model_copy(
-        update={"step": progress.step, "tokens": progress.tokens, "loss": progress.loss, "eta": eta}
-    )
 
 
 def refresh(

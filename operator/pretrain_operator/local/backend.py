@@ -25,7 +25,7 @@ from pathlib import Path
 from pretrain_trainer import contract
 
 from ..api import PretrainJob
-from ..plan import Group, Observed, Plan, StageReport, Worker, WorkerState
+from ..plan import Group, Observed, Plan, Worker, WorkerState, exited
 from .processes import signal_tree
 
 CAPACITY = "capacity.json"
@@ -99,15 +99,6 @@ class LocalBackend:
             return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
         if process.stopping or attempt < self.attempt:
             return Worker(slot=slot, state=WorkerState.IDLE)  # stopped on purpose, or history
-        if code == 0:
-            return Worker(
-                slot=slot,
-                state=WorkerState.SUCCEEDED,
-                attempt=attempt,
-                stage=stage,
-                exit_code=0,
-                report=_report(process.report),
-            )
         if code < 0:
             return Worker(
                 slot=slot,
@@ -116,14 +107,13 @@ class LocalBackend:
                 stage=stage,
                 reason=f"killed by signal {-code}",
             )
-        error = _read_report(process.report).get("error")
-        return Worker(
+        return exited(
             slot=slot,
-            state=WorkerState.FAILED,
             attempt=attempt,
             stage=stage,
-            exit_code=_trainer_exit(process.report, code),
-            reason=error if isinstance(error, str) else None,
+            succeeded=code == 0,
+            exit_code=code,
+            report=contract.read_report(process.report),
         )
 
     # -- apply -------------------------------------------------------------------------------
@@ -232,34 +222,3 @@ def torchrun_command(
             max_restarts=max_restarts,
         ),
     ]
-
-
-def _read_report(path: Path) -> dict[str, object]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _report(path: Path) -> StageReport | None:
-    data = _read_report(path)
-    if not data.get("finished"):
-        return None
-    return StageReport(
-        stage=int(str(data["stage"])),
-        step=int(str(data["step"])),
-        tokens=int(str(data["tokens"])),
-        loss=_float(data.get("loss")),
-        checkpoint=str(data["checkpoint"]),
-    )
-
-
-def _float(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _trainer_exit(path: Path, code: int) -> int:
-    """The trainer's own exit code when its report has one: torchrun exits 1 regardless."""
-    reported = _read_report(path).get("exitCode")
-    return reported if isinstance(reported, int) else code

@@ -46,7 +46,8 @@ class Display:
         index = status.stage.index if status.stage is not None else 0
         stage = spec.stages[index]
         total = stage.total_steps(spec.model)
-        step = record["step"] if record and record.get("stage") == index else 0
+        current = record if record is not None and record.stage == index else None
+        step = current.step if current is not None else 0
         head = Text.assemble(
             (f"{self.job.name} ", "bold"),
             (f"{status.phase}", "cyan"),
@@ -55,11 +56,12 @@ class Display:
             f"  attempt {status.attempt}  restarts {status.restarts.total}",
         )
         line = Text(f"step {step}/{total}")
-        if record and record.get("stage") == index:
-            rate = (record["tokens"] / max(record["step"], 1)) / max(record["seconds"], 1e-9)
+        if current is not None:
+            rate = (current.tokens / max(current.step, 1)) / max(current.seconds, 1e-9)
+            loss = f"{current.loss:.4f}" if current.loss is not None else "-"
             line.append(
-                f"  loss {record['loss']:.4f}  lr {record['lr']:.3g}  "
-                f"tokens/s {rate:,.0f}  world size {record['worldSize']}"
+                f"  loss {loss}  lr {current.lr:.3g}  "
+                f"tokens/s {rate:,.0f}  world size {current.world_size}"
             )
         parts: list[Any] = [head, ProgressBar(total=total, completed=step, width=60), line]
         with contextlib.suppress(OSError):

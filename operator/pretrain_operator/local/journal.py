@@ -9,17 +9,19 @@ import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pretrain_trainer.contract import StepRecord, parse_step
+
 from ..api import JobStatus, Phase, PretrainJobSpec, Reason
-from ..plan import Event
+from ..plan import FAILURES, Event
 from ..telemetry.goodput import Attempt, Goodput, account
+from ..telemetry.progress import TrainerProgress, with_progress
 
 EVENTS = "events.jsonl"
 PROGRESS_EVERY = 5.0  # seconds between two progress updates of the status
-LOSSES = (Reason.WORKER_LOST, Reason.WORKER_FAILED, Reason.PREEMPTED)
 STARTS = {
     Reason.CREATED: "startup",
     Reason.RESTARTED: "restart",
@@ -27,19 +29,17 @@ STARTS = {
     Reason.RESUMED: "restart",
     Reason.STAGE_COMPLETED: "stage_transition",
 }
-WAITING = "WaitingForWorkers"
-ACCOUNTED = ("stage", "step", "time", "seconds", "restoreSeconds", "checkpointBlocking")
 
 
 class StepLog:
-    """Follows the trainer's JSON-lines step log as it grows."""
+    """Follows the trainer's step log (JSON lines of :class:`StepRecord`) as it grows."""
 
     def __init__(self, path: Path) -> None:
         self.path, self.offset = path, 0
-        self.last: dict[str, Any] | None = None
-        self.records: list[dict[str, Any]] = []  # what goodput needs of every record
+        self.last: StepRecord | None = None
+        self.records: list[StepRecord] = []  # every step, less its per-expert detail
 
-    def poll(self) -> dict[str, Any] | None:
+    def poll(self) -> StepRecord | None:
         try:
             with self.path.open("rb") as log:
                 log.seek(self.offset)
@@ -47,9 +47,11 @@ class StepLog:
                     if not line.endswith(b"\n"):
                         break  # a record being written: next time
                     self.offset += len(line)
-                    self.last = json.loads(line)
-                    self.records.append({k: self.last[k] for k in ACCOUNTED if k in self.last})
-        except (OSError, ValueError):
+                    record = parse_step(line)
+                    if record is not None:
+                        self.last = record
+                        self.records.append(record.slim())
+        except OSError:
             pass
         return self.last
 
@@ -74,10 +76,16 @@ class Journal:
         """Append the plan's events (and the start of a wait for workers) to the timeline."""
         entries = [{"time": now, "reason": e.reason, "message": e.message} for e in events]
         waiting = status.phase in (Phase.PENDING, Phase.RESTARTING) and any(
-            c.reason == WAITING for c in status.conditions
+            c.reason == Reason.WAITING_FOR_WORKERS for c in status.conditions
         )
         if waiting and not self._waiting:
-            entries.append({"time": now, "reason": WAITING, "message": "waiting for workers"})
+            entries.append(
+                {
+                    "time": now,
+                    "reason": Reason.WAITING_FOR_WORKERS,
+                    "message": "waiting for workers",
+                }
+            )
         self._waiting = waiting
         if not entries:
             return
@@ -93,28 +101,14 @@ class Journal:
         """``status`` with the newest step, tokens, loss and the stage's ETA; at most every
         PROGRESS_EVERY seconds, so the status is not rewritten at every step."""
         record = self.steps.poll()
-        if record is None or now - self._progressed < PROGRESS_EVERY or status.stage is None:
+        if record is None or now - self._progressed < PROGRESS_EVERY:
             return status
-        if record.get("stage") != status.stage.index or status.phase != Phase.RUNNING:
-            return status
-        self._progressed = now
-        total = spec.stages[status.stage.index].total_steps(spec.model)
-        recent = [r for r in self.steps.records[-50:] if r.get("stage") == record["stage"]]
-        eta = None
-        if len(recent) >= 2 and recent[-1]["step"] > recent[0]["step"]:
-            per_step = (recent[-1]["time"] - recent[0]["time"]) / (
-                recent[-1]["step"] - recent[0]["step"]
-            )
-            left = max(total - int(record["step"]), 0) * per_step
-            eta = datetime.fromtimestamp(record["time"], UTC) + timedelta(seconds=left)
-        return status.model_copy(
-            update={
-                "step": int(record["step"]),
-                "tokens": int(record["tokens"]),
-                "loss": float(record["loss"]),
-                "eta": eta,
-            }
+        updated = with_progress(
+            status, spec, _progress(self.steps.records[-50:], record), now=_utc(record.time)
         )
+        if updated is not status:
+            self._progressed = now
+        return updated
 
     def goodput(self, *, now: float | None = None) -> Goodput | None:
         self.steps.poll()
@@ -127,9 +121,9 @@ class Journal:
         pause_from: float | None = None
         for entry in self.timeline:
             at, reason = float(entry["time"]), entry["reason"]
-            if reason in LOSSES and lost_at is None:
+            if reason in FAILURES and lost_at is None:
                 lost_at = at
-            elif reason == WAITING and wait_from is None:
+            elif reason == Reason.WAITING_FOR_WORKERS and wait_from is None:
                 wait_from = at
             elif reason == Reason.SUSPENDED and pause_from is None:
                 pause_from = at
@@ -155,3 +149,22 @@ class Journal:
             waiting=waiting,
             suspended=suspended,
         )
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _progress(recent: list[StepRecord], last: StepRecord) -> TrainerProgress:
+    """The newest record, at the step time of the recent records of its stage."""
+    same = [r for r in recent if r.stage == last.stage]
+    per_step = None
+    if len(same) >= 2 and same[-1].step > same[0].step:
+        per_step = (same[-1].time - same[0].time) / (same[-1].step - same[0].step)
+    return TrainerProgress(
+        stage=last.stage,
+        step=last.step,
+        tokens=last.tokens,
+        loss=last.loss,
+        seconds_per_step=per_step,
+    )

@@ -5,16 +5,17 @@ the group that should run, the workers to stop, the status to write and the even
 """
 
 from .core import choose_world, plan
-from .model import Event, Group, Observed, Plan, StageReport, Worker, WorkerState
+from .model import FAILURES, Event, Group, Observed, Plan, Worker, WorkerState, exited
 
 __all__ = [
+    "FAILURES",
     "Event",
     "Group",
     "Observed",
     "Plan",
-    "StageReport",
     "Worker",
     "WorkerState",
     "choose_world",
+    "exited",
     "plan",
 ]

@@ -30,7 +30,7 @@ from ..api import (
     StageStatus,
     WorkersStatus,
 )
-from .model import Event, Group, Observed, Plan, Worker, WorkerState
+from .model import FAILURES, Event, Group, Observed, Plan, Worker, WorkerState
 
 WAIT_SECONDS = 5.0  # how often to look again while waiting for capacity
 
@@ -184,16 +184,13 @@ def _start(
         Phase.RUNNING if reason in (Reason.CREATED, Reason.STAGE_COMPLETED) else Phase.RESTARTING
     )
     status = _phase(status, phase, reason, message, now)
-    events.append(Event(reason, message, warning=reason in _FAILURES))
+    events.append(Event(reason, message, warning=reason in FAILURES))
     stop = tuple(
         w.slot
         for w in observed.workers
         if w.state == WorkerState.RUNNING and w.attempt not in (None, attempt)
     )
     return Plan(group=group, status=status, events=tuple(events), stop=stop)
-
-
-_FAILURES = (Reason.WORKER_LOST, Reason.WORKER_FAILED, Reason.PREEMPTED)
 
 
 def _running_slots(observed: Observed) -> tuple[int, ...]:

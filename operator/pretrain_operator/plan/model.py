@@ -10,7 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..api import JobStatus
+from pretrain_trainer.contract import FailureReport, StageReport
+
+from ..api import JobStatus, Reason
+
+FAILURES = (Reason.WORKER_LOST, Reason.WORKER_FAILED, Reason.PREEMPTED)
+"""Reasons that mean work was lost (a recovery starts), unlike a resize or a stage change."""
 
 
 class WorkerState(StrEnum):
@@ -23,17 +28,6 @@ class WorkerState(StrEnum):
 
 
 @dataclass(frozen=True)
-class StageReport:
-    """The trainer's report at the end of a stage (its termination message)."""
-
-    stage: int
-    step: int
-    tokens: int
-    loss: float | None
-    checkpoint: str
-
-
-@dataclass(frozen=True)
 class Worker:
     slot: int
     state: WorkerState
@@ -42,6 +36,39 @@ class Worker:
     exit_code: int | None = None
     reason: str | None = None  # why it was lost or failed, in the backend's words
     report: StageReport | None = None
+    """The trainer's report of a finished stage (its termination message)."""
+
+
+def exited(
+    *,
+    slot: int,
+    attempt: int | None,
+    stage: int | None,
+    succeeded: bool,
+    exit_code: int | None,
+    report: StageReport | FailureReport | None,
+) -> Worker:
+    """The worker whose trainer exited, read from its report as either backend finds it.
+    torchrun exits 1 whatever its worker's code was: a failure report has the trainer's own."""
+    if succeeded:
+        finished = report if isinstance(report, StageReport) else None
+        return Worker(
+            slot=slot,
+            state=WorkerState.SUCCEEDED,
+            attempt=attempt,
+            stage=stage,
+            exit_code=0,
+            report=finished,
+        )
+    failure = report if isinstance(report, FailureReport) else None
+    return Worker(
+        slot=slot,
+        state=WorkerState.FAILED,
+        attempt=attempt,
+        stage=stage,
+        exit_code=failure.exit_code if failure is not None else exit_code,
+        reason=failure.error if failure is not None else None,
+    )
 
 
 @dataclass(frozen=True)

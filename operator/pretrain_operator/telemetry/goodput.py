@@ -22,9 +22,10 @@ walk.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+
+from pretrain_trainer.contract import StepRecord
 
 REASONS = (
     "restart",
@@ -67,28 +68,27 @@ def account(
     *,
     started: float,
     now: float,
-    steps: Sequence[Mapping[str, Any]],
+    steps: Sequence[StepRecord],
     attempts: Sequence[Attempt] = (),
     waiting: Sequence[tuple[float, float]] = (),
     suspended: Sequence[tuple[float, float]] = (),
 ) -> Goodput:
     """Split ``[started, now]`` (less ``suspended``) into productive time and badput."""
     badput = dict.fromkeys(REASONS, 0.0)
-    records = sorted(steps, key=lambda r: float(r["time"]))
-    last_run = {(r["stage"], r["step"]): i for i, r in enumerate(records)}
+    records = sorted(steps, key=lambda r: r.time)
+    last_run = {(r.stage, r.step): i for i, r in enumerate(records)}
     attempts = sorted(attempts, key=lambda a: a.started)
     productive = 0.0
 
-    def charge_gap(start: float, end: float, record: Mapping[str, Any] | None) -> None:
+    def charge_gap(start: float, end: float, record: StepRecord | None) -> None:
         if end <= start:
             return
         pause = _overlap(start, end, suspended)
         wait = _overlap(start, end, waiting)
         span = max(end - start - pause - wait, 0.0)
         badput["waiting_for_workers"] += wait
-        said = record or {}
-        restore = min(float(said.get("restoreSeconds", 0.0)), span)
-        blocking = min(float(said.get("checkpointBlocking", 0.0)), span - restore)
+        restore = min((record.restore_seconds or 0.0) if record else 0.0, span)
+        blocking = min((record.checkpoint_blocking or 0.0) if record else 0.0, span - restore)
         badput["restore"] += restore
         badput["checkpoint_blocking"] += blocking
         # The rest of a gap in which an attempt started, or that ends in an attempt's first
@@ -100,10 +100,10 @@ def account(
 
     edge = started
     for i, record in enumerate(records):
-        end = min(float(record["time"]), now)
-        begin = max(end - float(record["seconds"]), edge)
+        end = min(record.time, now)
+        begin = max(end - record.seconds, edge)
         charge_gap(edge, begin, record)
-        if last_run[(record["stage"], record["step"])] == i:
+        if last_run[(record.stage, record.step)] == i:
             productive += end - begin
         else:
             badput["restart"] += end - begin  # redone after a failure: lost work
@@ -120,9 +120,7 @@ def account(
     for attempt in attempts:
         if attempt.lost_at is None:
             continue
-        first = next(
-            (float(r["time"]) for r in records if float(r["time"]) > attempt.started), None
-        )
+        first = next((r.time for r in records if r.time > attempt.started), None)
         if first is not None:
             recoveries.append(first - attempt.lost_at)
     wall = max(settled - started - _overlap(started, settled, suspended), 0.0)

@@ -3,6 +3,7 @@ markers) and :mod:`.catalog` (verification, choosing, retention). The DeepSpeed 
 :mod:`.engine` and :mod:`.manager`, is imported explicitly, so this package never pulls in
 torch."""
 
+from ..fsio import write_json_atomic
 from .catalog import (
     clean_incomplete,
     incomplete,
@@ -34,7 +35,6 @@ from .store import (
     remove_rank_markers,
     set_latest,
     utc_now,
-    write_json_atomic,
     write_manifest,
     write_rank_marker,
 )

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..fsio import TMP_SUFFIX, fsync_dir
 from .store import (
     _STAGE,
     _STEP,
-    _TMP_SUFFIX,
     LATEST,
     MANIFEST,
     Checkpoint,
@@ -27,7 +27,6 @@ from .store import (
     Manifest,
     Verification,
     _crc32,
-    _fsync_dir,
     read_latest,
     read_manifest,
 )
@@ -160,7 +159,7 @@ def _remove(directory: Path) -> None:
     # Manifest first: a crash halfway through leaves an incomplete directory, never a
     # "complete" checkpoint with files missing.
     (directory / MANIFEST).unlink(missing_ok=True)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     _rmtree(directory)
 
 
@@ -184,7 +183,7 @@ def clean_incomplete(root: Path) -> list[Path]:
     for directory in incomplete(root):
         _rmtree(directory)
         removed.append(directory)
-    for tmp in root.glob(f".{LATEST}.*{_TMP_SUFFIX}"):
+    for tmp in root.glob(f".{LATEST}.*{TMP_SUFFIX}"):
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

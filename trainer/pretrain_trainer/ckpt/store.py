@@ -25,7 +25,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import zlib
@@ -39,6 +38,7 @@ from typing import Annotated, Any, BinaryIO
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ..config.base import Spec
+from ..fsio import TMP_SUFFIX, fsync_dir, replace_atomic, write_json_atomic
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -48,7 +48,6 @@ CHUNK = 8 << 20  # verify reads this much per call into a buffer reused by its t
 _STAGE = re.compile(r"stage-(0|[1-9][0-9]*)")
 _STEP = re.compile(r"step-(0|[1-9][0-9]*)")
 _MARKER = re.compile(r"\.rank-(0|[1-9][0-9]*)\.json")
-_TMP_SUFFIX = ".tmp"
 
 NonNegative = Annotated[int, Field(ge=0)]
 
@@ -266,44 +265,10 @@ class HashingFile(io.BufferedIOBase, BinaryIO):
         return FileRecord(path=path, size=self.size, crc32=self.crc32)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some network filesystems cannot sync a directory
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _replace_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)  # the rename itself survives a power loss only once this is done
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    """Replace ``path`` with ``data`` as JSON, all or nothing: a temporary file in the same
-    directory (same filesystem, so the rename is atomic) is synced and renamed over ``path``.
-    A crash leaves either the old file or the new one, plus at most a ``.<name>.*.tmp`` that
-    readers never open."""
-    _replace_atomic(path, json.dumps(data, indent=1, allow_nan=False).encode() + b"\n")
-
-
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Commit a checkpoint: sync every directory entry beneath it, then write the manifest."""
     for sub, _, _ in os.walk(directory):
-        _fsync_dir(Path(sub))
+        fsync_dir(Path(sub))
     write_json_atomic(directory / MANIFEST, manifest.model_dump(mode="json", by_alias=True))
 
 
@@ -330,7 +295,7 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def _is_bookkeeping(name: str) -> bool:
-    return name == MANIFEST or bool(_MARKER.fullmatch(name)) or name.endswith(_TMP_SUFFIX)
+    return name == MANIFEST or bool(_MARKER.fullmatch(name)) or name.endswith(TMP_SUFFIX)
 
 
 _buffers = threading.local()  # one read buffer per hashing thread
@@ -388,7 +353,7 @@ def set_latest(root: Path, directory: Path) -> None:
         raise CheckpointError(f"{directory} is not under checkpoint root {root}") from None
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: latest would point at a missing directory")
-    _replace_atomic(root / LATEST, relative.encode() + b"\n")
+    replace_atomic(root / LATEST, relative.encode() + b"\n")
 
 
 def read_latest(root: Path) -> Path | None:
