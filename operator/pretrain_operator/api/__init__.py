@@ -27,6 +27,7 @@ from .status import (
     StageRecord,
     StageStatus,
     WorkersStatus,
+    set_condition,
 )
 
 __all__ = [
@@ -56,4 +57,5 @@ __all__ = [
     "WorkerCounts",
     "WorkersStatus",
     "parse_job",
+    "set_condition",
 ]

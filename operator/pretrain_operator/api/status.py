@@ -193,3 +193,23 @@ class JobStatus(Status):
     """Newest valid checkpoint."""
     last_recovery_seconds: float | None = None
     """Time from the last worker loss to training progressing again."""
+
+
+def set_condition(
+    conditions: list[Condition],
+    *,
+    type_: ConditionType,
+    reason: Reason,
+    message: str,
+    now: datetime,
+    true: bool = True,
+) -> list[Condition]:
+    """Conditions with one type set; its transition time moves only when its status does
+    (Kubernetes condition conventions)."""
+    status: Literal["True", "False"] = "True" if true else "False"
+    old = next((c for c in conditions if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    new = Condition(
+        type=type_, status=status, reason=reason, message=message, last_transition_time=since
+    )
+    return [c for c in conditions if c.type != type_] + [new]

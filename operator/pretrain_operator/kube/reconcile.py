@@ -136,7 +136,7 @@ def reconcile(
         group_slots=old.workers.slots,
         slots=_useful_slots(job, stage),
     )
-    result = plan(job.spec, old, observed, now)
+    result = plan(spec=job.spec, status=old, observed=observed, now=now)
     applied = apply(client, job, result, pods, nodes=readiness, options=options)
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
     if status != job.status:

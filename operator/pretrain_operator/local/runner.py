@@ -119,7 +119,7 @@ def run(
     try:
         while True:
             started = time.perf_counter()
-            result = plan(spec, status, backend.observe(), clock())
+            result = plan(spec=spec, status=status, observed=backend.observe(), now=clock())
             backend.apply(result)
             journal.note(result.events, result.status, now=time.time())
             status = journal.progress(result.status, spec, now=time.time())
@@ -140,7 +140,10 @@ def run(
     except KeyboardInterrupt:
         backend.shutdown()
         suspended = plan(
-            spec.model_copy(update={"suspend": True}), status, backend.observe(), clock()
+            spec=spec.model_copy(update={"suspend": True}),
+            status=status,
+            observed=backend.observe(),
+            now=clock(),
         ).status
         journal.suspended(now=time.time())
         _write_json(run_dir / STATUS, suspended.model_dump(mode="json", by_alias=True))

@@ -14,12 +14,10 @@ the group keeps running. Resizes do not count against ``maxRestarts``; failures 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Literal
 
 from pretrain_trainer.contract import ExitCode
 
 from ..api import (
-    Condition,
     ConditionType,
     JobStatus,
     Phase,
@@ -29,29 +27,11 @@ from ..api import (
     StageRecord,
     StageStatus,
     WorkersStatus,
+    set_condition,
 )
 from .model import FAILURES, Event, Group, Observed, Plan, Worker, WorkerState
 
 WAIT_SECONDS = 5.0  # how often to look again while waiting for capacity
-
-
-def _condition(
-    conditions: list[Condition],
-    *,
-    type_: ConditionType,
-    reason: Reason,
-    message: str,
-    now: datetime,
-    true: bool = True,
-) -> list[Condition]:
-    """Conditions with one type set; its transition time moves only when its status does."""
-    status: Literal["True", "False"] = "True" if true else "False"
-    old = next((c for c in conditions if c.type == type_), None)
-    since = old.last_transition_time if old is not None and old.status == status else now
-    new = Condition(
-        type=type_, status=status, reason=reason, message=message, last_transition_time=since
-    )
-    return [c for c in conditions if c.type != type_] + [new]
 
 
 _PHASE_CONDITION = {
@@ -76,7 +56,7 @@ def _phase(
     wanted = _PHASE_CONDITION.get(phase)
     for type_ in _PHASE_CONDITION.values():
         if any(c.type == type_ for c in conditions) or wanted == type_:
-            conditions = _condition(
+            conditions = set_condition(
                 conditions,
                 type_=type_,
                 reason=reason,
@@ -85,7 +65,7 @@ def _phase(
                 true=wanted == type_,
             )
     if phase == Phase.PENDING:  # not running yet, and the condition says why
-        conditions = _condition(
+        conditions = set_condition(
             conditions,
             type_=ConditionType.RUNNING,
             reason=reason,
@@ -95,7 +75,7 @@ def _phase(
         )
     if phase in (Phase.SUCCEEDED, Phase.FAILED):
         type_ = ConditionType.SUCCEEDED if phase == Phase.SUCCEEDED else ConditionType.FAILED
-        conditions = _condition(conditions, type_=type_, reason=reason, message=message, now=now)
+        conditions = set_condition(conditions, type_=type_, reason=reason, message=message, now=now)
     return status.model_copy(update={"phase": phase, "conditions": conditions})
 
 
