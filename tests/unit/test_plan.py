@@ -50,7 +50,7 @@ def _running(attempt: int, *slots: int, stage: int = 0) -> tuple[Worker, ...]:
 
 
 def _go(spec: PretrainJobSpec, status: JobStatus, *workers: Worker, at: datetime = NOW) -> Plan:
-    return plan(spec, status, Observed(workers), at)
+    return plan(spec=spec, status=status, observed=Observed(workers), now=at)
 
 
 def _started(spec: PretrainJobSpec, *slots: int) -> JobStatus:
@@ -192,9 +192,7 @@ def test_the_last_stage_finishing_succeeds_the_job() -> None:
 def test_suspend_stops_workers_and_resume_starts_a_new_attempt() -> None:
     spec = _spec()
     status = _started(spec, 0, 1)
-    suspended = plan(
-        spec.model_copy(update={"suspend": True}), status, Observed(_running(1, 0, 1)), NOW
-    )
+    suspended = _go(spec.model_copy(update={"suspend": True}), status, *_running(1, 0, 1))
     assert (suspended.group, suspended.stop) == (None, (0, 1))
     assert suspended.status.phase == Phase.SUSPENDED
     resumed = _go(spec, suspended.status, *_idle(0, 1))

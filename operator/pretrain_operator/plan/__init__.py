@@ -4,7 +4,8 @@ Imports neither kopf nor kubernetes: ``plan()`` maps (spec, status, observed wor
 the group that should run, the workers to stop, the status to write and the events to emit.
 """
 
-from .core import choose_world, plan
+from .core import plan
+from .elastic import choose_world
 from .model import FAILURES, Event, Group, Observed, Plan, Worker, WorkerState, exited
 
 __all__ = [

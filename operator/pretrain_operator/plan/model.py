@@ -7,7 +7,7 @@ slot's index in the group. Backends translate their objects to :class:`Worker` v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from pretrain_trainer.contract import FailureReport, StageReport
@@ -83,6 +83,10 @@ class Observed:
     def of_attempt(self, attempt: int) -> list[Worker]:
         return [w for w in self.workers if w.attempt == attempt]
 
+    def running(self) -> tuple[int, ...]:
+        """Slots running a worker of any attempt: what a plan that runs nothing stops."""
+        return tuple(w.slot for w in self.workers if w.state == WorkerState.RUNNING and w.attempt)
+
 
 @dataclass(frozen=True)
 class Group:
@@ -99,7 +103,7 @@ class Group:
 
 @dataclass(frozen=True)
 class Event:
-    reason: str
+    reason: Reason
     message: str
     warning: bool = False
 
@@ -114,3 +118,8 @@ class Plan:
     """Slots whose worker belongs to an older attempt and must stop."""
     requeue_after: float | None = None
     """Seconds until the planner should look again without any change."""
+
+    def with_events(self, prefix: tuple[Event, ...]) -> Plan:
+        """This plan with ``prefix`` said first: a step that decided something before handing
+        over to another (a resume, then the start) keeps the order things happened in."""
+        return replace(self, events=(*prefix, *self.events))
