@@ -474,3 +474,47 @@ def test_a_running_jobs_status_shows_the_trainers_progress_and_an_eta(
     eta = datetime.fromisoformat(current["eta"].replace("Z", "+00:00"))
     left = (eta - datetime.now(UTC)).total_seconds()
     assert 0 < left <= (10 - 4) * 0.5 + 1  # 6 steps to go at 0.5 s a step
+
+
+class StatusWrites(KubeClient):
+    """Counts the status writes of each pass (what the API server's audit log would show)."""
+
+    def __init__(self, api: Any) -> None:
+        super().__init__(api)
+        self.patches = 0
+
+    def patch_job_status(self, namespace: str, name: str, status: Any) -> None:
+        self.patches += 1
+        super().patch_job_status(namespace, name, status)
+
+
+def test_a_pass_writes_the_status_at_most_once_progress_included(
+    apiserver: ApiServer, cluster: Cluster
+) -> None:
+    from pretrain_operator.telemetry.progress import TrainerProgress
+
+    create(cluster, job())
+    client = StatusWrites(apiserver.client())
+    read = TrainerProgress(stage=0, step=3, tokens=768, loss=2.5, seconds_per_step=0.5)
+    passes: list[tuple[str | None, int, int | None]] = []  # phase, status writes, step shown
+
+    def once(*, progress: bool = True) -> bool:
+        body = client.get_job("default", "demo")
+        assert body is not None
+        before = client.patches
+        reader = (lambda pods, attempt: read) if progress else None
+        reconcile(client, body, now=datetime.now(UTC), progress=reader)
+        written = status(cluster)
+        passes.append((written.get("phase"), client.patches - before, written.get("step")))
+        return written.get("phase") == "Running"
+
+    cluster.eventually(once, what="a running job")
+    assert max(writes for _, writes, _ in passes) == 1, passes
+    # The pass that saw the workers run wrote the phase and the progress together.
+    assert passes[-1] == ("Running", 1, 3)
+    assert passes[-2][0] != "Running"
+    current = status(cluster)
+    assert (current["tokens"], current["loss"]) == (768, 2.5)
+    # Once the cluster settles, a pass that changes nothing writes nothing.
+    cluster.eventually(lambda: once(progress=False) and passes[-1][1] == 0, what="no write")
+    assert max(writes for _, writes, _ in passes) == 1, passes

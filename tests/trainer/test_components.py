@@ -250,8 +250,8 @@ def test_report_is_written_whole(tmp_path: Path) -> None:
     )
     write_report(str(target), report)
     assert target.read_text() == (
-        '{"finished":true,"job":"j","stage":1,"stageName":"b","step":7,"tokens":70,"loss":2.5,'
-        '"skippedSteps":0,"checkpoint":"/c","worldSize":2}\n'
+        '{"finished":true,"stage":1,"step":7,"tokens":70,"loss":2.5,"checkpoint":"/c",'
+        '"job":"j","stageName":"b","skippedSteps":0,"worldSize":2}\n'
     )
     assert parse_report(target.read_text()) == report
     assert list(target.parent.iterdir()) == [target]

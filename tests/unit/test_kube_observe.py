@@ -184,7 +184,8 @@ def test_progress_is_read_from_the_trainers_own_exposition() -> None:
     from datetime import UTC, datetime
 
     from pretrain_operator.api import JobStatus, Phase, StageStatus, parse_job
-    from pretrain_operator.kube.progress import parse, with_progress
+    from pretrain_operator.kube.progress import parse
+    from pretrain_operator.telemetry.progress import with_progress
     from pretrain_trainer.metrics import TrainerMetrics
     from prometheus_client import generate_latest
 

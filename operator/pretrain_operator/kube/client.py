@@ -2,8 +2,10 @@
 
 Objects travel as plain dicts (JSON in, JSON out): the generated models of the ``kubernetes``
 client cost more to build for 1,000 pods than the request itself. Errors become
-:class:`TemporaryApiError` (retry later: 5xx, 429, 409 on a write race, connection trouble) or
-:class:`PermanentApiError` (the request itself is wrong: 4xx); "already exists" on create and
+:class:`TemporaryApiError` (retry later: 5xx, 429, a write that raced another, connection
+trouble) or :class:`PermanentApiError` (the request itself is wrong: 4xx), with the cases the
+operator branches on typed: :class:`NotFoundError`, :class:`ForbiddenError` and
+:class:`ConflictError`. Callers catch types, never status codes. "Already exists" on create and
 "not found" on delete are success, which is what makes applying a plan idempotent.
 """
 
@@ -32,6 +34,30 @@ class TemporaryApiError(ApiError):
 
 class PermanentApiError(ApiError):
     """Retrying the same request cannot succeed."""
+
+
+class NotFoundError(PermanentApiError):
+    """404: the object (or its namespace) does not exist."""
+
+
+class ForbiddenError(PermanentApiError):
+    """401 or 403: the operator may not make this request (a namespaced install, say)."""
+
+
+class ConflictError(TemporaryApiError):
+    """409: the object already exists, or the write raced another one."""
+
+
+def _error_for(status: int) -> type[ApiError]:
+    if status == 404:
+        return NotFoundError
+    if status in (401, 403):
+        return ForbiddenError
+    if status == 409:
+        return ConflictError
+    if status >= 500 or status == 429:
+        return TemporaryApiError
+    return PermanentApiError
 
 
 _CORE = {
@@ -94,22 +120,15 @@ class KubeClient:
             message = json.loads(data).get("message", "")
         except (ValueError, AttributeError):
             message = (data or b"").decode(errors="replace")[:200]
-        kind = (
-            TemporaryApiError
-            if response.status >= 500 or response.status in (409, 429)
-            else PermanentApiError
-        )
-        raise kind(response.status, f"{method} {path}: {message}")
+        raise _error_for(response.status)(response.status, f"{method} {path}: {message}")
 
     # -- reads -------------------------------------------------------------------------------
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
         try:
             job: dict[str, Any] = self.request("GET", path)
-        except PermanentApiError as error:
-            if error.status == 404:
-                return None
-            raise
+        except NotFoundError:
+            return None
         return job
 
     def list_pods(self, namespace: str, *, selector: str) -> list[dict[str, Any]]:
@@ -121,10 +140,8 @@ class KubeClient:
         """All nodes, or None where the operator may not read them (namespaced installs)."""
         try:
             listed = self.request("GET", "/api/v1/nodes", verb="list")
-        except PermanentApiError as error:
-            if error.status in (401, 403):
-                return None
-            raise
+        except ForbiddenError:
+            return None
         return list(listed.get("items") or [])
 
     # -- writes ------------------------------------------------------------------------------
@@ -135,10 +152,8 @@ class KubeClient:
             created: dict[str, Any] = self.request(
                 "POST", _path(obj, namespace), body=obj, verb="create"
             )
-        except TemporaryApiError as error:
-            if error.status == 409:
-                return None
-            raise
+        except ConflictError:
+            return None
         return created
 
     def replace_or_create(self, obj: Mapping[str, Any], *, namespace: str) -> None:
@@ -146,9 +161,7 @@ class KubeClient:
         path = f"{_path(obj, namespace)}/{obj['metadata']['name']}"
         try:
             self.request("PATCH", path, body=obj, content_type="application/merge-patch+json")
-        except PermanentApiError as error:
-            if error.status != 404:
-                raise
+        except NotFoundError:
             self.create(obj, namespace=namespace)
 
     def delete(
@@ -167,10 +180,8 @@ class KubeClient:
             body["gracePeriodSeconds"] = grace_seconds
         try:
             self.request("DELETE", path, body=body)
-        except PermanentApiError as error:
-            if error.status == 404:
-                return False
-            raise
+        except NotFoundError:
+            return False
         return True
 
     def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:

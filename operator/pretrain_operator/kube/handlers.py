@@ -19,19 +19,21 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from ..api import GROUP, PLURAL, VERSION, Phase
+from ..api import GROUP, PLURAL, VERSION
 from ..telemetry.metrics import JobSnapshot, OperatorMetrics
+from ..telemetry.progress import TrainerProgress
 from . import progress
 from .cache import Expectations
 from .client import ApiError, KubeClient, TemporaryApiError
 from .objects import JOB
-from .reconcile import reconcile
+from .observe import node_ready
+from .reconcile import ProgressReader, reconcile
 from .settings import OperatorSettings
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -53,139 +55,182 @@ def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> No
     settings.watching.client_timeout = 330
 
 
+def pods_by_job(
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The pod index (a watch cache): each job's pods under (namespace, job name)."""
+    return {(namespace or "", labels[JOB]): copy.deepcopy(dict(body))}
+
+
+def nodes_ready(*, name: str, body: kopf.Body, **_: Any) -> dict[str, bool]:
+    """The node index: each node's readiness."""
+    return {name: node_ready(body)}
+
+
+class JobLoops:
+    """The operator's per-job state: one reconcile loop per PretrainJob, woken by pokes, and
+    when each job's progress was last read. Its methods are the kopf handlers."""
+
+    def __init__(
+        self,
+        *,
+        operator: OperatorSettings,
+        make_client: Callable[[], KubeClient],
+        metrics: OperatorMetrics,
+    ) -> None:
+        self.operator, self.make_client, self.metrics = operator, make_client, metrics
+        self.options = operator.pod_options()
+        self.wakes: dict[tuple[str, str], asyncio.Event] = {}
+        self.readiness: dict[str, bool] = {}  # the last readiness seen, to poke on a change
+        self.progressed: dict[tuple[str, str], float] = {}  # when progress was last read
+
+    def poke(self, namespace: str | None, name: str | None) -> None:
+        wake = self.wakes.get((namespace or "", name or ""))
+        if wake is not None:
+            wake.set()
+
+    # -- handlers ----------------------------------------------------------------------------
+    def startup(self, *, settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings, self.operator)
+
+    def job_changed(self, *, namespace: str | None, name: str | None, **_: Any) -> None:
+        self.poke(namespace, name)
+
+    def pod_changed(self, *, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        self.poke(namespace, labels.get(JOB))
+
+    def node_changed(self, *, name: str | None, body: kopf.Body, **_: Any) -> None:
+        ready = node_ready(body)
+        if name is not None and self.readiness.get(name) != ready:
+            self.readiness[name] = ready
+            for wake in self.wakes.values():
+                wake.set()
+
+    async def run_job(
+        self,
+        *,
+        stopped: kopf.DaemonStopped,
+        namespace: str | None,
+        name: str,
+        logger: Any,
+        **kw: Any,
+    ) -> None:
+        """The daemon of one job: a pass, then sleep until the requeue time, the resync
+        interval or a poke, whichever comes first."""
+        key = (namespace or "default", name)
+        wake = self.wakes.setdefault(key, asyncio.Event())
+        client = self.make_client()
+        expectations = Expectations()
+        try:
+            while not stopped:
+                wake.clear()
+                wait = await self._pass_safely(client, key, expectations, kw, logger=logger)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), timeout=wait)
+        finally:
+            self.wakes.pop(key, None)
+            self.metrics.jobs.pop(key, None)
+
+    # -- one pass ----------------------------------------------------------------------------
+    async def _pass_safely(
+        self,
+        client: KubeClient,
+        key: tuple[str, str],
+        expectations: Expectations,
+        indexes: Mapping[str, Any],
+        *,
+        logger: Any,
+    ) -> float:
+        """One pass in a thread; returns how long to sleep. Errors never end the loop."""
+        wait = self.operator.resync_seconds
+        try:
+            requeue = await asyncio.to_thread(self.one_pass, client, key, expectations, indexes)
+            if requeue is not None:
+                wait = min(max(requeue, 0.05), wait)
+        except TemporaryApiError as error:
+            self.metrics.reconcile_errors.labels("temporary").inc()
+            logger.warning(f"reconcile will be retried: {error}")
+            wait = RETRY_SECONDS
+        except ApiError as error:
+            self.metrics.reconcile_errors.labels("permanent").inc()
+            logger.error(f"reconcile failed: {error}")
+        except Exception:  # never let one job take the operator down
+            self.metrics.reconcile_errors.labels("internal").inc()
+            logger.exception("reconcile failed")
+            wait = RETRY_SECONDS
+        return wait
+
+    def one_pass(
+        self,
+        client: KubeClient,
+        key: tuple[str, str],
+        expectations: Expectations,
+        indexes: Mapping[str, Any],
+    ) -> float | None:
+        started = time.perf_counter()
+        try:
+            body = client.get_job(*key)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None
+            cached = indexes["pods_by_job"].get(key, [])
+            pods = expectations.correct(cached, now=time.monotonic())
+            nodes = indexes.get("nodes_ready")
+            readiness = {n: next(iter(v)) for n, v in nodes.items()} if nodes is not None else None
+            outcome = reconcile(
+                client,
+                body,
+                now=datetime.now(UTC),
+                options=self.options,
+                pods=pods,
+                readiness=readiness,
+                progress=self._progress_reader(key),
+            )
+            applied = outcome.applied
+            now = time.monotonic()
+            expectations.record(created=applied.created, deleted=applied.deleted, now=now)
+            self.metrics.jobs[key] = JobSnapshot(*key, outcome.status)
+            return outcome.requeue_after
+        finally:
+            self.metrics.reconcile_seconds.observe(time.perf_counter() - started)
+
+    def _progress_reader(self, key: tuple[str, str]) -> ProgressReader | None:
+        """Rank 0's progress, at most every ``progress_seconds`` per job."""
+        if time.monotonic() - self.progressed.get(key, 0.0) < self.operator.progress_seconds:
+            return None
+
+        def read(pods: Sequence[Mapping[str, Any]], attempt: int) -> TrainerProgress | None:
+            self.progressed[key] = time.monotonic()
+            return progress.read(pods, attempt, port=self.operator.trainer_metrics_port)
+
+        return read
+
+
 def register(
     registry: kopf.OperatorRegistry,
     *,
     operator: OperatorSettings,
     make_client: Callable[[], KubeClient],
     metrics: OperatorMetrics | None = None,
-) -> None:
-    pokes: dict[tuple[str, str], asyncio.Event] = {}
-    readiness: dict[str, bool] = {}
-    options = operator.pod_options()
-    progressed: dict[tuple[str, str], float] = {}  # when each job's progress was last read
-    metrics = metrics or OperatorMetrics()
-
-    def poke(namespace: str | None, name: str | None) -> None:
-        event = pokes.get((namespace or "", name or ""))
-        if event is not None:
-            event.set()
-
-    @kopf.on.startup(registry=registry)
-    def startup(*, settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings, operator)
-
-    @kopf.index("", "v1", "pods", labels={JOB: kopf.PRESENT}, id="pods_by_job", registry=registry)
-    def pods_by_job(
-        *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, **_: Any
-    ) -> dict[tuple[str, str], dict[str, Any]]:
-        return {(namespace or "", labels[JOB]): copy.deepcopy(dict(body))}
-
-    if operator.watch_nodes:
-
-        @kopf.index("", "v1", "nodes", id="node_ready", registry=registry)
-        def node_ready(*, name: str, body: kopf.Body, **_: Any) -> dict[str, bool]:
-            conditions = body.get("status", {}).get("conditions") or []
-            return {
-                name: any(
-                    c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
-                )
-            }
-
-    def one_pass(
-        client: KubeClient,
-        namespace: str,
-        name: str,
-        expectations: Expectations,
-        indexes: Mapping[str, Any],
-    ) -> float | None:
-        started = time.perf_counter()
-        try:
-            body = client.get_job(namespace, name)
-            if body is None or body["metadata"].get("deletionTimestamp"):
-                return None
-            cached = indexes["pods_by_job"].get((namespace, name), [])
-            pods = expectations.correct(cached, now=time.monotonic())
-            nodes = indexes.get("node_ready")
-            readiness = {n: next(iter(v)) for n, v in nodes.items()} if nodes is not None else None
-            outcome = reconcile(
-                client, body, now=datetime.now(UTC), options=options, pods=pods, readiness=readiness
-            )
-            expectations.record(
-                created=outcome.applied.created,
-                deleted=outcome.applied.deleted,
-                now=time.monotonic(),
-            )
-            status = outcome.status
-            if (
-                time.monotonic() - progressed.get((namespace, name), 0.0)
-                >= (operator.progress_seconds)
-                and status.phase == Phase.RUNNING
-            ):
-                progressed[(namespace, name)] = time.monotonic()
-                status = progress.refresh(
-                    client, body, status, pods, port=operator.trainer_metrics_port
-                )
-            metrics.jobs[(namespace, name)] = JobSnapshot(namespace, name, status)
-            return outcome.requeue_after
-        finally:
-            metrics.reconcile_seconds.observe(time.perf_counter() - started)
-
-    @kopf.daemon(
+) -> JobLoops:
+    """Register the operator's handlers in ``registry``; returns their shared state."""
+    loops = JobLoops(
+        operator=operator, make_client=make_client, metrics=metrics or OperatorMetrics()
+    )
+    kopf.on.startup(registry=registry)(loops.startup)
+    labelled = {JOB: kopf.PRESENT}
+    kopf.index("", "v1", "pods", id="pods_by_job", labels=labelled, registry=registry)(pods_by_job)
+    kopf.on.event("", "v1", "pods", id="pod_changed", labels=labelled, registry=registry)(
+        loops.pod_changed
+    )
+    kopf.on.event(GROUP, VERSION, PLURAL, id="job_changed", registry=registry)(loops.job_changed)
+    reconciling = kopf.daemon(
         GROUP, VERSION, PLURAL, id="reconcile", registry=registry, cancellation_timeout=10.0
     )
-    async def run_job(
-        *, stopped: kopf.DaemonStopped, namespace: str | None, name: str, logger: Any, **kw: Any
-    ) -> None:
-        namespace = namespace or "default"
-        wake = pokes.setdefault((namespace, name), asyncio.Event())
-        client = make_client()
-        expectations = Expectations()
-        try:
-            while not stopped:
-                wake.clear()
-                wait = operator.resync_seconds
-                try:
-                    requeue = await asyncio.to_thread(
-                        one_pass, client, namespace, name, expectations, kw
-                    )
-                    if requeue is not None:
-                        wait = min(max(requeue, 0.05), wait)
-                except TemporaryApiError as error:
-                    metrics.reconcile_errors.labels("temporary").inc()
-                    logger.warning(f"reconcile will be retried: {error}")
-                    wait = RETRY_SECONDS
-                except ApiError as error:
-                    metrics.reconcile_errors.labels("permanent").inc()
-                    logger.error(f"reconcile failed: {error}")
-                except Exception:  # never let one job take the operator down
-                    metrics.reconcile_errors.labels("internal").inc()
-                    logger.exception("reconcile failed")
-                    wait = RETRY_SECONDS
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), timeout=wait)
-        finally:
-            pokes.pop((namespace, name), None)
-            metrics.jobs.pop((namespace, name), None)
-
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def job_changed(*, namespace: str | None, name: str | None, **_: Any) -> None:
-        poke(namespace, name)
-
-    @kopf.on.event("", "v1", "pods", labels={JOB: kopf.PRESENT}, registry=registry)
-    def pod_changed(*, namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-        poke(namespace, labels.get(JOB))
-
+    reconciling(loops.run_job)
     if operator.watch_nodes:
-
-        @kopf.on.event("", "v1", "nodes", registry=registry)
-        def node_changed(*, name: str | None, body: kopf.Body, **_: Any) -> None:
-            conditions = body.get("status", {}).get("conditions") or []
-            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-            if name is not None and readiness.get(name) != ready:
-                readiness[name] = ready
-                for event in pokes.values():
-                    event.set()
+        kopf.index("", "v1", "nodes", id="nodes_ready", registry=registry)(nodes_ready)
+        kopf.on.event("", "v1", "nodes", id="node_changed", registry=registry)(loops.node_changed)
+    return loops
 
 
 def default_client() -> KubeClient:

@@ -35,14 +35,15 @@ LOST_REASONS = (
 )
 
 
+def node_ready(node: Mapping[str, Any]) -> bool:
+    """Whether a Node's Ready condition is True."""
+    conditions = node.get("status", {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 def ready_nodes(nodes: Iterable[Mapping[str, Any]]) -> dict[str, bool]:
     """Node name -> whether its Ready condition is True."""
-    ready = {}
-    for node in nodes:
-        conditions = node.get("status", {}).get("conditions") or []
-        ok = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-        ready[node["metadata"]["name"]] = ok
-    return ready
+    return {node["metadata"]["name"]: node_ready(node) for node in nodes}
 
 
 def _int_label(pod: Mapping[str, Any], key: str) -> int | None:

@@ -1,24 +1,22 @@
-"""A running job's progress for its status (step, tokens, loss, the stage's ETA), read from the
-trainer's own ``/metrics`` on the worker that hosts rank 0, at a bounded rate.
+"""A running job's progress (step, tokens, loss, step time), read from the trainer's own
+``/metrics`` on the worker that hosts rank 0.
 
-The status is not a metrics store: it is updated every ``progress_seconds`` at most (30 s by
-default), so ``kubectl get ptj`` shows where a job is without rewriting the object at every
-step. A worker that does not answer within two seconds costs nothing but a stale column.
+The caller reads it at a bounded rate and folds it into the pass's one status write
+(:func:`~pretrain_operator.telemetry.progress.with_progress` computes the ETA): the status is
+not a metrics store, so ``kubectl get ptj`` shows where a job is without rewriting the object
+at every step. A worker that does not answer within two seconds costs nothing but a stale
+column.
 """
 
 from __future__ import annotations
 
 import urllib.request
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
-from pretrain_trainer.config import SpecError
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..api import JobStatus, parse_job
-from ..telemetry.progress import TrainerProgress, with_progress
-from .client import KubeClient
+from ..telemetry.progress import TrainerProgress
 from .objects import ATTEMPT, RANK, ROLE, WORKER
 
 TIMEOUT = 2.0
@@ -61,28 +59,7 @@ def fetch(address: str, port: int) -> TrainerProgress | None:
         return None
 
 
-def refresh(
-    client: KubeClient,
-    body: Mapping[str, Any],
-    status: JobStatus,
-    pods: Sequence[Mapping[str, Any]],
-    *,
-    port: int,
-) -> JobStatus:
-    """Read rank 0's progress and write it into the job's status (only when it moved)."""
-    address = rank0_address(pods, status.attempt)
-    read = fetch(address, port) if address is not None else None
-    if read is None:
-        return status
-    try:
-        spec = parse_job(body).spec
-    except SpecError:
-        return status
-    updated = with_progress(status, spec, read, now=datetime.now(UTC))
-    if updated != status:
-        meta = body["metadata"]
-        fields = updated.model_dump(
-            mode="json", by_alias=True, include={"step", "tokens", "loss", "eta"}
-        )
-        client.patch_job_status(meta["namespace"], meta["name"], fields)
-    return updated
+def read(pods: Sequence[Mapping[str, Any]], attempt: int, *, port: int) -> TrainerProgress | None:
+    """The current attempt's progress from rank 0's metrics; None when it cannot be read."""
+    address = rank0_address(pods, attempt)
+    return fetch(address, port) if address is not None else None

@@ -1,10 +1,12 @@
 """One level-triggered pass over a PretrainJob: read, plan, apply, write status once.
 
 ``reconcile`` reads the job (the caller's copy) and its pods by label, asks the pure planner
-what should run, makes the pods say so, and patches the status subresource only when it
-changed, then posts the plan's events. Every write is idempotent (deterministic names, 409 on
-create and 404 on delete are success), and the status is written after the objects, so running
-it twice, or after the operator died half-way through, decides and creates nothing new.
+what should run, turns that into actions (:mod:`.actions`, pure) and carries them out, reads
+the trainer's progress when the caller asks for it, patches the status subresource once, only
+when it changed, and then posts the plan's events. Every write is idempotent (deterministic
+names; "already exists" on create and "not found" on delete are success), and the status is
+written after the objects, so running it twice, or after the operator died half-way through,
+decides and creates nothing new.
 
 A spec that slipped past the CRD schema gets ``Failed``/``InvalidSpec`` naming the fields, and
 nothing else happens until the spec changes.
@@ -12,33 +14,31 @@ nothing else happens until the spec changes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from pretrain_trainer.config import SpecError
 
-from ..api import Condition, ConditionType, JobStatus, Phase, PretrainJob, Reason, parse_job
-from ..plan import Event, Plan, plan
-from .client import KubeClient
-from .objects import (
-    ATTEMPT,
-    ROLE,
-    SLOT,
-    WORKER,
-    Options,
-    attempt_name,
-    config_map,
-    job_objects,
-    rendezvous_name,
-    selector,
-    standby_name,
-    standby_pod,
-    worker_name,
-    worker_pod,
+from ..api import (
+    ConditionType,
+    JobStatus,
+    Phase,
+    PretrainJob,
+    Reason,
+    parse_job,
+    set_condition,
 )
+from ..plan import Event, plan
+from ..telemetry.progress import TrainerProgress, with_progress
+from .actions import Action, Create, Replace, actions, useful_slots
+from .client import KubeClient
+from .objects import Options, selector
 from .observe import observe, ready_nodes
+
+ProgressReader = Callable[[Sequence[Mapping[str, Any]], int], TrainerProgress | None]
+"""Reads the current attempt's progress from its pods (rank 0's metrics); None if unknown."""
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,6 @@ class Outcome:
     applied: Applied = Applied()
 
 
-def _label(pod: Mapping[str, Any], key: str) -> str | None:
-    value = pod["metadata"].get("labels", {}).get(key)
-    return value if isinstance(value, str) else None
-
-
 def _dump(status: JobStatus) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True)
 
@@ -69,30 +64,24 @@ def _dump(status: JobStatus) -> dict[str, Any]:
 def invalid(body: Mapping[str, Any], error: SpecError, now: datetime) -> JobStatus:
     """The status of a job whose spec cannot be used: Failed, naming every bad field."""
     message = "; ".join(str(p) for p in error.problems)[:1024]
-    previous = body.get("status") or {}
-    old = next((c for c in previous.get("conditions") or [] if c.get("type") == "Failed"), None)
-    since = now
-    if (
-        old is not None
-        and old.get("reason") == Reason.INVALID_SPEC
-        and old.get("message") == (message)
-    ):
-        since = datetime.fromisoformat(old["lastTransitionTime"].replace("Z", "+00:00"))
-    condition = Condition(
-        type=ConditionType.FAILED,
-        status="True",
-        reason=Reason.INVALID_SPEC,
-        message=message,
-        last_transition_time=since,
+    previous = JobStatus.model_validate(body.get("status") or {})
+    # Its transition time stays while the job stays refused for the same reasons.
+    conditions = [
+        c
+        for c in previous.conditions
+        if (c.type, c.reason, c.message) == (ConditionType.FAILED, Reason.INVALID_SPEC, message)
+    ]
+    conditions = set_condition(
+        conditions, type_=ConditionType.FAILED, reason=Reason.INVALID_SPEC, message=message, now=now
     )
     return JobStatus(
         phase=Phase.FAILED,
-        conditions=[condition],
+        conditions=conditions,
         observed_generation=body["metadata"].get("generation"),
     )
 
 
-def _current_status(body: Mapping[str, Any], job: PretrainJob) -> JobStatus:
+def _current_status(job: PretrainJob) -> JobStatus:
     status = job.status
     failed = next((c for c in status.conditions if c.type == ConditionType.FAILED), None)
     if failed is not None and failed.reason == Reason.INVALID_SPEC:
@@ -108,21 +97,17 @@ def reconcile(
     options: Options | None = None,
     pods: Sequence[Mapping[str, Any]] | None = None,
     readiness: Mapping[str, bool] | None = None,
+    progress: ProgressReader | None = None,
 ) -> Outcome:
     """One pass. ``pods`` and ``readiness`` (node name -> Ready) come from the caller's watch
-    cache when it has one; otherwise they are read from the API server."""
+    cache when it has one; otherwise they are read from the API server. ``progress``, when
+    given, is asked for a running job's progress before the status is written."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         job = parse_job(body)
     except SpecError as error:
-        status = invalid(body, error, now)
-        said: tuple[Event, ...] = ()
-        if (body.get("status") or {}) != _dump(status):
-            client.patch_job_status(namespace, name, _dump(status))
-            said = (Event(Reason.INVALID_SPEC, status.conditions[0].message, warning=True),)
-            client.event(body, reason=said[0].reason, message=said[0].message, warning=True)
-        return Outcome(status, said, None)
-    old = _current_status(body, job)
+        return _refuse(client, body, invalid(body, error, now))
+    old = _current_status(job)
     if pods is None:
         pods = list(client.list_pods(namespace, selector=selector(job)))
     if readiness is None:
@@ -134,16 +119,32 @@ def reconcile(
         readiness,
         attempt=old.attempt,
         group_slots=old.workers.slots,
-        slots=_useful_slots(job, stage),
+        slots=useful_slots(job, stage),
     )
     result = plan(spec=job.spec, status=old, observed=observed, now=now)
-    applied = apply(client, job, result, pods, nodes=readiness, options=options)
+    todo = actions(job, result, pods, nodes=readiness, options=options or Options())
+    applied = apply(client, todo, namespace=job.metadata.namespace or "default")
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
-    if status != job.status:
+    if progress is not None and status.phase == Phase.RUNNING:
+        read = progress(pods, status.attempt)
+        if read is not None:
+            status = with_progress(status, job.spec, read, now=now)
+    if status != job.status:  # the one status write of the pass
         client.patch_job_status(namespace, name, _dump(status))
     for event in result.events:
         client.event(body, reason=event.reason, message=event.message, warning=event.warning)
     return Outcome(status, result.events, result.requeue_after, applied)
+
+
+def _refuse(client: KubeClient, body: Mapping[str, Any], status: JobStatus) -> Outcome:
+    """Write the InvalidSpec status once (and say so in an event); do nothing else."""
+    meta = body["metadata"]
+    if (body.get("status") or {}) == _dump(status):
+        return Outcome(status, (), None)
+    client.patch_job_status(meta["namespace"], meta["name"], _dump(status))
+    said = Event(Reason.INVALID_SPEC, status.conditions[0].message, warning=True)
+    client.event(body, reason=said.reason, message=said.message, warning=True)
+    return Outcome(status, (said,), None)
 
 
 def _assume_ready(pods: Sequence[Mapping[str, Any]]) -> dict[str, bool]:
@@ -151,124 +152,25 @@ def _assume_ready(pods: Sequence[Mapping[str, Any]]) -> dict[str, bool]:
     return {p["spec"]["nodeName"]: True for p in pods if p.get("spec", {}).get("nodeName")}
 
 
-def apply(
-    client: KubeClient,
-    job: PretrainJob,
-    result: Plan,
-    pods: Sequence[Mapping[str, Any]],
-    *,
-    nodes: Mapping[str, bool],
-    options: Options | None = None,
-) -> Applied:
-    """Make the job's objects match the plan. Idempotent. ``nodes``: readiness by name."""
-    namespace = job.metadata.namespace or "default"
-    options = options or Options()
-    by_name = {p["metadata"]["name"]: p for p in pods}
-    phase = result.status.phase
+def apply(client: KubeClient, todo: Sequence[Action], *, namespace: str) -> Applied:
+    """Carry out the actions in order. Idempotent: an object that already exists is not
+    created again, one already gone is not an error."""
     applied = Applied()
-
-    def delete(pod: Mapping[str, Any], *, grace: int | None = None) -> None:
-        if not pod["metadata"].get("deletionTimestamp"):
-            name = pod["metadata"]["name"]
-            if client.delete("Pod", name, namespace=namespace, grace_seconds=grace):
-                applied.deleted.append(pod)
-
-    def create(obj: dict[str, Any]) -> None:
-        created = client.create(obj, namespace=namespace)
-        if created is not None and obj["kind"] == "Pod":
-            applied.created.append(created)
-
-    if phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
-        for pod in pods:  # everything goes; the checkpoints stay on their volume
-            delete(pod)
-        return applied
-
-    rendezvous = by_name.get(rendezvous_name(job))
-    if rendezvous is not None and _gone(rendezvous, nodes):
-        delete(rendezvous, grace=0)  # the store is unreachable: a new one, same DNS name
-        rendezvous = None
-    if rendezvous is None:
-        for obj in job_objects(job, options):
-            create(obj)
-
-    group = result.group
-    stop = set(result.stop)
-    for pod in pods:
-        if _label(pod, ROLE) != WORKER:
-            continue
-        attempt = int(_label(pod, ATTEMPT) or -1)
-        finished = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-        slot = int(_label(pod, SLOT) or -1)
-        ours = group is not None and attempt == group.attempt
-        if not ours and (slot in stop or finished or attempt < result.status.attempt):
-            delete(pod)
-
-    if group is not None and worker_name(job, group.attempt, group.slots[0]) not in by_name:
-        # A new attempt: the run config may have changed with the spec, and a gang needs its
-        # PodGroup before its pods.
-        client.replace_or_create(config_map(job), namespace=namespace)
-        pod_group = options.gang.pod_group(job, group)
-        if pod_group is not None:
-            create(pod_group)
-            client.delete(
-                "PodGroup",
-                attempt_name(job, group.attempt - 1),
+    for action in todo:
+        if isinstance(action, Create):
+            created = client.create(action.obj, namespace=namespace)
+            if created is not None and action.obj["kind"] == "Pod":
+                applied.created.append(created)
+        elif isinstance(action, Replace):
+            client.replace_or_create(action.obj, namespace=namespace)
+        else:
+            gone = client.delete(
+                action.kind,
+                action.name,
                 namespace=namespace,
-                api_version=pod_group["apiVersion"],
+                api_version=action.api_version,
+                grace_seconds=action.grace,
             )
-    group_slots = set(group.slots) if group is not None else set()
-    if group is not None:
-        for slot in group.slots:
-            if worker_name(job, group.attempt, slot) in by_name:
-                continue
-            create(worker_pod(job, group, slot, options=options))
-            standby = by_name.get(standby_name(job, slot))
-            if standby is not None:  # after the create: a pass that dies in between keeps it
-                delete(standby, grace=0)  # its node is where this worker should run
-
-    # Standbys probe for spare capacity. While a group's pods wait for the scheduler, an
-    # unscheduled standby would compete with them for the nodes just freed: it goes, and comes
-    # back once the whole group is placed.
-    placing = group is not None and not all(
-        _scheduled(by_name.get(worker_name(job, group.attempt, slot))) for slot in group.slots
-    )
-    busy = {
-        int(_label(p, SLOT) or -1)
-        for p in pods
-        if _label(p, ROLE) == WORKER and p.get("status", {}).get("phase") in ("Pending", "Running")
-    }
-    stage = (
-        result.group.stage
-        if result.group is not None
-        else (result.status.stage.index if result.status.stage is not None else 0)
-    )
-    for slot in range(_useful_slots(job, stage)):
-        if slot in group_slots:
-            continue
-        standby = by_name.get(standby_name(job, slot))
-        if standby is None:
-            if not placing and slot not in busy:
-                create(standby_pod(job, slot, priority_class=options.standby_priority_class))
-        elif standby.get("status", {}).get("phase") in ("Failed", "Succeeded"):
-            delete(standby)  # evicted or killed: ask again next time
-        elif placing and not _scheduled(standby):
-            delete(standby, grace=0)
+            if gone and action.pod is not None:
+                applied.deleted.append(action.pod)
     return applied
-
-
-def _useful_slots(job: PretrainJob, stage: int) -> int:
-    """Slots worth a pod: up to the largest group the stage can run at. A standby beyond it
-    could never be used, and would only hold a node that others need."""
-    usable = job.spec.worker_counts(job.spec.stages[stage]).usable
-    return max(usable, default=job.spec.elastic.max_count)
-
-
-def _gone(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> bool:
-    """A pod that no longer runs and will not again: failed, or on a node that is down."""
-    node = pod.get("spec", {}).get("nodeName")
-    failed = pod.get("status", {}).get("phase") in ("Failed", "Succeeded")
-    return failed or (node is not None and not nodes.get(node, False))
-
-
-def _scheduled(pod: Mapping[str, Any] | None) -> bool:
-    return pod is not None and bool(pod.get("spec", {}).get("nodeName"))

@@ -1,0 +1,227 @@
+"""What a pass must do to a job's objects so they say what the plan says. Pure.
+
+:func:`actions` turns a :class:`~pretrain_operator.plan.Plan`, the job's pods and the nodes'
+readiness into an ordered list of :class:`Create`, :class:`Replace` and :class:`Delete`
+actions; ``reconcile.apply`` carries them out one by one and decides nothing. The policies
+that are not the planner's (it knows slots, not pods) live here, where they are tested as data:
+
+- terminal phases (Succeeded, Failed, Suspended) delete every pod; checkpoints stay on their
+  volume;
+- the rendezvous pod is replaced when it failed or its node is down (same DNS name, a new
+  store); the job's other objects are created with it;
+- a worker pod of an older attempt goes when its slot must stop, it finished, or its attempt
+  is behind the status;
+- a new attempt first rewrites the run config (the spec may have changed) and, for a gang
+  scheduler, creates its PodGroup (and deletes the previous attempt's);
+- a worker's standby goes *after* the worker is created: a pass that dies in between keeps it;
+- standbys probe for spare capacity on every slot the stage can use and no worker holds. While
+  the group's pods wait for the scheduler, an unscheduled standby would compete with them for
+  the nodes just freed: it goes, and comes back once the whole group is placed. A standby that
+  was evicted or killed goes, to ask again next time.
+
+Order matters and is kept: the apply loop performs the actions in the order given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..api import Phase, PretrainJob
+from ..plan import Group, Plan
+from .objects import (
+    ATTEMPT,
+    ROLE,
+    SLOT,
+    WORKER,
+    Options,
+    attempt_name,
+    config_map,
+    job_objects,
+    rendezvous_name,
+    standby_name,
+    standby_pod,
+    worker_name,
+    worker_pod,
+)
+
+FINISHED = ("Succeeded", "Failed")
+ALIVE = ("Pending", "Running")
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create an object; one that already exists is left as it is."""
+
+    obj: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Replace:
+    """Make a small, whole object read as ``obj`` (or create it)."""
+
+    obj: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete an object; one already gone is fine."""
+
+    kind: str
+    name: str
+    grace: int | None = None
+    api_version: str = "v1"
+    pod: Mapping[str, Any] | None = None
+    """The pod as last seen, for the watch cache's expectations."""
+
+
+Action = Create | Replace | Delete
+
+
+def _label(pod: Mapping[str, Any], key: str) -> str | None:
+    value = pod["metadata"].get("labels", {}).get(key)
+    return value if isinstance(value, str) else None
+
+
+def _phase(pod: Mapping[str, Any] | None) -> str | None:
+    return None if pod is None else pod.get("status", {}).get("phase")
+
+
+def _scheduled(pod: Mapping[str, Any] | None) -> bool:
+    return pod is not None and bool(pod.get("spec", {}).get("nodeName"))
+
+
+def _gone(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> bool:
+    """A pod that no longer runs and will not again: finished, or on a node that is down."""
+    node = pod.get("spec", {}).get("nodeName")
+    return _phase(pod) in FINISHED or (node is not None and not nodes.get(node, False))
+
+
+def _delete(pod: Mapping[str, Any], *, grace: int | None = None) -> list[Action]:
+    """Deleting a pod already being deleted changes nothing: no action."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return []
+    return [Delete("Pod", pod["metadata"]["name"], grace=grace, pod=pod)]
+
+
+def useful_slots(job: PretrainJob, stage: int) -> int:
+    """Slots worth a pod: up to the largest group the stage can run at. A standby beyond it
+    could never be used, and would only hold a node that others need."""
+    usable = job.spec.worker_counts(job.spec.stages[stage]).usable
+    return max(usable, default=job.spec.elastic.max_count)
+
+
+def actions(
+    job: PretrainJob,
+    result: Plan,
+    pods: Sequence[Mapping[str, Any]],
+    *,
+    nodes: Mapping[str, bool],
+    options: Options,
+) -> list[Action]:
+    """The ordered actions that make the job's objects match ``result``. ``nodes``: node name
+    -> Ready."""
+    if result.status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
+        return [a for pod in pods for a in _delete(pod)]
+    by_name = {p["metadata"]["name"]: p for p in pods}
+    return [
+        *_rendezvous(job, by_name, nodes=nodes, options=options),
+        *_stale_workers(result, pods),
+        *_group(job, result.group, by_name, options=options),
+        *_standbys(job, result, pods, by_name, options=options),
+    ]
+
+
+def _rendezvous(
+    job: PretrainJob,
+    by_name: Mapping[str, Mapping[str, Any]],
+    *,
+    nodes: Mapping[str, bool],
+    options: Options,
+) -> list[Action]:
+    rendezvous = by_name.get(rendezvous_name(job))
+    if rendezvous is not None and not _gone(rendezvous, nodes):
+        return []
+    # The store is unreachable (or was never created): a new one under the same DNS name.
+    gone = _delete(rendezvous, grace=0) if rendezvous is not None else []
+    return [*gone, *(Create(obj) for obj in job_objects(job, options))]
+
+
+def _stale_workers(result: Plan, pods: Sequence[Mapping[str, Any]]) -> list[Action]:
+    group, stop = result.group, set(result.stop)
+    stale: list[Action] = []
+    for pod in pods:
+        if _label(pod, ROLE) != WORKER:
+            continue
+        attempt = int(_label(pod, ATTEMPT) or -1)
+        slot = int(_label(pod, SLOT) or -1)
+        ours = group is not None and attempt == group.attempt
+        behind = attempt < result.status.attempt
+        if not ours and (slot in stop or _phase(pod) in FINISHED or behind):
+            stale += _delete(pod)
+    return stale
+
+
+def _group(
+    job: PretrainJob,
+    group: Group | None,
+    by_name: Mapping[str, Mapping[str, Any]],
+    *,
+    options: Options,
+) -> list[Action]:
+    if group is None:
+        return []
+    found: list[Action] = []
+    if worker_name(job, group.attempt, group.slots[0]) not in by_name:
+        # A new attempt: the run config may have changed with the spec, and a gang needs its
+        # PodGroup before its pods.
+        found.append(Replace(config_map(job)))
+        pod_group = options.gang.pod_group(job, group)
+        if pod_group is not None:
+            previous = attempt_name(job, group.attempt - 1)
+            found.append(Create(pod_group))
+            found.append(Delete("PodGroup", previous, api_version=pod_group["apiVersion"]))
+    for slot in group.slots:
+        if worker_name(job, group.attempt, slot) in by_name:
+            continue
+        found.append(Create(worker_pod(job, group, slot, options=options)))
+        standby = by_name.get(standby_name(job, slot))
+        if standby is not None:  # after the create: a pass that dies in between keeps it
+            found += _delete(standby, grace=0)  # its node is where this worker should run
+    return found
+
+
+def _standbys(
+    job: PretrainJob,
+    result: Plan,
+    pods: Sequence[Mapping[str, Any]],
+    by_name: Mapping[str, Mapping[str, Any]],
+    *,
+    options: Options,
+) -> list[Action]:
+    group = result.group
+    placing = group is not None and not all(
+        _scheduled(by_name.get(worker_name(job, group.attempt, slot))) for slot in group.slots
+    )
+    busy = {
+        int(_label(p, SLOT) or -1) for p in pods if _label(p, ROLE) == WORKER and _phase(p) in ALIVE
+    }
+    if group is not None:
+        stage = group.stage
+    else:
+        stage = result.status.stage.index if result.status.stage is not None else 0
+    found: list[Action] = []
+    for slot in range(useful_slots(job, stage)):
+        if group is not None and slot in group.slots:
+            continue
+        standby = by_name.get(standby_name(job, slot))
+        if standby is None:
+            if not placing and slot not in busy:
+                priority = options.standby_priority_class
+                found.append(Create(standby_pod(job, slot, priority_class=priority)))
+        elif _phase(standby) in FINISHED:
+            found += _delete(standby)  # evicted or killed: ask again next time
+        elif placing and not _scheduled(standby):
+            found += _delete(standby, grace=0)
+    return found

@@ -1,0 +1,159 @@
+"""What a pass does to a job's objects (``kube.actions``): the policies the planner leaves to
+the Kubernetes backend (terminal phases, the rendezvous pod's health, stale workers, a new
+attempt's config and gang, standbys), as data."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from pretrain_operator.api import JobStatus, Phase, StageStatus, WorkersStatus, parse_job
+from pretrain_operator.kube.actions import Action, Create, Delete, Replace, actions
+from pretrain_operator.kube.objects import (
+    Gang,
+    Options,
+    job_objects,
+    rendezvous_pod,
+    standby_pod,
+    worker_pod,
+)
+from pretrain_operator.plan import Group, Plan
+
+from tests.conftest import minimal_job
+
+JOB = parse_job(
+    minimal_job(elastic={"minWorkers": 1, "maxWorkers": 2})
+    | {"metadata": {"name": "demo", "namespace": "ml"}}
+)
+READY = {"n0": True, "n1": True, "down": False}
+SETUP = [("create", o["kind"], o["metadata"]["name"]) for o in job_objects(JOB, Options())]
+
+
+def placed(pod: dict[str, Any], *, node: str | None = "n0", phase: str = "Running") -> dict:
+    pod = copy.deepcopy(pod)
+    if node is not None:
+        pod["spec"]["nodeName"] = node
+    pod["status"] = {"phase": phase}
+    return pod
+
+
+def worker(attempt: int, slot: int, *, slots: tuple[int, ...] = (0, 1), **kw: Any) -> dict:
+    return placed(worker_pod(JOB, Group(stage=0, attempt=attempt, slots=slots), slot), **kw)
+
+
+def standby(slot: int, **kw: Any) -> dict:
+    return placed(standby_pod(JOB, slot), **kw)
+
+
+RENDEZVOUS = placed(rendezvous_pod(JOB))
+
+
+def running(attempt: int, slots: tuple[int, ...] = (0, 1), **update: Any) -> Plan:
+    status = JobStatus(
+        phase=Phase.RUNNING,
+        attempt=attempt,
+        stage=StageStatus(index=0, name="foundation"),
+        workers=WorkersStatus(desired=len(slots), ready=len(slots), slots=list(slots)),
+    )
+    return Plan(group=Group(stage=0, attempt=attempt, slots=slots), status=status, **update)
+
+
+def said(todo: list[Action]) -> list[tuple[Any, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for action in todo:
+        if isinstance(action, Create):
+            out.append(("create", action.obj["kind"], action.obj["metadata"]["name"]))
+        elif isinstance(action, Replace):
+            out.append(("replace", action.obj["kind"], action.obj["metadata"]["name"]))
+        else:
+            assert isinstance(action, Delete)
+            out.append(("delete", action.kind, action.name, action.grace))
+    return out
+
+
+def test_a_steady_group_needs_nothing() -> None:
+    pods = [RENDEZVOUS, worker(1, 0), worker(1, 1)]
+    assert actions(JOB, running(1), pods, nodes=READY, options=Options()) == []
+
+
+@pytest.mark.parametrize("phase", [Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED])
+def test_a_finished_or_suspended_job_deletes_every_pod_not_yet_going(phase: Phase) -> None:
+    going = worker(1, 1)
+    going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    pods = [RENDEZVOUS, worker(1, 0), going, standby(2)]
+    result = Plan(group=None, status=JobStatus(phase=phase))
+    assert said(actions(JOB, result, pods, nodes=READY, options=Options())) == [
+        ("delete", "Pod", "demo-rdzv", None),
+        ("delete", "Pod", "demo-a1-w0", None),
+        ("delete", "Pod", "demo-standby-w2", None),
+    ]
+
+
+@pytest.mark.parametrize(
+    "rendezvous",
+    [placed(rendezvous_pod(JOB), node="down"), placed(rendezvous_pod(JOB), phase="Failed")],
+    ids=["on a node that is down", "failed"],
+)
+def test_a_rendezvous_pod_that_cannot_serve_is_replaced_at_once(rendezvous: dict) -> None:
+    pods = [rendezvous, worker(1, 0), worker(1, 1)]
+    todo = actions(JOB, running(1), pods, nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-rdzv", 0), *SETUP]
+
+
+def test_a_new_job_gets_its_objects_then_its_config_and_workers() -> None:
+    todo = actions(JOB, running(1), [], nodes=READY, options=Options())
+    assert said(todo) == [
+        *SETUP,
+        ("replace", "ConfigMap", "demo-config"),
+        ("create", "Pod", "demo-a1-w0"),
+        ("create", "Pod", "demo-a1-w1"),
+    ]
+
+
+def test_a_new_attempt_stops_older_workers_and_replaces_standbys_after_its_workers() -> None:
+    pods = [RENDEZVOUS, worker(1, 0), worker(1, 1, phase="Failed"), standby(1, node=None)]
+    result = running(2, slots=(0, 1), stop=(0,))
+    assert said(actions(JOB, result, pods, nodes=READY, options=Options())) == [
+        ("delete", "Pod", "demo-a1-w0", None),
+        ("delete", "Pod", "demo-a1-w1", None),
+        ("replace", "ConfigMap", "demo-config"),
+        ("create", "Pod", "demo-a2-w0"),
+        ("create", "Pod", "demo-a2-w1"),
+        ("delete", "Pod", "demo-standby-w1", 0),
+    ]
+
+
+def test_a_gang_gets_its_pod_group_before_its_pods_and_the_old_one_goes() -> None:
+    options = Options(gang=Gang("volcano"))
+    todo = actions(JOB, running(3, slots=(0,)), [RENDEZVOUS], nodes=READY, options=options)
+    assert said(todo)[:4] == [
+        ("replace", "ConfigMap", "demo-config"),
+        ("create", "PodGroup", "demo-a3"),
+        ("delete", "PodGroup", "demo-a2", None),
+        ("create", "Pod", "demo-a3-w0"),
+    ]
+    deleted = next(a for a in todo if isinstance(a, Delete))
+    assert deleted.api_version == "scheduling.volcano.sh/v1beta1"
+
+
+def test_idle_useful_slots_get_standbys_unless_a_worker_holds_them() -> None:
+    pods = [RENDEZVOUS, worker(1, 0, slots=(0,))]
+    todo = actions(JOB, running(1, slots=(0,)), pods, nodes=READY, options=Options())
+    assert said(todo) == [("create", "Pod", "demo-standby-w1")]
+    old = worker(0, 1, slots=(1,), phase="Pending", node=None)  # an older worker still leaving
+    todo = actions(JOB, running(1, slots=(0,)), [*pods, old], nodes=READY, options=Options())
+    assert ("create", "Pod", "demo-standby-w1") not in said(todo)
+
+
+def test_standbys_yield_while_the_group_is_being_placed_and_failed_ones_ask_again() -> None:
+    placing = [RENDEZVOUS, worker(2, 0, slots=(0,), node=None, phase="Pending")]
+    waiting = standby(1, node=None, phase="Pending")
+    todo = actions(JOB, running(2, slots=(0,)), [*placing, waiting], nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-standby-w1", 0)]
+    evicted = standby(1, phase="Failed")
+    steady = [RENDEZVOUS, worker(2, 0, slots=(0,))]
+    todo = actions(JOB, running(2, slots=(0,)), [*steady, evicted], nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-standby-w1", None)]
+    assert isinstance(todo[0], Delete)
+    assert todo[0].pod is evicted  # what the watch cache's expectations remember
