@@ -1,7 +1,7 @@
 """The PretrainJob spec: a :class:`RunConfig` plus how to run it on a cluster.
 
 Owns the rules that need both halves: which worker counts keep each stage's global batch
-exact (DESIGN 4, "only world sizes that divide it are used").
+exact (docs/design.md, "How a job runs": only world sizes that divide it are used).
 """
 
 from __future__ import annotations

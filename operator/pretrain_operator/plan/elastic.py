@@ -34,7 +34,7 @@ def choose_world(spec: PretrainJobSpec, stage: int, available: int) -> int | Non
 def start(ctx: Pass, status: JobStatus, *, reason: Reason, message: str) -> Plan:
     """A new attempt of the pass's stage on the available slots, or a wait for capacity."""
     available = ctx.observed.available()
-    world = choose_world(ctx.spec, ctx.stage, len(available))
+    world = choose_world(ctx.spec, stage=ctx.stage, available=len(available))
     if world is None:
         return _too_few(ctx, status, available)
     coming = _coming(ctx, status, available, world)
@@ -89,7 +89,7 @@ def _coming(ctx: Pass, status: JobStatus, available: list[int], world: int) -> P
     coming = [
         w.slot for w in ctx.observed.workers if w.state == WorkerState.PENDING and w.attempt is None
     ]
-    more = choose_world(ctx.spec, ctx.stage, len(available) + len(coming))
+    more = choose_world(ctx.spec, stage=ctx.stage, available=len(available) + len(coming))
     if more is None or more <= world:
         return None
     since = status.waiting_since or ctx.now
@@ -113,7 +113,7 @@ def _waiting(ctx: Pass, status: JobStatus, message: str) -> JobStatus:
 
 def grow(ctx: Pass, status: JobStatus) -> Plan | None:
     """A larger group, if capacity came back and the cool-down since the last start passed."""
-    world = choose_world(ctx.spec, ctx.stage, len(ctx.observed.available()))
+    world = choose_world(ctx.spec, stage=ctx.stage, available=len(ctx.observed.available()))
     if world is None or world <= status.workers.desired:
         return None
     started = status.attempt_started_at

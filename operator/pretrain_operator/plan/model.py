@@ -103,6 +103,9 @@ class Group:
 
 @dataclass(frozen=True)
 class Event:
+    """Something to tell whoever watches the job: a Kubernetes Event, a line of the local
+    journal. Warnings are the events that mean work was lost or the job failed."""
+
     reason: Reason
     message: str
     warning: bool = False

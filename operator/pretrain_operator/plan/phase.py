@@ -2,8 +2,9 @@
 
 Running, Restarting and Suspended exclude each other: entering one sets it True and every
 other of the three that the job ever had False, so the conditions alone tell the phase.
-Pending has no condition of its own; it says why on Running (False). Succeeded and Failed are
-added and stay. Transition times follow the Kubernetes conventions (``api.set_condition``).
+Pending has no condition of its own; it says why on Running (False). Succeeded and Failed end
+the job: the three turn False and the terminal one is added, to stay. Transition times follow
+the Kubernetes conventions (``api.set_condition``).
 """
 
 from __future__ import annotations

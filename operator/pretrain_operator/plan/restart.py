@@ -40,6 +40,7 @@ def fault(ctx: Pass, status: JobStatus, current: list[Worker]) -> Fault | None:
 
 
 def _broken(status: JobStatus, current: list[Worker]) -> Fault | None:
+    """A worker of the group gone (its pod deleted), lost, preempted or failed."""
     seen = {w.slot for w in current}
     for slot in status.workers.slots:
         if slot not in seen:
@@ -57,6 +58,8 @@ def _broken(status: JobStatus, current: list[Worker]) -> Fault | None:
 
 
 def _stuck(ctx: Pass, status: JobStatus, current: list[Worker]) -> Fault | None:
+    """A worker of the attempt still pending after the start timeout: counted as lost, so a
+    pod that cannot be placed gives way to a smaller group instead of stalling the job."""
     limit = ctx.spec.elastic.start_timeout_seconds
     started = status.attempt_started_at
     if started is None or (ctx.now - started).total_seconds() <= limit:
@@ -95,11 +98,13 @@ def restart(ctx: Pass, status: JobStatus, fault: Fault) -> Plan:
     )
     message = f"{fault.message}; restarting in {backoff:g}s"
     status = set_phase(status, Phase.RESTARTING, reason=fault.reason, message=message, now=ctx.now)
-    said = f"{fault.message}; restarting from the newest checkpoint"
+    said = Event(
+        fault.reason, f"{fault.message}; restarting from the newest checkpoint", warning=True
+    )
     return Plan(
         group=None,
         status=status,
-        events=(Event(fault.reason, said, warning=True),),
+        events=(said,),
         stop=ctx.observed.running(),
         requeue_after=backoff,
     )

@@ -20,7 +20,7 @@ from .phase import set_phase
 
 def finished(current: list[Worker]) -> StageReport | None:
     """The stage report, if every worker of the current attempt finished the stage."""
-    done = [w.report for w in current if w.state == WorkerState.SUCCEEDED and w.report]
+    done = [w.report for w in current if w.state == WorkerState.SUCCEEDED and w.report is not None]
     if done and all(w.state == WorkerState.SUCCEEDED for w in current):
         return done[0]
     return None
