@@ -7,14 +7,17 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from pretrain_trainer.config import SpecError
 from rich.console import Console
 
 from . import __version__
-from .api import PretrainJob, parse_job
+from .api import ConditionType, Phase, PretrainJob, parse_job
 from .manifests import ManifestError, read_documents
 
+# Each command's parser sits beside its handler and adds itself here.
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 EXIT_OK = 0
 EXIT_INVALID = 2
 
@@ -46,10 +49,22 @@ def _validate(args: argparse.Namespace, out: Console) -> int:
             if args.quiet:
                 out.print(f"{where}: valid", markup=False, highlight=False)
             else:
-                from .summary import summary
+                from .summary import job_summary
 
-                out.print(summary(job))
+                out.print(job_summary(job))
     return status
+
+
+def _validate_command(commands: Commands) -> None:
+    validate = commands.add_parser(
+        "validate",
+        help="check PretrainJob files and summarise their stages",
+        description="Exit 0 and print a summary per valid job; exit 2 listing every problem, "
+        "with its field path, for an invalid one.",
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    validate.add_argument("-q", "--quiet", action="store_true", help="print no summary")
+    validate.set_defaults(run=_validate)
 
 
 def _crd(args: argparse.Namespace, out: Console) -> int:
@@ -61,6 +76,12 @@ def _crd(args: argparse.Namespace, out: Console) -> int:
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _crd_command(commands: Commands) -> None:
+    crd = commands.add_parser("crd", help="print the PretrainJob CustomResourceDefinition")
+    crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    crd.set_defaults(run=_crd)
 
 
 def _data_prepare(args: argparse.Namespace, out: Console) -> int:
@@ -119,12 +140,52 @@ def _checkpoints(args: argparse.Namespace, out: Console) -> int:
     return EXIT_INVALID if bad else EXIT_OK
 
 
+def _checkpoints_command(commands: Commands) -> None:
+    checkpoints = commands.add_parser(
+        "checkpoints",
+        help="list a job's checkpoints (and verify their checksums)",
+        description="List the checkpoints under ROOT (<checkpoint.path>/<job>), newest first; "
+        "with --verify, check every file's size and crc32 and exit 2 if any is corrupt.",
+    )
+    checkpoints.add_argument("root", metavar="ROOT")
+    checkpoints.add_argument("--verify", action="store_true", help="check sizes and checksums")
+    checkpoints.set_defaults(run=_checkpoints)
+
+
 def _data_stdlib(args: argparse.Namespace, out: Console) -> int:
     from pretrain_trainer.data import build_stdlib_corpus
 
     for name, path in build_stdlib_corpus(Path(args.out)).items():
         out.print(f"{name}: {path}", markup=False, highlight=False)
     return EXIT_OK
+
+
+def _data_command(commands: Commands) -> None:
+    data = commands.add_parser("data", help="prepare token shards for DataConfig.sources")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="tokenize text files into one shard",
+        description="Tokenize every file of SRC (directories recursively, in sorted order; "
+        "each file one document, followed by the end-of-sequence token) into the shard "
+        "DIR/NAME.bin with its header DIR/NAME.json. Exit 2 with one line on error.",
+    )
+    prepare.add_argument("sources", nargs="+", metavar="SRC", help="text file or directory")
+    prepare.add_argument("--out", required=True, metavar="DIR", help="directory of the shard")
+    prepare.add_argument(
+        "--tokenizer",
+        default="byte",
+        metavar="byte|FILE",
+        help="'byte' (UTF-8 bytes, vocab 256) or a Hugging Face tokenizers JSON file",
+    )
+    prepare.add_argument("--name", default="tokens", help="shard name (default: tokens)")
+    prepare.set_defaults(run=_data_prepare)
+    stdlib = data_commands.add_parser(
+        "stdlib",
+        help="build a demo corpus from this Python's standard library (sources code, prose)",
+    )
+    stdlib.add_argument("--out", required=True, metavar="DIR")
+    stdlib.set_defaults(run=_data_stdlib)
 
 
 def _load_job(path: str) -> PretrainJob | None:
@@ -143,7 +204,7 @@ def _load_job(path: str) -> PretrainJob | None:
 
 
 def _run(args: argparse.Namespace, out: Console) -> int:
-    from .local.display import Display, summary
+    from .local.display import Display, results_table
     from .local.runner import RunError, run
 
     job = _load_job(args.file)
@@ -166,17 +227,38 @@ def _run(args: argparse.Namespace, out: Console) -> int:
     except RunError as error:
         _error(f"error: {error}")
         return EXIT_INVALID
-    out.print(summary(job, status))
-    if status.phase == "Suspended":
+    out.print(results_table(job, status))
+    if status.phase == Phase.SUSPENDED:
         out.print(f"suspended; `pretrainctl run {args.file} --dir {run_dir}` resumes")
         return 130
-    if status.phase == "Failed":
-        why = next((c for c in status.conditions if c.type == "Failed"), None)
+    if status.phase == Phase.FAILED:
+        why = next((c for c in status.conditions if c.type == ConditionType.FAILED), None)
         if why is not None:
             _error(f"failed ({why.reason}): {why.message}")
         _error(f"fix the cause, then `pretrainctl run {args.file} --dir {run_dir}` retries")
         return 1
     return EXIT_OK
+
+
+def _run_command(commands: Commands) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run a PretrainJob on this machine, to the end",
+        description="Run every stage of the job with local worker processes (torchrun + "
+        "DeepSpeed), restarting and resizing on worker loss. Ctrl-C suspends; running the "
+        "same command again resumes.",
+    )
+    run.add_argument("file", metavar="FILE")
+    run.add_argument("--workers", type=int, help="worker slots (default: elastic.maxWorkers)")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the job's Prometheus series on PORT and worker slot s's trainer on "
+        "PORT+1+s (127.0.0.1)",
+    )
+    run.add_argument("--dir", help="run directory (default: runs/<job>)")
+    run.set_defaults(run=_run)
 
 
 def _workers(args: argparse.Namespace, out: Console) -> int:
@@ -207,6 +289,16 @@ def _workers(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _workers_command(commands: Commands) -> None:
+    workers = commands.add_parser(
+        "workers", help="simulate losing or gaining a worker in a local run"
+    )
+    workers.add_argument("action", choices=["kill", "add"])
+    workers.add_argument("--dir", required=True, help="the run directory")
+    workers.add_argument("--slot", type=int, help="which slot (default: the last / first down)")
+    workers.set_defaults(run=_workers)
+
+
 def _render(args: argparse.Namespace, out: Console) -> int:
     from .kube.objects import Gang, Options
     from .kube.render import RenderError, render, to_yaml
@@ -230,107 +322,7 @@ def _render(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
-def _operator(args: argparse.Namespace, out: Console) -> int:
-    import os
-
-    from .kube.settings import OperatorSettings, SettingsError
-
-    try:
-        settings = OperatorSettings.from_environ(os.environ)
-    except SettingsError as error:
-        _error(f"error: {error}")
-        return EXIT_INVALID
-    from .kube.handlers import run
-
-    run(settings)
-    return EXIT_OK
-
-
-def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
-        prog="pretrainctl",
-        description="Elastic multi-stage pretraining on Kubernetes or on this machine.",
-    )
-    root.add_argument("--version", action="version", version=f"pretrainctl {__version__}")
-    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    validate = commands.add_parser(
-        "validate",
-        help="check PretrainJob files and summarise their stages",
-        description="Exit 0 and print a summary per valid job; exit 2 listing every problem, "
-        "with its field path, for an invalid one.",
-    )
-    validate.add_argument("files", nargs="+", metavar="FILE")
-    validate.add_argument("-q", "--quiet", action="store_true", help="print no summary")
-    validate.set_defaults(run=_validate)
-
-    crd = commands.add_parser("crd", help="print the PretrainJob CustomResourceDefinition")
-    crd.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
-    crd.set_defaults(run=_crd)
-
-    data = commands.add_parser("data", help="prepare token shards for DataConfig.sources")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    prepare = data_commands.add_parser(
-        "prepare",
-        help="tokenize text files into one shard",
-        description="Tokenize every file of SRC (directories recursively, in sorted order; "
-        "each file one document, followed by the end-of-sequence token) into the shard "
-        "DIR/NAME.bin with its header DIR/NAME.json. Exit 2 with one line on error.",
-    )
-    prepare.add_argument("sources", nargs="+", metavar="SRC", help="text file or directory")
-    prepare.add_argument("--out", required=True, metavar="DIR", help="directory of the shard")
-    prepare.add_argument(
-        "--tokenizer",
-        default="byte",
-        metavar="byte|FILE",
-        help="'byte' (UTF-8 bytes, vocab 256) or a Hugging Face tokenizers JSON file",
-    )
-    prepare.add_argument("--name", default="tokens", help="shard name (default: tokens)")
-    prepare.set_defaults(run=_data_prepare)
-    stdlib = data_commands.add_parser(
-        "stdlib",
-        help="build a demo corpus from this Python's standard library (sources code, prose)",
-    )
-    stdlib.add_argument("--out", required=True, metavar="DIR")
-    stdlib.set_defaults(run=_data_stdlib)
-
-    checkpoints = commands.add_parser(
-        "checkpoints",
-        help="list a job's checkpoints (and verify their checksums)",
-        description="List the checkpoints under ROOT (<checkpoint.path>/<job>), newest first; "
-        "with --verify, check every file's size and crc32 and exit 2 if any is corrupt.",
-    )
-    checkpoints.add_argument("root", metavar="ROOT")
-    checkpoints.add_argument("--verify", action="store_true", help="check sizes and checksums")
-    checkpoints.set_defaults(run=_checkpoints)
-
-    run = commands.add_parser(
-        "run",
-        help="run a PretrainJob on this machine, to the end",
-        description="Run every stage of the job with local worker processes (torchrun + "
-        "DeepSpeed), restarting and resizing on worker loss. Ctrl-C suspends; running the "
-        "same command again resumes.",
-    )
-    run.add_argument("file", metavar="FILE")
-    run.add_argument("--workers", type=int, help="worker slots (default: elastic.maxWorkers)")
-    run.add_argument(
-        "--metrics-port",
-        type=int,
-        metavar="PORT",
-        help="serve the job's Prometheus series on PORT and worker slot s's trainer on "
-        "PORT+1+s (127.0.0.1)",
-    )
-    run.add_argument("--dir", help="run directory (default: runs/<job>)")
-    run.set_defaults(run=_run)
-
-    workers = commands.add_parser(
-        "workers", help="simulate losing or gaining a worker in a local run"
-    )
-    workers.add_argument("action", choices=["kill", "add"])
-    workers.add_argument("--dir", required=True, help="the run directory")
-    workers.add_argument("--slot", type=int, help="which slot (default: the last / first down)")
-    workers.set_defaults(run=_workers)
-
+def _render_command(commands: Commands) -> None:
     render = commands.add_parser(
         "render",
         help="print the objects the operator would create for a job's stage",
@@ -351,6 +343,24 @@ def parser() -> argparse.ArgumentParser:
     )
     render.set_defaults(run=_render)
 
+
+def _operator(args: argparse.Namespace, out: Console) -> int:
+    import os
+
+    from .kube.settings import OperatorSettings, SettingsError
+
+    try:
+        settings = OperatorSettings.from_environ(os.environ)
+    except SettingsError as error:
+        _error(f"error: {error}")
+        return EXIT_INVALID
+    from .kube.handlers import run
+
+    run(settings)
+    return EXIT_OK
+
+
+def _operator_command(commands: Commands) -> None:
     operator = commands.add_parser(
         "operator",
         help="run the Kubernetes operator (in its Deployment)",
@@ -360,6 +370,26 @@ def parser() -> argparse.ArgumentParser:
         "_GANG_SCHEDULER (none|volcano|coscheduling), _STANDBY_PRIORITY_CLASS, _WATCH_NODES.",
     )
     operator.set_defaults(run=_operator)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="pretrainctl",
+        description="Elastic multi-stage pretraining on Kubernetes or on this machine.",
+    )
+    root.add_argument("--version", action="version", version=f"pretrainctl {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _validate_command,
+        _crd_command,
+        _data_command,
+        _checkpoints_command,
+        _run_command,
+        _workers_command,
+        _render_command,
+        _operator_command,
+    ):
+        add(commands)
     return root
 
 

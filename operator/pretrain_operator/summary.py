@@ -66,7 +66,7 @@ def _training(stage: Stage) -> str:
     return ", ".join(parts)
 
 
-def summary(job: PretrainJob) -> Group:
+def job_summary(job: PretrainJob) -> Group:
     spec, model = job.spec, job.spec.model
     kv = f" ({model.kv_head_count} kv)" if model.kv_heads else ""
     moe = f", MoE {model.moe.experts} experts top-{model.moe.top_k}" if model.moe else ""

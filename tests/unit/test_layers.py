@@ -1,4 +1,11 @@
-"""The layering of DESIGN 2: a module imports only layers below it."""
+"""The layers of docs/design.md ("Layers"), declared once, in order, and checked on every
+module's imports by walking its syntax tree (what an import-linter "layers" contract does).
+
+A module may import its own layer and the layers below it. Siblings of one layer (written
+``a | b``) are independent: neither imports the other. The trainer's runtime (model, data,
+checkpoints, the loop) stands beside the operator's stack on the shared kernel: it never
+imports the operator, and of the operator only the entry points (``cli``) import it.
+"""
 
 from __future__ import annotations
 
@@ -17,52 +24,35 @@ PACKAGES = {
     "pretrain_operator": ROOT / "operator" / "pretrain_operator",
 }
 
-# module prefix -> imports it must never make (third-party or higher project layers)
+# Lowest first. Each layer: its independent siblings; each sibling: the module prefixes in it.
+KERNEL = (
+    "pretrain_trainer.config",
+    "pretrain_trainer.contract",
+    "pretrain_trainer.errors",
+    "pretrain_trainer.fsio",
+    "pretrain_trainer.ckpt.layout",
+)
+LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (
+    (KERNEL,),  # what both halves share: config models, the contract, errors, atomic files
+    (("pretrain_operator.api",),),
+    (("pretrain_operator.plan",),),
+    (("pretrain_operator.telemetry",),),
+    (("pretrain_operator.kube",), ("pretrain_operator.local",)),
+    (("pretrain_operator",),),  # cli, crd, manifests, summary: the entry points
+)
+ENTRY_POINTS = len(LAYERS) - 1
+
+# Third-party packages a layer must never import (the pure layers load anywhere).
+HEAVY = ("torch", "deepspeed", "numpy")
+CLUSTER = ("kopf", "kubernetes")
 FORBIDDEN = {
-    "pretrain_trainer.config": ("torch", "deepspeed", "kopf", "kubernetes", "pretrain_operator"),
-    "pretrain_trainer.contract": ("torch", "deepspeed", "kopf", "kubernetes", "pretrain_operator"),
-    "pretrain_trainer": ("kopf", "kubernetes", "pretrain_operator"),
-    "pretrain_operator.api": (
-        "torch",
-        "deepspeed",
-        "kopf",
-        "kubernetes",
-        "pretrain_operator.crd",
-        "pretrain_operator.cli",
-        "rich",
-    ),
-    "pretrain_operator.plan": (
-        "torch",
-        "deepspeed",
-        "kopf",
-        "kubernetes",
-        "pretrain_operator.cli",
-        "pretrain_operator.crd",
-        "rich",
-    ),
-    "pretrain_operator.crd": ("torch", "deepspeed", "kopf", "kubernetes", "pretrain_operator.cli"),
-    # The two backends know nothing of each other; telemetry serves both and neither's API.
-    "pretrain_operator.telemetry": (
-        "torch",
-        "deepspeed",
-        "kopf",
-        "kubernetes",
-        "pretrain_operator.kube",
-        "pretrain_operator.local",
-        "pretrain_operator.cli",
-    ),
-    "pretrain_operator.kube": (
-        "torch",
-        "deepspeed",
-        "pretrain_operator.local",
-        "pretrain_operator.cli",
-    ),
-    "pretrain_operator.local": (
-        "kopf",
-        "kubernetes",
-        "pretrain_operator.kube",
-        "pretrain_operator.cli",
-    ),
+    "kernel": (*HEAVY, *CLUSTER, "rich"),
+    "pretrain_trainer": CLUSTER,
+    "pretrain_operator.api": (*HEAVY, *CLUSTER, "rich"),
+    "pretrain_operator.plan": (*HEAVY, *CLUSTER, "rich"),
+    "pretrain_operator.telemetry": (*HEAVY, *CLUSTER),
+    "pretrain_operator.kube": HEAVY,
+    "pretrain_operator.local": CLUSTER,
 }
 
 
@@ -83,36 +73,89 @@ def _imports(module: str, path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
+            base = [node.module or ""]
             if node.level:
-                base = module.split(".")
-                base = base[: len(base) - node.level + (1 if is_package else 0)]
-                names.add(".".join([*base, node.module] if node.module else base))
-            else:
-                names.add(node.module or "")
+                here = module.split(".")
+                base = here[: len(here) - node.level + (1 if is_package else 0)]
+                base += [node.module] if node.module else []
+            # `from a import b` imports a.b when b is a module, and reads a.b otherwise.
+            names |= {".".join([*base, alias.name]) for alias in node.names}
     return names
 
 
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def place(module: str) -> tuple[int, int] | None:
+    """(layer, sibling) of a project module by its longest declared prefix; None for the
+    trainer's runtime."""
+    best: tuple[int, int, int] | None = None
+    for layer, siblings in enumerate(LAYERS):
+        for sibling, prefixes in enumerate(siblings):
+            for prefix in prefixes:
+                if _within(module, prefix) and (best is None or len(prefix) > best[2]):
+                    best = (layer, sibling, len(prefix))
+    return None if best is None else (best[0], best[1])
+
+
+def may_import(importer: str, imported: str) -> bool:
+    if not _within(imported, "pretrain_trainer") and not _within(imported, "pretrain_operator"):
+        return True  # third-party: see FORBIDDEN
+    if imported.rsplit(".", 1)[-1].startswith("__"):
+        return True  # a package's metadata (__version__), read by any layer
+    source, target = place(importer), place(imported)
+    if target is None:  # the trainer's runtime
+        return source is None or source[0] == ENTRY_POINTS
+    if source is None:  # the runtime imports the kernel only
+        return target[0] == 0
+    layer, sibling = source
+    return target[0] < layer or target == (layer, sibling)
+
+
+def _forbidden(module: str) -> tuple[str, ...]:
+    if any(_within(module, k) for k in KERNEL):
+        return FORBIDDEN["kernel"]
+    key = max((k for k in FORBIDDEN if _within(module, k)), key=len, default=None)
+    return FORBIDDEN[key] if key is not None else ()
+
+
 @pytest.mark.parametrize(("module", "path"), _modules(), ids=[m for m, _ in _modules()])
-def test_module_imports_no_layer_above_it(module: str, path: Path) -> None:
-    rules = [
-        bad
-        for prefix, bad in FORBIDDEN.items()
-        if module == prefix or module.startswith(prefix + ".")
-    ]
+def test_module_imports_no_layer_above_it_and_no_sibling(module: str, path: Path) -> None:
     imported = _imports(module, path)
-    violations = sorted(
-        name
-        for name in imported
-        for bad in (b for r in rules for b in r)
-        if name == bad or name.startswith(bad + ".")
-    )
-    assert violations == []
+    wrong = sorted(name for name in imported if not may_import(module, name))
+    heavy = sorted(n for n in imported for bad in _forbidden(module) if _within(n, bad))
+    assert (wrong, heavy) == ([], [])
+
+
+@pytest.mark.parametrize(
+    ("importer", "imported", "allowed"),
+    [
+        ("pretrain_operator.plan.core", "pretrain_operator.api", True),
+        ("pretrain_operator.plan.core", "pretrain_operator.kube.objects", False),
+        ("pretrain_operator.api.spec", "pretrain_operator.plan", False),
+        ("pretrain_operator.kube.reconcile", "pretrain_operator.local.runner", False),
+        ("pretrain_operator.local.runner", "pretrain_operator.telemetry.goodput", True),
+        ("pretrain_operator.telemetry.goodput", "pretrain_operator.kube", False),
+        ("pretrain_operator.plan.model", "pretrain_trainer.contract", True),
+        ("pretrain_operator.kube.observe", "pretrain_trainer.ckpt.manager", False),
+        ("pretrain_operator.cli", "pretrain_trainer.data", True),
+        ("pretrain_trainer.train", "pretrain_trainer.ckpt.manager", True),
+        ("pretrain_trainer.train", "pretrain_operator.api", False),
+        ("pretrain_trainer.contract", "pretrain_trainer.model", False),
+        ("pretrain_trainer.config.training", "pretrain_trainer.errors", True),
+    ],
+)
+def test_the_declaration_allows_downward_imports_only(
+    importer: str, imported: str, allowed: bool
+) -> None:
+    assert may_import(importer, imported) is allowed
 
 
 def test_pure_layers_load_without_torch_kopf_or_kubernetes() -> None:
     code = (
         "import sys, pretrain_trainer.config, pretrain_trainer.contract, pretrain_operator.api, "
-        "pretrain_operator.crd, pretrain_operator.plan\n"
+        "pretrain_operator.crd, pretrain_operator.plan, pretrain_operator.telemetry.goodput\n"
         "print(sorted(m for m in ('torch', 'deepspeed', 'kopf', 'kubernetes') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import yaml
 from pretrain_trainer.config import Problem, RunConfig, Spec, Stage
 from pretrain_trainer.config.base import Count
 from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -162,6 +163,16 @@ class PretrainJobSpec(RunConfig):
     """Elastic policy: worker bounds, restarts, back-off and cool-down."""
     suspend: bool = False
     """Stop all workers and keep the checkpoints; set back to false to resume."""
+
+    def run_config(self) -> RunConfig:
+        """What the trainer is given: the spec less how to run it on the cluster."""
+        fields = set(RunConfig.model_fields)
+        return RunConfig.model_validate(self.model_dump(by_alias=True, include=fields))
+
+    def run_config_yaml(self) -> str:
+        """The run config as the trainer reads it (a ConfigMap's run.yaml, or a local file)."""
+        data = self.run_config().model_dump(mode="json", by_alias=True)
+        return yaml.safe_dump(data, sort_keys=False)
 
     def worker_counts(self, stage: Stage) -> WorkerCounts:
         low, high = (

@@ -10,6 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
+from pretrain_trainer.contract import Loss
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -105,7 +106,7 @@ class StageRecord(Status):
     """Final optimizer step."""
     tokens: int | None = None
     """Tokens trained in the stage."""
-    loss: float | None = None
+    loss: Loss = None
     """Final training loss."""
     checkpoint: str | None = None
     """Path of the stage's final checkpoint."""
@@ -171,7 +172,7 @@ class JobStatus(Status):
     """Latest optimizer step reported in the current stage."""
     tokens: int | None = None
     """Tokens trained in the current stage."""
-    loss: float | None = None
+    loss: Loss = None
     """Latest reported training loss."""
     eta: datetime | None = None
     """When the current stage should finish, at the recent step rate."""

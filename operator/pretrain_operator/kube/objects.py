@@ -16,9 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
 from pretrain_trainer import contract
-from pretrain_trainer.config import RunConfig
 
 from ..api import API_VERSION, KIND, PretrainJob
 from ..plan import Group
@@ -172,19 +170,12 @@ def service(
     }
 
 
-def run_config_yaml(job: PretrainJob) -> str:
-    config = RunConfig.model_validate(
-        job.spec.model_dump(by_alias=True, include=set(RunConfig.model_fields))
-    )
-    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
-
-
 def config_map(job: PretrainJob) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _meta(job, config_name(job), {JOB: job.name}),
-        "data": {"run.yaml": run_config_yaml(job)},
+        "data": {"run.yaml": job.spec.run_config_yaml()},
     }
 
 

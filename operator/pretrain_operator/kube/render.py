@@ -28,7 +28,7 @@ def render(
     if not 0 <= stage < len(spec.stages):
         raise RenderError(f"--stage {stage}: the job has stages 0..{len(spec.stages) - 1}")
     wanted = spec.elastic.max_count if workers is None else workers
-    world = choose_world(spec, stage, wanted)
+    world = choose_world(spec, stage=stage, available=wanted)
     if world is None:
         counts = spec.worker_counts(spec.stages[stage])
         raise RenderError(

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pretrain_trainer.contract import DEFAULT_METRICS_PORT
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .objects import Gang, Options
 
@@ -18,10 +18,17 @@ class SettingsError(ValueError):
     pass
 
 
+def _comma_separated(value: object) -> object:
+    """``a, b`` as the environment spells a list."""
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip())
+    return value
+
+
 class OperatorSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    namespaces: tuple[str, ...] = ()
+    namespaces: Annotated[tuple[str, ...], BeforeValidator(_comma_separated)] = ()
     """Namespaces to serve; empty serves the whole cluster."""
     resync_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     """Longest time between two reconciles of a job when nothing happens."""
@@ -51,12 +58,7 @@ class OperatorSettings(BaseModel):
             value = environ.get(PREFIX + name.upper())
             if value is None or value == "":
                 continue
-            if name == "namespaces":
-                raw[name] = tuple(n.strip() for n in value.split(",") if n.strip())
-            elif name in ("standalone", "watch_nodes"):
-                raw[name] = value.lower() in ("1", "true", "yes", "on")
-            else:
-                raw[name] = value
+            raw[name] = value
         try:
             return cls.model_validate(raw)
         except ValidationError as error:

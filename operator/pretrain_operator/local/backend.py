@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain_trainer import contract
+from pretrain_trainer.fsio import write_json_atomic
 
 from ..api import PretrainJob
 from ..plan import Group, Observed, Plan, Worker, WorkerState, exited
@@ -50,9 +51,8 @@ def read_capacity(run_dir: Path) -> tuple[int, set[int]]:
 
 
 def write_capacity(run_dir: Path, workers: int, down: set[int]) -> None:
-    temporary = run_dir / (CAPACITY + ".tmp")
-    temporary.write_text(json.dumps({"workers": workers, "down": sorted(down)}))
-    os.replace(temporary, run_dir / CAPACITY)
+    capacity = {"workers": workers, "down": sorted(down)}
+    write_json_atomic(run_dir / CAPACITY, capacity, durable=False)
 
 
 class LocalBackend:

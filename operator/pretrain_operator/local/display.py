@@ -70,7 +70,8 @@ class Display:
         return Group(*parts)
 
 
-def summary(job: PretrainJob, status: JobStatus) -> Table:
+def results_table(job: PretrainJob, status: JobStatus) -> Table:
+    """What each stage did, printed when a local run ends."""
     table = Table(title=f"{job.name}: {status.phase}")
     for column in ("stage", "steps", "tokens", "final loss", "time", "checkpoint"):
         table.add_column(column)

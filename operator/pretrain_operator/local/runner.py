@@ -11,7 +11,6 @@ fixed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pretrain_trainer.config import RunConfig
+from pretrain_trainer.fsio import write_json_atomic
 
 from ..api import JobStatus, Phase, PretrainJob
 from ..plan import Event, Plan, plan
@@ -45,10 +43,8 @@ class Update:
     plan: Plan
 
 
-def _write_json(path: Path, data: object) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(temporary, path)
+def _dump(status: JobStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True)
 
 
 def prepare(job: PretrainJob, run_dir: Path, *, workers: int | None) -> JobStatus:
@@ -65,13 +61,8 @@ def prepare(job: PretrainJob, run_dir: Path, *, workers: int | None) -> JobStatu
                 f"not {job.name!r}: choose another --dir"
             )
     else:
-        _write_json(owner, identity)
-    run_config = RunConfig.model_validate(
-        job.spec.model_dump(by_alias=True, include=set(RunConfig.model_fields))
-    )
-    (run_dir / "run.yaml").write_text(
-        yaml.safe_dump(run_config.model_dump(mode="json", by_alias=True), sort_keys=False)
-    )
+        write_json_atomic(owner, identity, durable=False)
+    (run_dir / "run.yaml").write_text(job.spec.run_config_yaml())
     capacity, down = read_capacity(run_dir)
     wanted = workers if workers is not None else (capacity or job.spec.elastic.max_count)
     write_capacity(run_dir, wanted, down if workers is None else set())
@@ -123,7 +114,7 @@ def run(
             backend.apply(result)
             journal.note(result.events, result.status, now=time.time())
             status = journal.progress(result.status, spec, now=time.time())
-            _write_json(run_dir / STATUS, status.model_dump(mode="json", by_alias=True))
+            write_json_atomic(run_dir / STATUS, _dump(status), durable=False)
             if metrics is not None:
                 metrics.reconcile_seconds.observe(time.perf_counter() - started)
                 previous = metrics.jobs.get(("local", job.name))
@@ -146,7 +137,7 @@ def run(
             now=clock(),
         ).status
         journal.suspended(now=time.time())
-        _write_json(run_dir / STATUS, suspended.model_dump(mode="json", by_alias=True))
+        write_json_atomic(run_dir / STATUS, _dump(suspended), durable=False)
         return suspended
     finally:
         backend.shutdown()

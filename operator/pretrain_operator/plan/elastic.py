@@ -24,7 +24,7 @@ _STARTED = (Reason.CREATED, Reason.STAGE_COMPLETED)
 """Starts that continue the run as planned; every other start is a restart of some kind."""
 
 
-def choose_world(spec: PretrainJobSpec, stage: int, available: int) -> int | None:
+def choose_world(spec: PretrainJobSpec, *, stage: int, available: int) -> int | None:
     """The largest usable worker count (global batch exact, within bounds) <= available."""
     counts = spec.worker_counts(spec.stages[stage])
     fitting = [n for n in counts.usable if n <= available]
