@@ -31,11 +31,14 @@ from typing import Any
 from ..api import Phase, PretrainJob
 from ..plan import Group, Plan
 from .objects import (
+    ALIVE,
     ATTEMPT,
+    FINISHED,
     ROLE,
     SLOT,
     WORKER,
     Options,
+    PodPhase,
     attempt_name,
     config_map,
     job_objects,
@@ -45,9 +48,6 @@ from .objects import (
     worker_name,
     worker_pod,
 )
-
-FINISHED = ("Succeeded", "Failed")
-ALIVE = ("Pending", "Running")
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,6 @@ def _label(pod: Mapping[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _phase(pod: Mapping[str, Any] | None) -> str | None:
-    return None if pod is None else pod.get("status", {}).get("phase")
-
-
 def _scheduled(pod: Mapping[str, Any] | None) -> bool:
     return pod is not None and bool(pod.get("spec", {}).get("nodeName"))
 
@@ -95,7 +91,7 @@ def _scheduled(pod: Mapping[str, Any] | None) -> bool:
 def _gone(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> bool:
     """A pod that no longer runs and will not again: finished, or on a node that is down."""
     node = pod.get("spec", {}).get("nodeName")
-    return _phase(pod) in FINISHED or (node is not None and not nodes.get(node, False))
+    return PodPhase.of(pod) in FINISHED or (node is not None and not nodes.get(node, False))
 
 
 def _delete(pod: Mapping[str, Any], *, grace: int | None = None) -> list[Action]:
@@ -129,7 +125,7 @@ def actions(
         *_rendezvous(job, by_name, nodes=nodes, options=options),
         *_stale_workers(result, pods),
         *_group(job, result.group, by_name, options=options),
-        *_standbys(job, result, pods, by_name, options=options),
+        *_standbys(job, result, pods, by_name=by_name, options=options),
     ]
 
 
@@ -158,7 +154,7 @@ def _stale_workers(result: Plan, pods: Sequence[Mapping[str, Any]]) -> list[Acti
         slot = int(_label(pod, SLOT) or -1)
         ours = group is not None and attempt == group.attempt
         behind = attempt < result.status.attempt
-        if not ours and (slot in stop or _phase(pod) in FINISHED or behind):
+        if not ours and (slot in stop or PodPhase.of(pod) in FINISHED or behind):
             stale += _delete(pod)
     return stale
 
@@ -196,8 +192,8 @@ def _standbys(
     job: PretrainJob,
     result: Plan,
     pods: Sequence[Mapping[str, Any]],
-    by_name: Mapping[str, Mapping[str, Any]],
     *,
+    by_name: Mapping[str, Mapping[str, Any]],
     options: Options,
 ) -> list[Action]:
     group = result.group
@@ -205,7 +201,9 @@ def _standbys(
         _scheduled(by_name.get(worker_name(job, group.attempt, slot))) for slot in group.slots
     )
     busy = {
-        int(_label(p, SLOT) or -1) for p in pods if _label(p, ROLE) == WORKER and _phase(p) in ALIVE
+        int(_label(p, SLOT) or -1)
+        for p in pods
+        if _label(p, ROLE) == WORKER and PodPhase.of(p) in ALIVE
     }
     if group is not None:
         stage = group.stage
@@ -220,7 +218,7 @@ def _standbys(
             if not placing and slot not in busy:
                 priority = options.standby_priority_class
                 found.append(Create(standby_pod(job, slot, priority_class=priority)))
-        elif _phase(standby) in FINISHED:
+        elif PodPhase.of(standby) in FINISHED:
             found += _delete(standby)  # evicted or killed: ask again next time
         elif placing and not _scheduled(standby):
             found += _delete(standby, grace=0)

@@ -124,7 +124,9 @@ class JobLoops:
         try:
             while not stopped:
                 wake.clear()
-                wait = await self._pass_safely(client, key, expectations, kw, logger=logger)
+                wait = await self._pass_safely(
+                    client, key, expectations=expectations, indexes=kw, logger=logger
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=wait)
         finally:
@@ -136,15 +138,17 @@ class JobLoops:
         self,
         client: KubeClient,
         key: tuple[str, str],
+        *,
         expectations: Expectations,
         indexes: Mapping[str, Any],
-        *,
         logger: Any,
     ) -> float:
         """One pass in a thread; returns how long to sleep. Errors never end the loop."""
         wait = self.operator.resync_seconds
         try:
-            requeue = await asyncio.to_thread(self.one_pass, client, key, expectations, indexes)
+            requeue = await asyncio.to_thread(
+                self.one_pass, client, key, expectations=expectations, indexes=indexes
+            )
             if requeue is not None:
                 wait = min(max(requeue, 0.05), wait)
         except TemporaryApiError as error:
@@ -164,6 +168,7 @@ class JobLoops:
         self,
         client: KubeClient,
         key: tuple[str, str],
+        *,
         expectations: Expectations,
         indexes: Mapping[str, Any],
     ) -> float | None:

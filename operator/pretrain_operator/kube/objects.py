@@ -13,7 +13,9 @@ No API calls here, no kubernetes import: plain dicts, tested as data.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from pretrain_trainer import contract
@@ -29,6 +31,24 @@ ATTEMPT = f"{PREFIX}/attempt"
 SLOT = f"{PREFIX}/slot"
 RANK = f"{PREFIX}/rank"
 WORKER, STANDBY, RENDEZVOUS = "worker", "standby", "rendezvous"
+
+
+class PodPhase(StrEnum):
+    """A pod's ``status.phase``, as the kubelet writes it."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+    @classmethod
+    def of(cls, pod: Mapping[str, Any] | None) -> PodPhase | None:
+        phase = None if pod is None else pod.get("status", {}).get("phase")
+        return cls(phase) if isinstance(phase, str) and phase in cls._value2member_map_ else None
+
+
+FINISHED = (PodPhase.SUCCEEDED, PodPhase.FAILED)
+ALIVE = (PodPhase.PENDING, PodPhase.RUNNING)
 
 CONTAINER = "trainer"
 METRICS_PORT_NAME = "metrics"

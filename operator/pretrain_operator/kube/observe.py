@@ -20,7 +20,18 @@ from typing import Any
 from pretrain_trainer.contract import FailureReport, StageReport, parse_report
 
 from ..plan import Observed, Worker, WorkerState, exited
-from .objects import ATTEMPT, CONTAINER, ROLE, SLOT, STAGE, STANDBY, WORKER
+from .objects import (
+    ALIVE,
+    ATTEMPT,
+    CONTAINER,
+    FINISHED,
+    ROLE,
+    SLOT,
+    STAGE,
+    STANDBY,
+    WORKER,
+    PodPhase,
+)
 
 LOST_REASONS = (
     "Evicted",
@@ -71,10 +82,11 @@ def _lost_because(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> str | No
     for condition in status.get("conditions") or []:
         if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
             return "preempted" if "Preempt" in (condition.get("reason") or "") else "evicted"
-    if status.get("phase") == "Failed" and status.get("reason") in LOST_REASONS:
+    phase = PodPhase.of(pod)
+    if phase == PodPhase.FAILED and status.get("reason") in LOST_REASONS:
         return "evicted" if status["reason"] == "Evicted" else status["reason"].lower()
     node = pod.get("spec", {}).get("nodeName")
-    if node and status.get("phase") in ("Pending", "Running") and not nodes.get(node, False):
+    if node and phase in ALIVE and not nodes.get(node, False):
         return f"node {node} not ready"
     return None
 
@@ -84,16 +96,16 @@ def _worker(pod: Mapping[str, Any], slot: int, nodes: Mapping[str, bool]) -> Wor
     lost = _lost_because(pod, nodes)
     if lost is not None:
         return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage, reason=lost)
-    phase = pod.get("status", {}).get("phase", "Pending")
-    if phase == "Running":
+    phase = PodPhase.of(pod) or PodPhase.PENDING
+    if phase == PodPhase.RUNNING:
         return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
-    if phase in ("Succeeded", "Failed"):
+    if phase in FINISHED:
         code = _terminated(pod).get("exitCode")
         return exited(
             slot=slot,
             attempt=attempt,
             stage=stage,
-            succeeded=phase == "Succeeded",
+            succeeded=phase == PodPhase.SUCCEEDED,
             exit_code=code if isinstance(code, int) else None,
             report=termination_report(pod),
         )
@@ -121,7 +133,7 @@ def observe(
             continue
         if role == WORKER and _int_label(pod, ATTEMPT) == attempt:
             current[slot] = pod
-        elif role == WORKER and pod.get("status", {}).get("phase") in ("Pending", "Running"):
+        elif role == WORKER and PodPhase.of(pod) in ALIVE:
             older[slot] = pod
         elif role == STANDBY:
             standby[slot] = pod

@@ -130,7 +130,7 @@ class LocalBackend:
             if process is not None and process.popen.poll() is None:
                 self.stop(slot)  # the old attempt's worker still leaving: start it next time
                 continue
-            self._start(slot, plan.group.stage, plan.group.attempt, plan.group.world)
+            self._start(slot, group=plan.group)
 
     def stop(self, slot: int) -> None:
         """Ask a worker to stop (SIGTERM: torchrun forwards it, the trainer may save)."""
@@ -156,7 +156,8 @@ class LocalBackend:
                 signal_tree(process.popen.pid, signal.SIGKILL)
                 process.popen.wait()
 
-    def _start(self, slot: int, stage: int, attempt: int, world: int) -> None:
+    def _start(self, slot: int, *, group: Group) -> None:
+        stage, attempt, world = group.stage, group.attempt, group.world
         folder = self.run_dir / "workers" / str(slot)
         folder.mkdir(parents=True, exist_ok=True)
         report = folder / f"report-{attempt}.json"

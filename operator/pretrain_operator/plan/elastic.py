@@ -37,7 +37,7 @@ def start(ctx: Pass, status: JobStatus, *, reason: Reason, message: str) -> Plan
     world = choose_world(ctx.spec, stage=ctx.stage, available=len(available))
     if world is None:
         return _too_few(ctx, status, available)
-    coming = _coming(ctx, status, available, world)
+    coming = _coming(ctx, status, available=available, world=world)
     if coming is not None:
         return coming
     attempt = status.attempt + 1
@@ -83,7 +83,7 @@ def _too_few(ctx: Pass, status: JobStatus, available: list[int]) -> Plan:
     )
 
 
-def _coming(ctx: Pass, status: JobStatus, available: list[int], world: int) -> Plan | None:
+def _coming(ctx: Pass, status: JobStatus, *, available: list[int], world: int) -> Plan | None:
     """A wait, if slots being scheduled would allow a larger group than ``world`` and the
     cool-down since the wait began has not passed."""
     coming = [
