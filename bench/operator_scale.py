@@ -1,4 +1,4 @@
-"""Operator scale against the test API server (tests/kube): a 1,024-worker job (the size of a
+"""Operator scale against the test API server (tests/support/kube): a 1,024-worker job (the size of a
 published 1,024-accelerator foundation stage, at one accelerator per worker) and 100 small jobs
 at once.
 
@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain_operator.kube.client import KubeClient
 from pretrain_operator.kube.reconcile import reconcile
 
-from tests.kube.apiserver import ApiServer, load_yaml_documents
-from tests.kube.conftest import CRD_PATH
-from tests.operator.cluster import Cluster, eventually
 from tests.operator.conftest import job, running_operator
+from tests.support.cluster import Cluster, eventually
+from tests.support.kube.apiserver import ApiServer, load_yaml_documents
+from tests.support.kube.conftest import CRD_PATH
 
 JOBS = "/apis/pretrain.dev/v1alpha1/namespaces/default/pretrainjobs"
 

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.kube.apiserver import ApiServer
-from tests.operator.cluster import Cluster
 from tests.operator.conftest import job, running_operator
+from tests.support.cluster import Cluster
+from tests.support.kube.apiserver import ApiServer
 
 CHART = ROOT / "charts" / "pretrain-operator"
 HELM = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")

@@ -20,7 +20,7 @@ from pretrain_operator.manifests import load_job
 from pretrain_trainer.data import build_stdlib_corpus
 
 from tests.conftest import ROOT
-from tests.observability.prom import Prometheus, free_ports
+from tests.support.prom import Prometheus, free_ports
 
 pytestmark = [
     pytest.mark.slow,

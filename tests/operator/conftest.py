@@ -14,9 +14,9 @@ from pretrain_operator.kube.client import KubeClient
 from pretrain_operator.kube.handlers import register
 from pretrain_operator.kube.settings import OperatorSettings
 
-from tests.kube.apiserver import ApiServer, kopf_login
-from tests.kube.conftest import apiserver  # noqa: F401  (the fixture)
-from tests.operator.cluster import Cluster
+from tests.support.cluster import Cluster
+from tests.support.kube.apiserver import ApiServer, kopf_login
+from tests.support.kube.conftest import apiserver  # noqa: F401  (the fixture)
 
 GROUP, VERSION, PLURAL = "pretrain.dev", "v1alpha1", "pretrainjobs"
 

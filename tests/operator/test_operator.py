@@ -25,9 +25,9 @@ from pretrain_operator.kube.reconcile import reconcile
 from pretrain_operator.kube.settings import OperatorSettings
 from pretrain_trainer.metrics import Health, TrainerMetrics, serve
 
-from tests.kube.apiserver import ApiServer, kopf_login
-from tests.operator.cluster import Cluster
 from tests.operator.conftest import GROUP, PLURAL, VERSION, job, running_operator
+from tests.support.cluster import Cluster
+from tests.support.kube.apiserver import ApiServer, kopf_login
 
 JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}"
 

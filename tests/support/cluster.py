@@ -16,7 +16,7 @@ from typing import Any
 
 from pretrain_operator.kube.client import KubeClient
 
-from tests.kube.apiserver import ApiServer
+from tests.support.kube.apiserver import ApiServer
 
 ROLE = "pretrain.dev/role"
 

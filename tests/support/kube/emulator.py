@@ -22,7 +22,7 @@ import kmock
 import yaml
 from kmock import Response  # type: ignore[attr-defined]  # exported, not in __all__
 
-from tests.kube import patches, selectors
+from tests.support.kube import patches, selectors
 
 Body = dict[str, Any]
 Key = tuple[kmock.resource, str | None, str]  # (resource, namespace, name), as in kmock.objects

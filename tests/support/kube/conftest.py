@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes
 import pytest
 
-from tests.kube.apiserver import ApiServer, load_yaml_documents
+from tests.conftest import ROOT
+from tests.support.kube.apiserver import ApiServer, load_yaml_documents
 
-ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / "pretrainjob.yaml"
 
 

@@ -64,7 +64,7 @@ from typing import Any, TypeVar
 import kmock
 import yaml
 
-from tests.kube.emulator import Body, Emulator
+from tests.support.kube.emulator import Body, Emulator
 
 T = TypeVar("T")
 

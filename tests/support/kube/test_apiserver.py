@@ -21,8 +21,8 @@ from kubernetes import client as k8s
 from kubernetes import watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.kube.apiserver import ApiServer, kopf_login
-from tests.kube.patches import PatchError, json_patch
+from tests.support.kube.apiserver import ApiServer, kopf_login
+from tests.support.kube.patches import PatchError, json_patch
 
 GROUP, VERSION, PLURAL = "pretrain.dev", "v1alpha1", "pretrainjobs"
 # The tests send plain dicts, as kopf does; the generated client declares only its models.

@@ -1,4 +1,4 @@
-"""The pure arithmetic the trainer and planner rely on: lr schedules, batch splits, sizes."""
+"""The pure arithmetic of the trainer's config: lr schedules, batch splits, model sizes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pretrain_operator.api import WorkerCounts
-from pretrain_operator.api.spec import _divisors
 from pretrain_trainer.config import LRSchedule, ModelConfig, MoE, Stage
 
 LR = 1e-3
@@ -96,29 +94,3 @@ def test_token_budget_rounds_up_to_whole_steps() -> None:
     )
     assert stage.tokens_per_step(model) == 1000
     assert stage.total_steps(model) == 2
-
-
-@given(n=st.integers(1, 10**7))
-def test_divisors_are_exactly_the_numbers_dividing_n(n: int) -> None:
-    found = _divisors(n)
-    assert found == sorted(found)
-    assert all(n % d == 0 for d in found)
-    if n <= 5000:
-        assert found == [d for d in range(1, n + 1) if n % d == 0]
-
-
-@given(
-    low=st.integers(1, 40),
-    span=st.integers(0, 40),
-    usable=st.sets(st.integers(1, 80)),
-)
-def test_impossible_counts_are_the_complement_of_the_usable_ones(
-    low: int, span: int, usable: set[int]
-) -> None:
-    high = low + span
-    counts = WorkerCounts(low, high, tuple(sorted(u for u in usable if low <= u <= high)))
-    listed: set[int] = set()
-    for part in filter(None, counts.impossible().split(", ")):
-        first, _, last = part.partition("-")
-        listed |= set(range(int(first), int(last or first) + 1))
-    assert listed == set(range(low, high + 1)) - set(counts.usable)
