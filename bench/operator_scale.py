@@ -1,6 +1,6 @@
-"""Operator scale against the test API server (tests/support/kube): a 1,024-worker job (the size of a
-published 1,024-accelerator foundation stage, at one accelerator per worker) and 100 small jobs
-at once.
+"""Operator scale against the test API server (tests/support/kube): a 1,024-worker job (the
+size of a published 1,024-accelerator foundation stage, at one accelerator per worker) and 100
+small jobs at once.
 
     .venv/bin/python bench/operator_scale.py [--workers 1024] [--jobs 100]
 

@@ -13,7 +13,8 @@ new world size and starts a new attempt on the survivors.
 
 membership (torchrun's own elasticity): agents run ``--nnodes=1:2 --max-restarts=3`` under one
 rendezvous id with keep-alive tuned as far as it stays stable (interval 1 s, 3 misses, last
-call 1 s; DESIGN 4); the surviving agent restarts its workers in a new rendezvous round.
+call 1 s; docs/design.md, "How a job runs"); the surviving agent restarts its workers in a
+new rendezvous round.
 
 Phases, from timestamps in the runner's events and the trainers' logs:
 

@@ -55,8 +55,9 @@ def torchrun_args(
 ) -> list[str]:
     """How a worker starts: a torchrun agent that meets its peers at the job's long-lived
     rendezvous store and never hosts it (``is_host=false``), so no single worker's loss takes
-    the rendezvous down; ``nnodes`` fixed by the control plane, no restarts in place (DESIGN 4).
-    Arguments after ``torchrun`` (or ``python -m torch.distributed.run``)."""
+    the rendezvous down; ``nnodes`` fixed by the control plane, no restarts in place
+    (docs/design.md, "How a job runs"). Arguments after ``torchrun`` (or
+    ``python -m torch.distributed.run``)."""
     return [
         f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc}",

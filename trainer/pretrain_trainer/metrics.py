@@ -1,4 +1,4 @@
-"""Trainer metrics (DESIGN 7) and the health endpoint, served on one port.
+"""Trainer metrics (docs/design.md, "Observability") and the health endpoint, served on one port.
 
 ``/metrics`` is Prometheus text; ``/healthz`` answers 503 once no training step has finished
 for ``step_timeout`` seconds, so a liveness probe restarts a hung worker. Each process serves

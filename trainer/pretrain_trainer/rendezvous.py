@@ -1,4 +1,5 @@
-"""The job's rendezvous store: one small process that outlives every worker (DESIGN 4).
+"""The job's rendezvous store: one small process that outlives every worker (docs/design.md,
+"How a job runs").
 
 Workers' torchrun agents meet here with ``--rdzv-conf is_host=false``, so losing any worker,
 the one with rank 0 included, never takes the store (and the job) down with it. On Kubernetes

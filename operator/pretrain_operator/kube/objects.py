@@ -1,4 +1,4 @@
-"""Pure builders of the Kubernetes objects a PretrainJob owns (DESIGN 4).
+"""Pure builders of the Kubernetes objects a PretrainJob owns (docs/design.md, "How a job runs").
 
 Per job: a headless Service (stable DNS for the rendezvous store and the workers), a ConfigMap
 with the rendered run config, a ServiceAccount with no API rights, and the rendezvous pod that

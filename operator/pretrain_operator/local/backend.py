@@ -2,9 +2,9 @@
 
 Each attempt's agents meet at the run's long-lived store under a fresh rendezvous id
 (``--nnodes`` fixed by the plan, ``--max-restarts=0``): a resize or a restart is a new attempt
-at a size the planner chose, never torchrun's own membership changes (DESIGN 4). A slot is a
-place a worker may run; ``pretrainctl workers kill|add`` takes slots away and gives them back,
-which is how a user watches elasticity happen on one machine.
+at a size the planner chose, never torchrun's own membership changes (docs/design.md, "How a
+job runs"). A slot is a place a worker may run; ``pretrainctl workers kill|add`` takes slots
+away and gives them back, which is how a user watches elasticity happen on one machine.
 
 Run directory::
 

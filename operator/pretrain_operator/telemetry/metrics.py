@@ -1,4 +1,5 @@
-"""The control plane's Prometheus series (DESIGN 7), for the operator and the local runner alike.
+"""The control plane's Prometheus series (docs/design.md, "Observability"), for the operator
+and the local runner alike.
 
 Job series are derived at scrape time from each job's latest status (and, where the step
 records are at hand, its goodput), so they survive an operator restart the way the status does:
