@@ -1,6 +1,6 @@
 """Typed configuration of a training run. Imports neither torch nor Kubernetes libraries."""
 
-from .base import Checked, Problem, Spec, SpecError, format_counts, format_path
+from .base import Checked, Problem, Spec, SpecError, format_path, prefixed
 from .model import MODULE_ROOTS, ModelConfig, MoE
 from .training import (
     Budget,
@@ -13,6 +13,7 @@ from .training import (
     Stage,
     TrainerOptions,
     WorkerRange,
+    WorldSizeError,
 )
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "Stage",
     "TrainerOptions",
     "WorkerRange",
-    "format_counts",
+    "WorldSizeError",
     "format_path",
+    "prefixed",
 ]

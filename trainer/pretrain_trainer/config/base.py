@@ -19,6 +19,8 @@ from typing import Annotated, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from ..errors import PermanentError
+
 PathPart = str | int
 Path = tuple[PathPart, ...]
 
@@ -64,22 +66,9 @@ def format_path(path: Sequence[PathPart]) -> str:
 
 
 def prefixed(problems: Iterable[Problem], *prefix: PathPart) -> Iterator[Problem]:
+    """A nested model's problems, their paths put under the field that holds it."""
     for problem in problems:
         yield problem.under(*prefix)
-
-
-def format_counts(values: Iterable[int]) -> str:
-    """Compress sorted integers into ranges: ``1, 3-5, 9``."""
-    items = sorted(set(values))
-    runs: list[str] = []
-    i = 0
-    while i < len(items):
-        j = i
-        while j + 1 < len(items) and items[j + 1] == items[j] + 1:
-            j += 1
-        runs.append(str(items[i]) if i == j else f"{items[i]}-{items[j]}")
-        i = j + 1
-    return ", ".join(runs)
 
 
 # Bounds keep every number representable in the CRD's int64/double and every derived
@@ -89,8 +78,11 @@ BigCount = Annotated[int, Field(gt=0, le=2**62)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 
-class SpecError(ValueError):
-    """A spec failed validation; carries every problem found, each with its field path."""
+class SpecError(PermanentError, ValueError):
+    """A spec failed validation; carries every problem found, each with its field path.
+
+    Permanent (the trainer exits without retrying) and still a ``ValueError``, as it always
+    was: the operator side parses specs through this package and callers may catch either."""
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = tuple(problems)
@@ -142,7 +134,7 @@ class Checked(Spec):
             value = cls.model_validate(data)
         except ValidationError as error:
             raise SpecError(problems_from_validation_error(error, *at)) from None
-        problems = [p.under(*at) for p in value.problems()]
+        problems = list(prefixed(value.problems(), *at))
         if problems:
             raise SpecError(problems)
         return value

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from .base import Problem, Spec
+from .base import Problem, Spec, prefixed
 
 # Top-level module names of the trainer's model; `freeze` prefixes must start with one.
 # `layers.<i>` addresses one block (`layers.<i>.attn`, `layers.<i>.mlp`, ...).
@@ -102,7 +102,7 @@ class ModelConfig(Spec):
                 ("kvHeads",), f"heads ({self.heads}) is not divisible by kvHeads ({self.kv_heads})"
             )
         if self.moe is not None:
-            yield from (p.under("moe") for p in self.moe.problems())
+            yield from prefixed(self.moe.problems(), "moe")
 
     def freeze_problem(self, prefix: str) -> str | None:
         """Why a `freeze` prefix names no module of this model, or None when it does."""

@@ -14,12 +14,30 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
 
-from .base import DNS_LABEL, SOURCE_NAME, BigCount, Checked, Count, Fraction, Problem, Spec
+from ..errors import PermanentError
+from .base import (
+    DNS_LABEL,
+    SOURCE_NAME,
+    BigCount,
+    Checked,
+    Count,
+    Fraction,
+    Problem,
+    Spec,
+    prefixed,
+)
 from .model import ModelConfig
 
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
 SourceName = Annotated[str, Field(pattern=SOURCE_NAME, max_length=63)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
+class WorldSizeError(PermanentError, ValueError):
+    """A stage cannot run at this world size: its global batch does not split into whole
+    micro-batches over the processes. Permanent for this attempt (the control plane chooses
+    world sizes that divide, so it means a spec or a launcher is wrong), and a ``ValueError``
+    as before, for callers that catch that."""
 
 
 class DataSource(Spec):
@@ -213,17 +231,17 @@ class Stage(Spec):
 
     def gradient_accumulation(self, world_size: int) -> int:
         """Micro-steps per optimizer step at ``world_size`` processes; the global batch is exact
-        or this raises ValueError."""
+        or this raises :class:`WorldSizeError`."""
         per_step = self.micro_batch_size * world_size
         if world_size < 1 or self.global_batch_size % per_step:
-            raise ValueError(
+            raise WorldSizeError(
                 f"stage {self.name!r}: globalBatchSize {self.global_batch_size} is not divisible "
                 f"by microBatchSize {self.micro_batch_size} x world size {world_size}"
             )
         return self.global_batch_size // per_step
 
     def problems(self, model: ModelConfig, sources: set[str]) -> Iterator[Problem]:
-        yield from (p.under("budget") for p in self.budget.problems())
+        yield from prefixed(self.budget.problems(), "budget")
         unknown = sorted(set(self.data_mix) - sources)
         for name in unknown:
             yield Problem(
@@ -243,12 +261,10 @@ class Stage(Spec):
         if self.seq_len is not None and self.seq_len > model.seq_len:
             yield Problem(("seqLen",), f"({self.seq_len}) exceeds model.seqLen ({model.seq_len})")
         if not any(self.budget.problems()):
-            yield from (
-                p.under("lrSchedule")
-                for p in self.lr_schedule.problems(
-                    lr=self.optimizer.lr, total_steps=self.total_steps(model)
-                )
+            schedule = self.lr_schedule.problems(
+                lr=self.optimizer.lr, total_steps=self.total_steps(model)
             )
+            yield from prefixed(schedule, "lrSchedule")
         for i, prefix in enumerate(self.freeze):
             why = model.freeze_problem(prefix)
             if why:
@@ -312,7 +328,7 @@ class RunConfig(Checked):
     """Trainer process behaviour: seed, logging, stability guard, hang detection."""
 
     def problems(self) -> Iterator[Problem]:
-        yield from (p.under("model") for p in self.model.problems())
+        yield from prefixed(self.model.problems(), "model")
         names = Counter(s.name for s in self.data.sources)
         for i, source in enumerate(self.data.sources):
             if names[source.name] > 1:
@@ -325,7 +341,7 @@ class RunConfig(Checked):
                     f"duplicate stage name {stage.name!r} (also stages[{first[stage.name]}])",
                 )
             first.setdefault(stage.name, i)
-            yield from (p.under("stages", i) for p in stage.problems(self.model, set(names)))
+            yield from prefixed(stage.problems(self.model, set(names)), "stages", i)
 
     def stage_index(self, name: str) -> int:
         return [s.name for s in self.stages].index(name)

@@ -35,14 +35,17 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import PermanentError
+
 FORMAT = "pretrain-tokens"
 VERSION = 1
 DTYPES: dict[str, type[np.unsignedinteger[Any]]] = {"uint16": np.uint16, "uint32": np.uint32}
 _FIELDS = ("dtype", "tokens", "vocabSize", "tokenizer", "eosId")
 
 
-class DataError(ValueError):
-    """Token data is missing or malformed; the message is one line naming the file."""
+class DataError(PermanentError):
+    """Token data is missing or malformed; the message is one line naming the file. Permanent:
+    a person has to fix the data or the path before a retry can do better."""
 
 
 def dtype_for(vocab_size: int) -> str:
