@@ -89,7 +89,8 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
     import torch.distributed as dist
 
     from .ckpt.manager import CheckpointManager
-    from .ckpt.store import check_writable, config_hash
+    from .ckpt.manifest import config_hash
+    from .ckpt.store import check_writable
     from .data import DataError, check_vocab, open_source
     from .dsconfig import deepspeed_config, owns_clipping
     from .logging import log0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import contract
 from .ckpt.engine import Saved
 from .ckpt.manager import CheckpointManager, stage_dir
-from .ckpt.store import Manifest
+from .ckpt.manifest import Manifest
 from .config import RunConfig, Stage
 from .data import MixtureSampler, TokenSource
 from .logging import log0

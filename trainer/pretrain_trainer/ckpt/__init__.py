@@ -1,10 +1,16 @@
-"""Checkpoints. Torch-free: :mod:`.store` (layout, manifests, atomic writes, ``latest``, rank
-markers) and :mod:`.catalog` (verification, choosing, retention). The DeepSpeed side,
-:mod:`.engine` and :mod:`.manager`, is imported explicitly, so this package never pulls in
-torch."""
+"""Checkpoints (docs/design.md, "Checkpoints").
+
+Torch-free: :mod:`.layout` (paths and names), :mod:`.manifest` (what a checkpoint holds),
+:mod:`.hashing` (crc32 while writing and reading), :mod:`.store` (``latest``, rank markers,
+refused storage) and :mod:`.catalog` (listing, verification, choosing, retention). The
+DeepSpeed side, :mod:`.engine` (the background writer) and :mod:`.manager` (what to restore,
+when to save), is imported explicitly, so this package never pulls in torch.
+"""
 
 from ..fsio import write_json_atomic
 from .catalog import (
+    Checkpoint,
+    Verification,
     clean_incomplete,
     incomplete,
     list_checkpoints,
@@ -13,29 +19,25 @@ from .catalog import (
     retention,
     verify,
 )
-from .store import (
-    CHUNK,
-    LATEST,
-    MANIFEST,
+from .hashing import CHUNK, HashingFile, crc32_file
+from .layout import LATEST, MANIFEST, checkpoint_dir, checkpoint_name, stage_dir
+from .manifest import (
     MANIFEST_VERSION,
-    Checkpoint,
     CheckpointError,
     FileRecord,
-    HashingFile,
     Manifest,
-    StorageError,
-    Verification,
-    check_writable,
-    checkpoint_dir,
-    collect_rank_markers,
     config_hash,
-    hash_files,
-    read_latest,
     read_manifest,
-    remove_rank_markers,
-    set_latest,
     utc_now,
     write_manifest,
+)
+from .store import (
+    StorageError,
+    check_writable,
+    collect_rank_markers,
+    read_latest,
+    remove_rank_markers,
+    set_latest,
     write_rank_marker,
 )
 
@@ -53,10 +55,11 @@ __all__ = [
     "Verification",
     "check_writable",
     "checkpoint_dir",
+    "checkpoint_name",
     "clean_incomplete",
     "collect_rank_markers",
     "config_hash",
-    "hash_files",
+    "crc32_file",
     "incomplete",
     "list_checkpoints",
     "newest_valid",
@@ -66,6 +69,7 @@ __all__ = [
     "remove_rank_markers",
     "retention",
     "set_latest",
+    "stage_dir",
     "utc_now",
     "verify",
     "write_json_atomic",

@@ -13,23 +13,38 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..fsio import TMP_SUFFIX, fsync_dir
-from .store import (
-    _STAGE,
-    _STEP,
-    LATEST,
-    MANIFEST,
-    Checkpoint,
-    CheckpointError,
-    FileRecord,
-    Manifest,
-    Verification,
-    _crc32,
-    read_latest,
-    read_manifest,
-)
+from .hashing import crc32_file
+from .layout import LATEST, MANIFEST, STAGE_GLOB, STEP_GLOB, checkpoint_name, stage_of, step_of
+from .manifest import CheckpointError, FileRecord, Manifest, read_manifest
+from .store import read_latest
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint on disk (its manifest parsed and matching its directory name)."""
+
+    directory: Path
+    stage: int
+    step: int
+    manifest: Manifest
+
+    @property
+    def name(self) -> str:
+        return checkpoint_name(stage=self.stage, step=self.step)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify` found: each problem names a file; the cost says what it read."""
+
+    ok: bool
+    problems: list[str]
+    bytes_read: int
+    seconds: float
 
 
 def verify(
@@ -55,7 +70,7 @@ def verify(
 
     def check(record: FileRecord) -> tuple[int, str | None]:
         try:
-            crc, size = _crc32(directory / record.path)
+            crc, size = crc32_file(directory / record.path)
         except OSError as e:
             return 0, f"{record.path}: unreadable: {e}"
         if crc != record.crc32:
@@ -72,15 +87,17 @@ def verify(
 
 
 def _step_dirs(root: Path) -> list[tuple[int, int, Path]]:
+    """(stage, step, directory) of every step directory, newest first; names the layout does
+    not produce (``step-007``, ``step-x``) are not ours and are ignored."""
     out = []
-    for stage_dir in root.glob("stage-*"):
-        stage = _STAGE.fullmatch(stage_dir.name)
-        if not stage or not stage_dir.is_dir():
+    for stage_dir in root.glob(STAGE_GLOB):
+        stage = stage_of(stage_dir.name)
+        if stage is None or not stage_dir.is_dir():
             continue
-        for step_dir in stage_dir.glob("step-*"):
-            step = _STEP.fullmatch(step_dir.name)
-            if step and step_dir.is_dir():
-                out.append((int(stage[1]), int(step[1]), step_dir))
+        for step_dir in stage_dir.glob(STEP_GLOB):
+            step = step_of(step_dir.name)
+            if step is not None and step_dir.is_dir():
+                out.append((stage, step, step_dir))
     return sorted(out, reverse=True)
 
 

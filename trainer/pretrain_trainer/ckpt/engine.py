@@ -23,7 +23,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -34,16 +33,14 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
 )
 
 from .catalog import prune
+from .hashing import HashingFile
+from .manifest import FileRecord, Manifest, utc_now, write_manifest
 from .store import (
-    FileRecord,
-    HashingFile,
-    Manifest,
     StorageError,
     collect_rank_markers,
     remove_rank_markers,
     set_latest,
     storage_error,
-    write_manifest,
     write_rank_marker,
 )
 
@@ -203,9 +200,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         files = collect_rank_markers(
             pending.directory, world_size=self.world_size, timeout=self.marker_timeout
         )
-        manifest = Manifest.model_validate(
-            {**fields, "files": files, "savedAt": datetime.now(UTC).isoformat()}
-        )
+        manifest = Manifest.model_validate({**fields, "files": files, "savedAt": utc_now()})
         write_manifest(pending.directory, manifest)
         self._failed = None
         remove_rank_markers(pending.directory)

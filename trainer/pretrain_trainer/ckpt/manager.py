@@ -31,7 +31,7 @@ import torch.distributed as dist
 from ..logging import log0
 from .catalog import clean_incomplete, newest_valid, verify
 from .engine import AsyncCheckpointEngine, Saved
-from .store import Manifest
+from .manifest import Manifest
 
 WEIGHTS = "weights"
 RNG = "rng"
