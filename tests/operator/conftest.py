@@ -32,7 +32,7 @@ def running_operator(server: ApiServer, **settings: Any) -> Iterator[KopfRunner]
         "standby_priority_class": "pretrain-standby",
     }
     operator = OperatorSettings(**{**defaults, **settings})
-    register(registry, operator=operator, make_client=lambda: KubeClient(server.client()))
+    register(registry, settings=operator, make_client=lambda: KubeClient(server.client()))
     args = ["run", "--standalone", "--namespace=default"]
     with KopfRunner(args, registry=registry, timeout=60) as runner:
         yield runner

@@ -421,7 +421,7 @@ def replica(server: ApiServer, name: str, *, priority: int) -> Iterator[KopfRunn
     settings = OperatorSettings(peering="pretrain-operator", namespaces=("default",))
     register(
         registry,
-        operator=settings,
+        settings=settings,
         make_client=lambda: CountingClient(server.client(), replica=name),
     )
     args = ["run", "--namespace=default", "--peering=pretrain-operator", f"--priority={priority}"]

@@ -40,17 +40,18 @@ FINALIZER = f"{GROUP}/finalizer"
 RETRY_SECONDS = 5.0
 
 
-def configure(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
+def configure(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
+    """kopf's own settings (``settings``) from the operator's (``ours``)."""
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.enabled = False  # our own events explain decisions; kopf's would be noise
-    settings.peering.name = operator.peering
-    settings.peering.mandatory = not operator.standalone
-    settings.peering.standalone = operator.standalone
-    settings.peering.clusterwide = not operator.namespaces
+    settings.peering.name = ours.peering
+    settings.peering.mandatory = not ours.standalone
+    settings.peering.standalone = ours.standalone
+    settings.peering.clusterwide = not ours.namespaces
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
@@ -74,12 +75,12 @@ class JobLoops:
     def __init__(
         self,
         *,
-        operator: OperatorSettings,
+        settings: OperatorSettings,
         make_client: Callable[[], KubeClient],
         metrics: OperatorMetrics,
     ) -> None:
-        self.operator, self.make_client, self.metrics = operator, make_client, metrics
-        self.options = operator.pod_options()
+        self.settings, self.make_client, self.metrics = settings, make_client, metrics
+        self.options = settings.pod_options()
         self.wakes: dict[tuple[str, str], asyncio.Event] = {}
         self.readiness: dict[str, bool] = {}  # the last readiness seen, to poke on a change
         self.progressed: dict[tuple[str, str], float] = {}  # when progress was last read
@@ -91,7 +92,7 @@ class JobLoops:
 
     # -- handlers ----------------------------------------------------------------------------
     def startup(self, *, settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings, self.operator)
+        configure(settings, self.settings)  # kopf's settings, from ours
 
     def job_changed(self, *, namespace: str | None, name: str | None, **_: Any) -> None:
         self.poke(namespace, name)
@@ -144,7 +145,7 @@ class JobLoops:
         logger: Any,
     ) -> float:
         """One pass in a thread; returns how long to sleep. Errors never end the loop."""
-        wait = self.operator.resync_seconds
+        wait = self.settings.resync_seconds
         try:
             requeue = await asyncio.to_thread(
                 self.one_pass, client, key, expectations=expectations, indexes=indexes
@@ -200,12 +201,12 @@ class JobLoops:
 
     def _progress_reader(self, key: tuple[str, str]) -> ProgressReader | None:
         """Rank 0's progress, at most every ``progress_seconds`` per job."""
-        if time.monotonic() - self.progressed.get(key, 0.0) < self.operator.progress_seconds:
+        if time.monotonic() - self.progressed.get(key, 0.0) < self.settings.progress_seconds:
             return None
 
         def read(pods: Sequence[Mapping[str, Any]], attempt: int) -> TrainerProgress | None:
             self.progressed[key] = time.monotonic()
-            return progress.read(pods, attempt, port=self.operator.trainer_metrics_port)
+            return progress.read(pods, attempt, port=self.settings.trainer_metrics_port)
 
         return read
 
@@ -213,13 +214,13 @@ class JobLoops:
 def register(
     registry: kopf.OperatorRegistry,
     *,
-    operator: OperatorSettings,
+    settings: OperatorSettings,
     make_client: Callable[[], KubeClient],
     metrics: OperatorMetrics | None = None,
 ) -> JobLoops:
     """Register the operator's handlers in ``registry``; returns their shared state."""
     loops = JobLoops(
-        operator=operator, make_client=make_client, metrics=metrics or OperatorMetrics()
+        settings=settings, make_client=make_client, metrics=metrics or OperatorMetrics()
     )
     kopf.on.startup(registry=registry)(loops.startup)
     labelled = {JOB: kopf.PRESENT}
@@ -232,7 +233,7 @@ def register(
         GROUP, VERSION, PLURAL, id="reconcile", registry=registry, cancellation_timeout=10.0
     )
     reconciling(loops.run_job)
-    if operator.watch_nodes:
+    if settings.watch_nodes:
         kopf.index("", "v1", "nodes", id="nodes_ready", registry=registry)(nodes_ready)
         kopf.on.event("", "v1", "nodes", id="node_changed", registry=registry)(loops.node_changed)
     return loops
@@ -249,7 +250,7 @@ def default_client() -> KubeClient:
     return KubeClient(kubernetes.client.ApiClient())
 
 
-def run(operator: OperatorSettings) -> None:
+def run(settings: OperatorSettings) -> None:
     """``pretrainctl operator``: serve until stopped."""
     from prometheus_client import start_http_server
 
@@ -261,16 +262,16 @@ def run(operator: OperatorSettings) -> None:
         return kopf.login_via_client(**kwargs)
 
     metrics = OperatorMetrics()
-    register(registry, operator=operator, make_client=default_client, metrics=metrics)
-    if operator.metrics_port:
-        start_http_server(operator.metrics_port, registry=metrics.registry)
+    register(registry, settings=settings, make_client=default_client, metrics=metrics)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, registry=metrics.registry)
     kopf.run(
         registry=registry,
-        clusterwide=not operator.namespaces,
-        namespaces=operator.namespaces,
-        standalone=operator.standalone,
-        peering_name=operator.peering,
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=settings.standalone,
+        peering_name=settings.peering,
         liveness_endpoint=(
-            f"http://0.0.0.0:{operator.health_port}/healthz" if operator.health_port else None
+            f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
         ),
     )

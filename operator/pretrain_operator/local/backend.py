@@ -117,20 +117,20 @@ class LocalBackend:
         )
 
     # -- apply -------------------------------------------------------------------------------
-    def apply(self, plan: Plan) -> None:
-        self.attempt, self.group = plan.status.attempt, plan.group
-        for slot in plan.stop:
+    def apply(self, result: Plan) -> None:
+        self.attempt, self.group = result.status.attempt, result.group
+        for slot in result.stop:
             self.stop(slot)
-        if plan.group is None:
+        if result.group is None:
             return
-        for slot in plan.group.slots:
+        for slot in result.group.slots:
             process = self.processes.get(slot)
-            if process is not None and process.attempt == plan.group.attempt:
+            if process is not None and process.attempt == result.group.attempt:
                 continue  # already started for this attempt
             if process is not None and process.popen.poll() is None:
                 self.stop(slot)  # the old attempt's worker still leaving: start it next time
                 continue
-            self._start(slot, group=plan.group)
+            self._start(slot, group=result.group)
 
     def stop(self, slot: int) -> None:
         """Ask a worker to stop (SIGTERM: torchrun forwards it, the trainer may save)."""
