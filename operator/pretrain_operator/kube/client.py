@@ -16,7 +16,10 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import kubernetes
 
 from .. import __version__
 from ..api import GROUP, PLURAL, VERSION
@@ -79,7 +82,9 @@ def _path(obj: Mapping[str, Any], namespace: str) -> str:
 class KubeClient:
     """Thin, synchronous, JSON-only access through a ``kubernetes.client.ApiClient``."""
 
-    def __init__(self, api_client: Any, *, field_manager: str = "pretrain-operator") -> None:
+    def __init__(
+        self, api_client: kubernetes.client.ApiClient, *, field_manager: str = "pretrain-operator"
+    ) -> None:
         self.api = api_client
         self.api.user_agent = f"{field_manager}/{__version__}"  # how audit logs tell us apart
         self.field_manager = field_manager
@@ -109,7 +114,7 @@ class KubeClient:
                 auth_settings=["BearerToken"],
             )
             response = self.api.call_api(method_, url, header_params=headers_, body=body_)
-            data = response.read()
+            data = response.read()  # type: ignore[no-untyped-call]  # the client leaves it untyped
         except Exception as error:  # urllib3 and socket errors: the server is unreachable
             if isinstance(error, ApiError):
                 raise

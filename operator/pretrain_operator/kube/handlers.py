@@ -113,7 +113,7 @@ class JobLoops:
         stopped: kopf.DaemonStopped,
         namespace: str | None,
         name: str,
-        logger: Any,
+        logger: kopf.Logger,
         **kw: Any,
     ) -> None:
         """The daemon of one job: a pass, then sleep until the requeue time, the resync
@@ -142,7 +142,7 @@ class JobLoops:
         *,
         expectations: Expectations,
         indexes: Mapping[str, Any],
-        logger: Any,
+        logger: kopf.Logger,
     ) -> float:
         """One pass in a thread; returns how long to sleep. Errors never end the loop."""
         wait = self.settings.resync_seconds
