@@ -188,8 +188,8 @@ def test_leftover_temp_files_of_a_crashed_writer_are_ignored(tmp_path: Path) -> 
 def test_latest_points_at_the_newest_checkpoint_by_relative_path(tmp_path: Path) -> None:
     assert read_latest(tmp_path) is None
     first, second = _save(tmp_path, 0, 10), _save(tmp_path, 1, 40)
-    set_latest(tmp_path, first)
-    set_latest(tmp_path, second)
+    set_latest(tmp_path, to=first)
+    set_latest(tmp_path, to=second)
     assert (tmp_path / "latest").read_text().strip() == "stage-1/step-40"
     assert read_latest(tmp_path) == second
     assert _temp_files(tmp_path) == []
@@ -207,7 +207,7 @@ def test_read_latest_ignores_a_dangling_or_escaping_pointer(tmp_path: Path, text
 def test_set_latest_refuses_a_directory_outside_the_root(tmp_path: Path) -> None:
     (tmp_path / "root").mkdir()
     with pytest.raises(CheckpointError, match="not under checkpoint root"):
-        set_latest(tmp_path / "root", tmp_path)
+        set_latest(tmp_path / "root", to=tmp_path)
 
 
 # --- rank markers ----------------------------------------------------------------------------
@@ -433,12 +433,12 @@ def test_prune_applies_retention_but_never_deletes_latest(tmp_path: Path) -> Non
     newest = _save(tmp_path, 1, 10)
     unfinished = checkpoint_dir(tmp_path, stage=1, step=15)  # a save in flight
     unfinished.mkdir()
-    set_latest(tmp_path, middle)  # e.g. restored from it after the newest failed to verify
+    set_latest(tmp_path, to=middle)  # e.g. restored from it after the newest failed to verify
 
     assert prune(tmp_path, keep=1) == [old]
     assert [c.directory for c in list_checkpoints(tmp_path)] == [newest, middle, final]
     assert unfinished.is_dir()
-    set_latest(tmp_path, newest)
+    set_latest(tmp_path, to=newest)
     assert prune(tmp_path, keep=1) == [middle]
     assert read_latest(tmp_path) == newest
 
@@ -489,7 +489,7 @@ def test_pretrainctl_checkpoints_lists_and_verifies(
 
     older = _save(tmp_path, 0, 10, final=True)
     newer = _save(tmp_path, 1, 20)
-    set_latest(tmp_path, newer)
+    set_latest(tmp_path, to=newer)
     (tmp_path / "stage-1" / "step-30").mkdir()
     assert main(["checkpoints", str(tmp_path), "--verify"]) == 0
     lines = capsys.readouterr().out.splitlines()

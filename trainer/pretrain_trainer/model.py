@@ -72,7 +72,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, ffn: int) -> None:
+    def __init__(self, *, hidden: int, ffn: int) -> None:
         super().__init__()
         self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
         self.down = nn.Linear(ffn, hidden, bias=False)
@@ -92,7 +92,7 @@ class MoE(nn.Module):
         self.top_k, self.n_experts = config.moe.top_k, config.moe.experts
         self.router = nn.Linear(config.hidden, self.n_experts, bias=False)
         self.experts = nn.ModuleList(
-            SwiGLU(config.hidden, config.ffn_width) for _ in range(self.n_experts)
+            SwiGLU(hidden=config.hidden, ffn=config.ffn_width) for _ in range(self.n_experts)
         )
         self.aux_loss = torch.zeros(())
         self.load = torch.zeros(self.n_experts)
@@ -122,7 +122,9 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden, eps=config.norm_eps)
         self.attn = Attention(config, dropout=dropout)
         self.mlp_norm = RMSNorm(config.hidden, eps=config.norm_eps)
-        self.mlp: nn.Module = MoE(config) if config.moe else SwiGLU(config.hidden, config.ffn_width)
+        self.mlp: nn.Module = (
+            MoE(config) if config.moe else SwiGLU(hidden=config.hidden, ffn=config.ffn_width)
+        )
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ def _step_dirs(root: Path) -> list[tuple[int, int, Path]]:
     return sorted(out, reverse=True)
 
 
-def _complete(stage: int, step: int, directory: Path) -> Checkpoint | None:
+def _complete(directory: Path, *, stage: int, step: int) -> Checkpoint | None:
     try:
         manifest = read_manifest(directory)
     except CheckpointError:
@@ -113,13 +113,13 @@ def _complete(stage: int, step: int, directory: Path) -> Checkpoint | None:
 
 def list_checkpoints(root: Path) -> list[Checkpoint]:
     """Complete checkpoints, newest (highest stage, then step) first."""
-    found = (_complete(*entry) for entry in _step_dirs(root))
+    found = (_complete(d, stage=s, step=n) for s, n, d in _step_dirs(root))
     return [c for c in found if c is not None]
 
 
 def incomplete(root: Path) -> list[Path]:
     """Step directories without a valid manifest matching their name."""
-    return [d for s, n, d in _step_dirs(root) if _complete(s, n, d) is None]
+    return [d for s, n, d in _step_dirs(root) if _complete(d, stage=s, step=n) is None]
 
 
 def _stderr(line: str) -> None:

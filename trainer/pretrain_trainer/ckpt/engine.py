@@ -204,7 +204,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         write_manifest(pending.directory, manifest)
         self._failed = None
         remove_rank_markers(pending.directory)
-        set_latest(self.root, pending.directory)
+        set_latest(self.root, to=pending.directory)
         prune(self.root, keep=self.keep)
         if self.on_saved is not None:
             self.on_saved(Saved(pending.directory, manifest, time.perf_counter() - pending.started))

@@ -65,15 +65,15 @@ def check_writable(root: Path, *, name: str) -> None:
         ) from None
 
 
-def set_latest(root: Path, directory: Path) -> None:
-    """Point ``latest`` at ``directory`` (a path relative to ``root``, so the volume can be
-    mounted anywhere)."""
+def set_latest(root: Path, *, to: Path) -> None:
+    """Point ``root``'s ``latest`` at the checkpoint directory ``to``, by its path relative to
+    ``root``, so the volume can be mounted anywhere."""
     try:
-        relative = directory.resolve().relative_to(root.resolve()).as_posix()
+        relative = to.resolve().relative_to(root.resolve()).as_posix()
     except ValueError:
-        raise CheckpointError(f"{directory} is not under checkpoint root {root}") from None
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: latest would point at a missing directory")
+        raise CheckpointError(f"{to} is not under checkpoint root {root}") from None
+    if not to.is_dir():
+        raise CheckpointError(f"{to}: latest would point at a missing directory")
     replace_atomic(root / LATEST, relative.encode() + b"\n")
 
 
