@@ -124,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
     env = TrainerEnv.from_environ(os.environ)
     trainer = setup(env, load_run_config(env.run_config))
     rank, manager, engine = trainer.rank, trainer.checkpoints, trainer.engine
-    trainer.train_one()
+    trainer.train_step()
     params = trainer.config.model.num_params()
 
     def barrier_timed(action: object) -> float:
@@ -138,7 +138,7 @@ def worker(args: argparse.Namespace) -> None:
         ours, sync, durable, total = [], [], [], []
         ours_engine = engine.checkpoint_engine
         for round_ in range(args.rounds):
-            trainer.train_one()
+            trainer.train_step()
             started = time.perf_counter()
             ours.append(barrier_timed(trainer.save))
             manager.wait()

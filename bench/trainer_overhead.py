@@ -119,11 +119,11 @@ def worker(args: argparse.Namespace) -> None:
         return (time.perf_counter() - started) / n
 
     for _ in range(args.warmup):
-        trainer.train_one()
+        trainer.train_step()
         bare_step()
     ours, bare = [], []
     for _ in range(args.rounds):
-        ours.append(timed(trainer.train_one, args.steps))
+        ours.append(timed(trainer.train_step, args.steps))
         bare.append(timed(bare_step, args.steps))
     if dist.get_rank() == 0:
         o, b = statistics.median(ours), statistics.median(bare)

@@ -10,15 +10,16 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 import yaml
 from pretrain_operator.local.processes import signal_tree
+from pretrain_trainer import contract
 from pretrain_trainer.config import RunConfig
-from pretrain_trainer.data import open_source
+from pretrain_trainer.data.loader import DataLoader
 from pretrain_trainer.optim import param_groups
-from pretrain_trainer.train import build_model, build_sampler, lm_loss, micro_batches
+from pretrain_trainer.train import build_model, lm_loss
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -101,18 +102,25 @@ class Started:
         )
 
 
-def start_trainer(
-    workdir: Path,
-    config: dict[str, Any],
-    *,
-    nproc: int = 1,
-    stage_index: int = 0,
-    env: dict[str, str] | None = None,
-    torchrun: bool = True,
-    file_size_limit: int | None = None,
-) -> Started:
-    """Start the trainer in its own process group; the step log is fresh for each start.
-    ``file_size_limit`` caps every file it writes (RLIMIT_FSIZE): a full disk, to it."""
+class Launch(TypedDict, total=False):
+    """How :func:`start_trainer` starts the trainer; every option may be left out."""
+
+    nproc: int
+    """Processes under torchrun (default 1)."""
+    stage_index: int
+    """The stage to train (default 0)."""
+    env: dict[str, str]
+    """Added to (and overriding) the contract's environment."""
+    torchrun: bool
+    """False: one process without torchrun (default True)."""
+    file_size_limit: int
+    """Caps every file the trainer writes (RLIMIT_FSIZE): a full disk, to it."""
+
+
+def start_trainer(workdir: Path, config: dict[str, Any], **launch: Unpack[Launch]) -> Started:
+    """Start the trainer in its own process group; the step log is fresh for each start."""
+    nproc, stage_index = launch.get("nproc", 1), launch.get("stage_index", 0)
+    file_size_limit = launch.get("file_size_limit")
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "run.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -121,17 +129,17 @@ def start_trainer(
     report.unlink(missing_ok=True)
     environ = {
         **os.environ,
-        "PRETRAIN_JOB": "test",
-        "PRETRAIN_STAGE": str(stage_index),
-        "PRETRAIN_RUN_CONFIG": str(config_path),
-        "PRETRAIN_CHECKPOINT_ROOT": str(workdir / "checkpoints"),
-        "PRETRAIN_REPORT_PATH": str(report),
-        "PRETRAIN_STEP_LOG": str(steps),
+        contract.ENV_JOB: "test",
+        contract.ENV_STAGE: str(stage_index),
+        contract.ENV_RUN_CONFIG: str(config_path),
+        contract.ENV_CHECKPOINT_ROOT: str(workdir / "checkpoints"),
+        contract.ENV_REPORT_PATH: str(report),
+        contract.ENV_STEP_LOG: str(steps),
         "OMP_NUM_THREADS": "1",
-        **(env or {}),
+        **launch.get("env", {}),
     }
     command = [sys.executable, "-m", "pretrain_trainer"]
-    if torchrun:  # --standalone picks a free rendezvous port: parallel runs never collide
+    if launch.get("torchrun", True):  # --standalone picks a free rendezvous port
         command = [
             sys.executable,
             "-m",
@@ -161,19 +169,10 @@ def _limit_files(size: int) -> None:
 
 
 def run_trainer(
-    workdir: Path,
-    config: dict[str, Any],
-    *,
-    nproc: int = 1,
-    stage_index: int = 0,
-    env: dict[str, str] | None = None,
-    torchrun: bool = True,
-    timeout: float = 300,
+    workdir: Path, config: dict[str, Any], *, timeout: float = 300, **launch: Unpack[Launch]
 ) -> Run:
-    started = start_trainer(
-        workdir, config, nproc=nproc, stage_index=stage_index, env=env, torchrun=torchrun
-    )
-    return started.wait(timeout=timeout)
+    """:func:`start_trainer`, then wait up to ``timeout`` seconds for the trainer to exit."""
+    return start_trainer(workdir, config, **launch).wait(timeout=timeout)
 
 
 def reference_losses(config: dict[str, Any], *, steps: int) -> list[float]:
@@ -186,9 +185,7 @@ def reference_run(config: dict[str, Any], *, steps: int) -> tuple[list[float], l
     parsed = RunConfig.parse(config)
     stage_ = parsed.stages[0]
     torch.manual_seed(0)
-    paths = {s.name: s.path for s in parsed.data.sources}
-    sources = {name: open_source(paths[name]) for name in stage_.data_mix}
-    sampler = build_sampler(parsed, 0, sources)
+    data = DataLoader.build(parsed, stage_index=0)
     model = build_model(parsed, stage_)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -204,13 +201,7 @@ def reference_run(config: dict[str, Any], *, steps: int) -> tuple[list[float], l
     )
     losses, norms = [], []
     for _ in range(steps):
-        batches = micro_batches(
-            sources,
-            sampler.next_global_batch(),
-            seq_len=stage_.seq_len_for(parsed.model),
-            micro=stage_.micro_batch_size,
-            device=torch.device("cpu"),
-        )
+        batches = data.next_batch(rank=0, world_size=1, device=torch.device("cpu"))
         step_loss = 0.0
         for inputs, targets in batches:
             loss = lm_loss(model(inputs), targets, label_smoothing=stage_.label_smoothing)

@@ -53,7 +53,7 @@ def test_shard_round_trips_tokens_in_the_narrowest_dtype(
         source = open_source(path)
         assert len(source) == 1000
         assert source.vocab_size == vocab
-        window = source.window(0, 1000)
+        window = source.window(0, length=1000)
         assert window.dtype == np.int64
         assert np.array_equal(window, tokens)
 
@@ -66,10 +66,10 @@ def test_directory_source_reads_windows_across_shard_boundaries(tmp_path: Path) 
     assert [p.name for p in source.files] == ["a.json", "b.json", "c.json"]  # sorted
     assert len(source) == 17
     assert source.vocab_size == 300
-    assert source.window(8, 5).tolist() == [8, 9, 10, 11, 12]
-    assert source.window(0, 17).tolist() == list(range(17))
+    assert source.window(8, length=5).tolist() == [8, 9, 10, 11, 12]
+    assert source.window(0, length=17).tolist() == list(range(17))
     with pytest.raises(IndexError):
-        source.window(10, 8)
+        source.window(10, length=8)
 
 
 def test_a_shard_without_its_header_does_not_exist(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_prepare_bytes_separates_documents_with_nul(tmp_path: Path) -> None:
     assert (done.files, done.skipped, done.vocab_size) == (2, 1, 256)
     expected = [*b"hello", 0, *"wörld".encode(), 0]  # sorted: a.txt, binary.dat, sub/b.txt
     assert done.tokens == len(expected) == 5 + 6 + 2
-    assert open_source(done.header).window(0, done.tokens).tolist() == expected
+    assert open_source(done.header).window(0, length=done.tokens).tolist() == expected
     assert json.loads(done.header.read_text())["eosId"] == 0
 
 
@@ -223,7 +223,7 @@ def test_prepare_with_a_tokenizers_file_uses_its_vocabulary_and_eos(tmp_path: Pa
     )
     eos = words.token_to_id("</s>")
     assert done.vocab_size == words.get_vocab_size()
-    ids = open_source(done.header).window(0, done.tokens).tolist()
+    ids = open_source(done.header).window(0, length=done.tokens).tolist()
     assert ids == [*words.encode("the cat ran").ids, eos, *words.encode("a dog sat").ids, eos]
     header = json.loads(done.header.read_text())
     assert (header["tokenizer"], header["eosId"]) == ("words.json", eos)
@@ -282,7 +282,7 @@ def test_stdlib_corpus_has_two_nonempty_byte_sources(tmp_path: Path) -> None:
     code, prose = open_source(dirs["code"]), open_source(dirs["prose"])
     assert len(code) > 10_000
     assert len(prose) > 1_000
-    assert b"def " in bytes(code.window(0, len(code)).astype(np.uint8))
+    assert b"def " in bytes(code.window(0, length=len(code)).astype(np.uint8))
     assert code.vocab_size == prose.vocab_size == 256
 
 
@@ -308,7 +308,8 @@ def test_global_stream_is_identical_for_any_world_size() -> None:
         ranks = [_sampler() for _ in range(world)]  # every rank runs its own sampler
         for batch in expected:
             shares = [
-                s.rank_slice(s.next_global_batch(), rank, world) for rank, s in enumerate(ranks)
+                s.rank_slice(s.next_global_batch(), rank=rank, world_size=world)
+                for rank, s in enumerate(ranks)
             ]
             assert all(len(share) == 32 // world for share in shares)
             assert [sample for share in shares for sample in share] == batch
@@ -420,9 +421,9 @@ def test_a_source_without_a_full_sample_is_refused() -> None:
 
 def test_rank_slice_needs_a_divisible_global_batch() -> None:
     batch = _sampler(global_batch=6).next_global_batch()
-    assert MixtureSampler.rank_slice(batch, 2, 3) == batch[4:]
+    assert MixtureSampler.rank_slice(batch, rank=2, world_size=3) == batch[4:]
     with pytest.raises(ValueError, match="6 samples is not divisible by world size 4"):
-        MixtureSampler.rank_slice(batch, 0, 4)
+        MixtureSampler.rank_slice(batch, rank=0, world_size=4)
 
 
 def test_read_samples_gives_inputs_and_shifted_targets(tmp_path: Path) -> None:

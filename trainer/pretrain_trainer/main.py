@@ -1,41 +1,43 @@
 """Entry point of a trainer process (``python -m pretrain_trainer`` under torchrun).
 
-Reads the contract (environment + run config), trains one stage and exits with a code the
-control plane understands: 0 stage complete, 75 retryable, 78 permanent (bad config/data).
+Reads the contract (environment + run config), sets the stage up (:func:`setup`), trains it
+and exits with a code the control plane understands: 0 stage complete, 75 retryable, 78
+permanent (any :class:`~pretrain_trainer.errors.PermanentError`: a bad config, data, storage
+or environment), with a report saying which.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import traceback
 import warnings
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .ckpt.store import StorageError
-from .config import RunConfig, SpecError
-from .contract import (
-    ContractError,
-    ExitCode,
-    FailureReport,
-    StageReport,
-    TrainerEnv,
-    write_report,
-)
+from .ckpt.store import check_writable
+from .config import RunConfig, SpecError, Stage
+from .contract import ExitCode, FailureReport, StageReport, TrainerEnv, write_report
+from .errors import PermanentError
+from .logging import log0
 
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from torch.nn import Module
 
-class PermanentError(Exception):
-    """Retrying cannot help: the configuration, the data or the world size is wrong."""
+    from .metrics import Health, TrainerMetrics
+    from .optim import GuardedAdamW
+    from .train import Trainer
 
 
 def load_run_config(path: str) -> RunConfig:
+    """The run config at ``path``; a :class:`PermanentError` naming the file and every problem
+    in it (a person has to fix it)."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
@@ -62,8 +64,9 @@ def _single_process_defaults(environ: dict[str, str]) -> None:
             environ["MASTER_PORT"] = str(probe.getsockname()[1])
 
 
-def init_distributed(*, timeout_seconds: float) -> Any:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs)."""
+def init_distributed(*, timeout_seconds: float) -> None:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on GPUs). DeepSpeed
+    is imported here first, once its accelerator is chosen."""
     import torch
 
     if not torch.cuda.is_available():
@@ -78,124 +81,42 @@ def init_distributed(*, timeout_seconds: float) -> Any:
     )
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    return deepspeed
 
 
-def setup(env: TrainerEnv, config: RunConfig) -> Any:
-    """Everything before the first step: checks, process group, engine, restore. Returns the
-    :class:`~pretrain_trainer.train.Trainer` ready to train."""
+def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
+    """Everything before the first step, each part built by the module that owns it: checks,
+    the process group, what to restore, the engine, then the restore itself."""
     # torch deprecates collectives DeepSpeed still calls; one warning per call drowns the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
     import torch.distributed as dist
 
     from .ckpt.manager import CheckpointManager
-    from .ckpt.manifest import config_hash
-    from .ckpt.store import check_writable
-    from .data import DataError, check_vocab, open_source
-    from .dsconfig import deepspeed_config, owns_clipping
-    from .logging import log0
-    from .metrics import Health, TrainerMetrics, serve
-    from .model import freeze
-    from .optim import GuardedAdamW, param_groups
-    from .train import Trainer, build_model, build_sampler
+    from .data.loader import DataLoader
+    from .dsconfig import deepspeed_config
+    from .train import Trainer, build_model
 
-    if env.stage >= len(config.stages):
-        raise PermanentError(f"stage index {env.stage} out of range: {len(config.stages)} stages")
-    stage = config.stages[env.stage]
+    stage = _stage(config, env.stage)
     _single_process_defaults(os.environ)  # type: ignore[arg-type]
-    # Everything that can be wrong with the config or the data fails here, before the
-    # process group exists: one clear line, and no peer left waiting in a collective.
-    try:
-        ds_config = deepspeed_config(stage, world_size=int(os.environ["WORLD_SIZE"]))
-    except ValueError as error:
-        raise PermanentError(str(error)) from None
-    paths = {s.name: s.path for s in config.data.sources}
-    sources = {}
-    for name in stage.data_mix:
-        try:
-            sources[name] = open_source(paths[name])
-            check_vocab(sources[name], config.model.vocab_size)
-        except DataError as error:
-            raise PermanentError(f"data source {name!r}: {error}") from None
-    try:
-        sampler = build_sampler(config, env.stage, sources)
-    except DataError as error:
-        raise PermanentError(str(error)) from None
-
+    # A bad config, data or storage fails here, in one line, before any peer waits on this one.
+    ds_config = deepspeed_config(stage, world_size=int(os.environ["WORLD_SIZE"]))
+    data = DataLoader.build(config, stage_index=env.stage)
     root = Path(env.checkpoint_root or config.checkpoint.path) / env.job
     check_writable(root, name=f"rank-{os.environ['RANK']}")
-
-    deepspeed = init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
+    init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    checkpoints = CheckpointManager(
-        root=root,
-        job=env.job,
-        stage=env.stage,
-        stage_name=stage.name,
-        rank=rank,
-        world_size=world_size,
-        keep=config.checkpoint.keep,
-        zero_stage=stage.zero_stage,
-        config_hash=config_hash(config.model_dump(mode="json", by_alias=True)),
+    checkpoints = CheckpointManager.for_stage(
+        config, stage_index=env.stage, root=root, job=env.job, rank=rank, world_size=world_size
     )
-    try:
-        plan = checkpoints.plan()
-    except FileNotFoundError as error:
-        raise PermanentError(str(error)) from None
-
     model = build_model(config, stage)
-    restore_seconds = 0.0
-    if plan is not None and not plan.full:
-        restore_seconds = plan.verify_seconds + checkpoints.load_weights(model, plan)
-        log0(f"stage {stage.name} starts from the final weights of {plan.directory}")
-    frozen = freeze(model, list(stage.freeze))
-    optimizer = GuardedAdamW(
-        param_groups(model),
-        lr=stage.optimizer.lr,
-        betas=stage.optimizer.betas,
-        eps=stage.optimizer.eps,
-        weight_decay=stage.optimizer.weight_decay,
-        spike_factor=config.trainer.spike_factor,
-        spike_window=config.trainer.spike_window,
-        clip=stage.grad_clip if owns_clipping(stage) else 0.0,
-    )
-    total_steps = stage.total_steps(config.model)
-    schedule, peak = stage.lr_schedule, stage.optimizer.lr
-
-    def scheduler(opt: Any) -> Any:
-        from torch.optim.lr_scheduler import LambdaLR
-
-        return LambdaLR(
-            opt, lambda step: schedule.lr_at(step, total_steps=total_steps, lr=peak) / peak
-        )
-
-    conversion = 0.0
-    if plan is not None and plan.universal:
-        conversion = checkpoints.convert_to_universal(plan)
-        ds_config["checkpoint"] = {"load_universal": True}
-        log0(
-            f"{plan.directory} was written at world size {plan.manifest.world_size}; "
-            f"converted to the universal format in {conversion:.1f}s"
-        )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    if not owns_clipping(stage):
-        optimizer.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
-
-    metrics = TrainerMetrics(namespace=env.namespace, job=env.job, stage=stage.name)
-    metrics.checkpoint_interval_steps.set(config.checkpoint.interval_steps)
-    health = Health(step_timeout=config.trainer.step_timeout_seconds)
-    if env.metrics_port is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        serve(port=env.metrics_port, metrics=metrics, health=health)
-
+    checkpoints.prepare(model, ds_config)  # before DeepSpeed: it may change the engine's config
+    engine, optimizer, frozen = _engine(model, config=config, stage=stage, ds_config=ds_config)
+    metrics, health = _observability(env, config)
     trainer = Trainer(
         config=config,
         stage_index=env.stage,
         engine=engine,
         optimizer=optimizer,
-        sampler=sampler,
-        sources=sources,
+        data=data,
         checkpoints=checkpoints,
         metrics=metrics,
         health=health,
@@ -204,50 +125,59 @@ def setup(env: TrainerEnv, config: RunConfig) -> Any:
         step_log=Path(env.step_log) if env.step_log else None,
     )
     checkpoints.attach(engine, on_saved=trainer.on_saved)
-    if plan is not None and plan.full:
-        restored = _restore(checkpoints, engine, plan, extra_seconds=conversion)
-        optimizer.repair_after_load()
-        trainer.resume(restored.manifest, path=restored.path)
-        restore_seconds = restored.seconds
-        plan = restored.plan
-    if plan is not None:
-        metrics.checkpoint_restore_seconds.set(restore_seconds)
-        trainer.unreported_restore = restore_seconds
-        if plan.full:  # a new stage starts from the last one's weights: no checkpoint of its own
-            metrics.last_checkpoint_step.set(plan.manifest.step)
-        with contextlib.suppress(ValueError):
-            saved = datetime.fromisoformat(plan.manifest.saved_at.replace("Z", "+00:00"))
-            metrics.last_checkpoint_timestamp.set(saved.timestamp())
-        size = plan.manifest.total_bytes
-        log0(
-            f"restored {'everything' if plan.full else 'weights'} from {plan.directory}: "
-            f"{size / 1e9:.3f} GB in {restore_seconds:.2f}s "
-            f"({size / 1e9 / max(restore_seconds, 1e-9):.2f} GB/s; verified "
-            f"{plan.bytes_verified / 1e9:.3f} GB in {plan.verify_seconds:.2f}s)"
-        )
+    trainer.resume(checkpoints.load(engine, optimizer=optimizer, data=data, metrics=metrics))
     log0(
-        f"stage {env.stage} {stage.name}: {total_steps} steps, world size {world_size}, "
+        f"stage {env.stage} {stage.name}: {trainer.total_steps} steps, world size {world_size}, "
         f"gradient accumulation {ds_config['gradient_accumulation_steps']}, "
         f"{config.model.num_params():,} parameters ({frozen:,} frozen)"
     )
     return trainer
 
 
-def _restore(checkpoints: Any, engine: Any, plan: Any, *, extra_seconds: float) -> Any:
-    """Restore the newest checkpoint that loads and verifies, falling back past corrupt ones
-    while the next candidate needs the same engine set-up (else restart cleanly)."""
-    from .ckpt.manager import CorruptCheckpoint
+def _engine(
+    model: Module, *, config: RunConfig, stage: Stage, ds_config: dict[str, Any]
+) -> tuple[DeepSpeedEngine, GuardedAdamW, int]:
+    """DeepSpeed's engine over ``model`` with the stage's frozen parameters and fresh
+    optimizer; returns it, the optimizer and how many parameters are frozen."""
+    import deepspeed
 
-    while True:
-        try:
-            return checkpoints.restore(engine, plan, extra_seconds=extra_seconds)
-        except CorruptCheckpoint:
-            previous, plan = plan, checkpoints.plan()
-            if plan is None or not plan.full or plan.universal != previous.universal:
-                raise RuntimeError(
-                    "the newest checkpoint was corrupt and the previous one needs a fresh "
-                    "start; restarting"
-                ) from None
+    from .dsconfig import owns_clipping
+    from .model import freeze
+    from .optim import build_optimizer
+
+    frozen = freeze(model, list(stage.freeze))  # first: the optimizer takes what still trains
+    optimizer, scheduler = build_optimizer(
+        model,
+        stage=stage,
+        trainer_config=config.trainer,
+        total_steps=stage.total_steps(config.model),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    if not owns_clipping(stage):
+        optimizer.read_norm_from(engine)
+    return engine, optimizer, frozen
+
+
+def _stage(config: RunConfig, index: int) -> Stage:
+    if index >= len(config.stages):
+        raise PermanentError(f"stage index {index} out of range: {len(config.stages)} stages")
+    return config.stages[index]
+
+
+def _observability(env: TrainerEnv, config: RunConfig) -> tuple[TrainerMetrics, Health]:
+    """The process's metrics and health, served by local rank 0 when the contract gives a
+    port (one endpoint per worker: every series is global)."""
+    from .metrics import Health, TrainerMetrics, serve
+
+    stage = config.stages[env.stage]
+    metrics = TrainerMetrics(namespace=env.namespace, job=env.job, stage=stage.name)
+    metrics.checkpoint_interval_steps.set(config.checkpoint.interval_steps)
+    health = Health(step_timeout=config.trainer.step_timeout_seconds)
+    if env.metrics_port is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        serve(port=env.metrics_port, metrics=metrics, health=health)
+    return metrics, health
 
 
 def run(env: TrainerEnv, config: RunConfig) -> int:
@@ -287,7 +217,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         env = TrainerEnv.from_environ(os.environ if environ is None else environ)
         config = load_run_config(env.run_config)
         return run(env, config)
-    except (ContractError, PermanentError, StorageError) as error:
+    except PermanentError as error:
         print(f"pretrain-trainer: permanent error: {error}", file=sys.stderr, flush=True)
         if env is not None and env.report_path:
             # torchrun (the container's process) exits 1 whatever the trainer's code was: the

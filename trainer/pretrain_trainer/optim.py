@@ -1,6 +1,7 @@
-"""AdamW with a stability guard: a step whose gradient norm is not finite, or spikes far above
-the recent median, is skipped (the update is not applied) and counted.
+"""A stage's optimizer and learning-rate schedule: :func:`build_optimizer`.
 
+The optimizer is AdamW with a stability guard: a step whose gradient norm is not finite, or
+spikes far above the recent median, is skipped (the update is not applied) and counted.
 DeepSpeed skips steps only on fp16 overflow. Its ZeRO/bf16 optimizers call this optimizer's
 ``step`` once per parameter group after computing the global norm, so the decision is made
 once per training step (:meth:`GuardedAdamW.begin_step` resets it) from a norm supplied by
@@ -13,9 +14,20 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from .config import Stage, TrainerOptions
+from .dsconfig import owns_clipping
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+SchedulerFactory = Callable[[torch.optim.Optimizer], LambdaLR]
+"""What ``deepspeed.initialize(lr_scheduler=...)`` takes: it wraps the optimizer first, then
+hands the wrapper to the factory."""
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -67,6 +79,11 @@ class GuardedAdamW(torch.optim.AdamW):
             if isinstance(step, torch.Tensor):
                 state["step"] = step.clone()
 
+    def read_norm_from(self, engine: DeepSpeedEngine) -> None:
+        """Take each step's global gradient norm from DeepSpeed's ZeRO/bf16 optimizer, which
+        computes it before clipping (a rank's own gradients are only its partition)."""
+        self.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
+
     def begin_step(self) -> None:
         """Call before each training step's (boundary) engine.step()."""
         self._decided = False
@@ -105,3 +122,29 @@ class GuardedAdamW(torch.optim.AdamW):
                     if p.grad is not None:
                         p.grad.mul_(scale)
         return super().step(closure)  # type: ignore[no-any-return]
+
+
+def build_optimizer(
+    model: torch.nn.Module, *, stage: Stage, trainer_config: TrainerOptions, total_steps: int
+) -> tuple[GuardedAdamW, SchedulerFactory]:
+    """A stage's fresh optimizer over the model's trainable parameters (freeze first), and
+    the factory of its schedule: warmup and decay over ``total_steps``, as a multiple of the
+    peak rate (the optimizer's ``lr``). The optimizer clips only where DeepSpeed does not."""
+    optimizer = GuardedAdamW(
+        param_groups(model),
+        lr=stage.optimizer.lr,
+        betas=stage.optimizer.betas,
+        eps=stage.optimizer.eps,
+        weight_decay=stage.optimizer.weight_decay,
+        spike_factor=trainer_config.spike_factor,
+        spike_window=trainer_config.spike_window,
+        clip=stage.grad_clip if owns_clipping(stage) else 0.0,
+    )
+    schedule, peak = stage.lr_schedule, stage.optimizer.lr
+
+    def scheduler(wrapped: torch.optim.Optimizer) -> LambdaLR:
+        return LambdaLR(
+            wrapped, lambda step: schedule.lr_at(step, total_steps=total_steps, lr=peak) / peak
+        )
+
+    return optimizer, scheduler

@@ -1,28 +1,36 @@
-"""One stage's training loop: ``train_step`` (one optimizer step over the rank's share of a
-global batch) apart from ``Trainer.train`` (budget, metrics, logging, checkpoints, report)."""
+"""One stage's training loop, shaped like torchtitan's trainer.
+
+:func:`forward_backward_step` is the arithmetic of one optimizer step over a rank's
+micro-batches; :meth:`Trainer.train_step` is one step with everything around it (the data,
+the cross-rank loss, metrics, step records, logs); :meth:`Trainer.train` runs steps to the
+stage's budget, hands each one to the checkpoint manager (which decides whether to save) and
+stops cleanly when preempted.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import contract
 from .ckpt.engine import Saved
-from .ckpt.manager import CheckpointManager, stage_dir
-from .ckpt.manifest import Manifest
+from .ckpt.manager import CheckpointManager
+from .ckpt.restore import Restored
 from .config import RunConfig, Stage
-from .data import MixtureSampler, TokenSource
+from .data.loader import DataLoader, MicroBatch
 from .logging import log0
 from .metrics import Health, TrainerMetrics
 from .model import Transformer
 from .optim import GuardedAdamW
+
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float) -> torch.Tensor:
@@ -33,27 +41,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: flo
     )
 
 
-def micro_batches(
-    sources: dict[str, TokenSource],
-    samples: list[tuple[str, int]],
-    *,
-    seq_len: int,
-    micro: int,
-    device: torch.device,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's samples as (inputs, targets) micro-batches of ``micro`` sequences."""
-    windows = np.stack([sources[name].window(offset, seq_len + 1) for name, offset in samples])
-    tokens = torch.from_numpy(windows).to(device)
-    return [
-        (tokens[i : i + micro, :-1], tokens[i : i + micro, 1:])
-        for i in range(0, len(samples), micro)
-    ]
-
-
-def train_step(
-    engine: Any,
+def forward_backward_step(
+    engine: DeepSpeedEngine,
     optimizer: GuardedAdamW,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[MicroBatch],
     *,
     label_smoothing: float,
     aux_loss_coef: float,
@@ -100,10 +91,9 @@ class Progress:
 class Trainer:
     config: RunConfig
     stage_index: int
-    engine: Any
+    engine: DeepSpeedEngine
     optimizer: GuardedAdamW
-    sampler: MixtureSampler
-    sources: dict[str, TokenSource]
+    data: DataLoader
     checkpoints: CheckpointManager
     metrics: TrainerMetrics
     health: Health
@@ -129,33 +119,44 @@ class Trainer:
     def total_steps(self) -> int:
         return self.stage.total_steps(self.config.model)
 
-    def resume(self, manifest: Manifest, *, path: Path) -> None:
-        self.last_checkpoint = path
+    def resume(self, restored: Restored | None) -> None:
+        """Continue from what the attempt restored (``CheckpointManager.load``): the first step
+        record reports what that cost, and a checkpoint of this stage gives the progress."""
+        if restored is None:
+            return
+        self.unreported_restore = restored.seconds
+        if not restored.plan.full:
+            return  # a new stage from the last one's weights: its progress starts at zero
+        manifest = restored.manifest
+        self.last_checkpoint = restored.path
         self.progress.step, self.progress.tokens = manifest.step, manifest.tokens
         loss = manifest.extra.get("loss")
         self.progress.loss = float(loss) if loss is not None else float("nan")
-        self.sampler.load_state_dict(manifest.sampler)
         # Until the first step, the series say where training resumes, not zero.
         self.metrics.step.set(manifest.step)
         self.metrics.stage_tokens.set(manifest.tokens)
         if loss is not None:
             self.metrics.loss.set(float(loss))
 
-    def save(self, *, final: bool = False) -> Path:
+    def save(self, *, last_step: bool = False, force: bool = True) -> Path | None:
+        """Save a checkpoint of the current step: now (``force``: on preemption, in
+        benchmarks), or only when the checkpoint manager says one is due (after each step of
+        :meth:`train`). Returns its directory, None when no save was due."""
         blocking = self.checkpoints.save(
             self.engine,
             step=self.progress.step,
             tokens=self.progress.tokens,
-            sampler=self.sampler.state_dict(),
-            final=final,
+            sampler=self.data.state_dict(),
             loss=self.progress.loss,
+            last_step=last_step,
+            force=force,
         )
+        if blocking is None:
+            return None
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
         self._unreported_blocking += blocking
         self._saved_at = time.monotonic()
-        self.last_checkpoint = stage_dir(self.checkpoints.root, self.stage_index) / (
-            f"step-{self.progress.step}"
-        )
+        self.last_checkpoint = self.checkpoints.path_of(self.progress.step)
         log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
         return self.last_checkpoint
 
@@ -171,19 +172,19 @@ class Trainer:
     def train(self) -> Path:
         """Train to the stage's budget; returns the final checkpoint's path. Raises
         :class:`Preempted` when asked to stop (after saving if worthwhile)."""
-        total, interval = self.total_steps, self.config.checkpoint.interval_steps
+        total = self.total_steps
         self.metrics.world_size.set(self.world_size)
         if self.progress.step >= total and self.last_checkpoint is not None:
             return self.last_checkpoint  # restored from this stage's final checkpoint
         while self.progress.step < total:
-            self.train_one()
+            self.train_step()
             if self.stop_requested:
                 self.preempt()
-            if self.progress.step % interval == 0 and self.progress.step < total:
-                self.save()
-        final = self.save(final=True)
+            self.save(last_step=self.progress.step == total, force=False)
         self.checkpoints.wait()
-        return final
+        if self.last_checkpoint is None:  # the last step's save is always due
+            raise RuntimeError(f"stage {self.stage.name} ended without a final checkpoint")
+        return self.last_checkpoint
 
     def preempt(self) -> None:
         """Save on the way out when the newest checkpoint is old enough and a save fits in the
@@ -199,21 +200,16 @@ class Trainer:
             log0(f"preempted: newest checkpoint is {age:.0f}s old, exiting without saving")
         raise Preempted(self.progress.step)
 
-    def train_one(self) -> float:
+    def train_step(self) -> float:
         """One optimizer step over the next global batch, with metrics and logging; returns
         the step's loss (mean over the global batch)."""
         model_config, stage = self.config.model, self.stage
         tokens_per_step = stage.tokens_per_step(model_config)
         started, lr = time.perf_counter(), self.engine.get_lr()[0]  # this step's rate
-        mine = self.sampler.rank_slice(self.sampler.next_global_batch(), self.rank, self.world_size)
-        batches = micro_batches(
-            self.sources,
-            mine,
-            seq_len=stage.seq_len_for(model_config),
-            micro=stage.micro_batch_size,
-            device=self.engine.device,
+        batches = self.data.next_batch(
+            rank=self.rank, world_size=self.world_size, device=self.engine.device
         )
-        local = train_step(
+        local = forward_backward_step(
             self.engine,
             self.optimizer,
             batches,
@@ -228,29 +224,36 @@ class Trainer:
         self.progress.step += 1
         self.progress.tokens += tokens_per_step
         self.progress.loss = loss
-        self._record(loss=loss, lr=lr, seconds=seconds, tokens=tokens_per_step)
-        self._log_step(loss=loss, lr=lr, seconds=seconds)
-        self._window_steps += 1
-        if (
-            self.progress.step % self.config.trainer.log_every_steps == 0
-            or self.progress.step == self.total_steps
-        ):
-            elapsed = time.perf_counter() - self._window_start
-            skipped = self.optimizer.skipped_steps
-            log0(
-                f"stage {stage.name} step {self.progress.step}/{self.total_steps} "
-                f"loss {loss:.4f} lr {lr:.3g} "
-                f"tokens/s {self._window_steps * tokens_per_step / elapsed:,.0f} "
-                f"grad norm {self.optimizer.last_grad_norm:.3g}"
-                + (f" skipped {skipped}" if skipped else "")
-            )
-            self._window_start, self._window_steps = time.perf_counter(), 0
+        load = self.engine.module.expert_load()  # once: the metrics and the step record share it
+        expert_load = load.tolist() if load is not None else None
+        self._record(loss=loss, lr=lr, seconds=seconds, tokens=tokens_per_step, load=expert_load)
+        self._log_step(loss=loss, lr=lr, seconds=seconds, load=expert_load)
+        self._log_progress(loss=loss, lr=lr, tokens_per_step=tokens_per_step)
         return loss
 
-    def _log_step(self, *, loss: float, lr: float, seconds: float) -> None:
+    def _log_progress(self, *, loss: float, lr: float, tokens_per_step: int) -> None:
+        """A log line every ``logEverySteps`` steps and at the last, with the throughput of
+        the steps since the previous line."""
+        self._window_steps += 1
+        step, total = self.progress.step, self.total_steps
+        if step % self.config.trainer.log_every_steps and step != total:
+            return
+        elapsed = time.perf_counter() - self._window_start
+        skipped = self.optimizer.skipped_steps
+        log0(
+            f"stage {self.stage.name} step {step}/{total} "
+            f"loss {loss:.4f} lr {lr:.3g} "
+            f"tokens/s {self._window_steps * tokens_per_step / elapsed:,.0f} "
+            f"grad norm {self.optimizer.last_grad_norm:.3g}"
+            + (f" skipped {skipped}" if skipped else "")
+        )
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def _log_step(
+        self, *, loss: float, lr: float, seconds: float, load: list[float] | None
+    ) -> None:
         if self.step_log is None or self.rank != 0:
             return
-        load = self.engine.module.expert_load()
         record = contract.StepRecord(
             stage=self.stage_index,
             step=self.progress.step,
@@ -267,12 +270,14 @@ class Trainer:
             restore_seconds=self.unreported_restore or None,
             checkpoint_blocking=self._unreported_blocking or None,
             aux_loss=float(self.engine.module.aux_loss().detach()) if load is not None else None,
-            expert_load=load.tolist() if load is not None else None,
+            expert_load=load,
         )
         self.unreported_restore = self._unreported_blocking = 0.0
         contract.append_step(self.step_log, record)
 
-    def _record(self, *, loss: float, lr: float, seconds: float, tokens: int) -> None:
+    def _record(
+        self, *, loss: float, lr: float, seconds: float, tokens: int, load: list[float] | None
+    ) -> None:
         m = self.metrics
         m.step.set(self.progress.step)
         m.loss.set(loss)
@@ -285,26 +290,14 @@ class Trainer:
         if self.optimizer.last_skipped:
             m.skipped_steps.inc()
         m.last_step_timestamp.set(time.time())
-        load = self.engine.module.expert_load()
         if load is not None:
-            m.expert_load(load.tolist())
+            m.expert_load(load)
         self.health.progressed()
 
 
-def build_sampler(
-    config: RunConfig, stage_index: int, sources: dict[str, TokenSource]
-) -> MixtureSampler:
-    stage = config.stages[stage_index]
-    return MixtureSampler(
-        lengths={name: len(source) for name, source in sources.items()},
-        mix=dict(stage.data_mix),
-        seq_len=stage.seq_len_for(config.model),
-        global_batch=stage.global_batch_size,
-        seed=config.data.seed_for(stage_index),
-    )
-
-
 def build_model(config: RunConfig, stage: Stage) -> Transformer:
+    """The stage's model, initialised from the run's seed: every rank, and every attempt,
+    starts from the same weights (a restore then overwrites them)."""
     torch.manual_seed(config.trainer.seed)
     return Transformer(
         config.model,

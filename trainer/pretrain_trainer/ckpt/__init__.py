@@ -3,8 +3,9 @@
 Torch-free: :mod:`.layout` (paths and names), :mod:`.manifest` (what a checkpoint holds),
 :mod:`.hashing` (crc32 while writing and reading), :mod:`.store` (``latest``, rank markers,
 refused storage) and :mod:`.catalog` (listing, verification, choosing, retention). The
-DeepSpeed side, :mod:`.engine` (the background writer) and :mod:`.manager` (what to restore,
-when to save), is imported explicitly, so this package never pulls in torch.
+DeepSpeed side, :mod:`.engine` (the background writer), :mod:`.restore` (choosing and loading
+a checkpoint) and :mod:`.manager` (a stage's restore and saves), is imported explicitly, so
+this package never pulls in torch.
 """
 
 from ..fsio import write_json_atomic

@@ -1,85 +1,57 @@
-"""The checkpoint manager of one stage: what to restore, saving, stage hand-over, resharding.
+"""The checkpoint manager of one stage: what an attempt starts from, and when it saves.
 
-Restore is decided before DeepSpeed is initialised, because loading a checkpoint written at
-another world size needs DeepSpeed's universal format (``load_universal`` is an engine
-setting). Rank 0 picks the newest complete checkpoint whose file sizes match its manifest and
-tells the others. Checksums are then computed on rank 0 *while* every rank loads the same
-files, so verification costs no second pass over the disk; a mismatch quarantines the
-checkpoint (renamed, kept for inspection) and the caller loads the previous one.
+Its life follows the trainer's set-up (docs/design.md, "Checkpoints"):
 
-Stage hand-over does not go through DeepSpeed at all: a stage's final checkpoint also holds
-the full fp32 weights (sharded by parameter across ranks), which the next stage loads into the
-model before DeepSpeed partitions it. That works for every ZeRO stage and world size, and the
-new stage starts with a fresh optimizer, schedule and data position, as it should.
+1. :meth:`CheckpointManager.prepare`, before ``deepspeed.initialize``: choose the checkpoint to
+   restore (:mod:`.restore` explains how), load the previous stage's final weights into the
+   model, or convert a checkpoint of another world size to the universal format and tell the
+   DeepSpeed config to load that.
+2. :meth:`~CheckpointManager.attach`: our background writer becomes the engine's checkpoint
+   engine (restores read through it too).
+3. :meth:`~CheckpointManager.load`: everything else a checkpoint holds goes back where it came
+   from (the engine's state, RNG, the data position), falling back past corrupt checkpoints;
+   the restore's cost goes to the metrics and the log.
+4. :meth:`~CheckpointManager.save` after every step: the manager, not the training loop,
+   decides whether a save is due (every ``intervalSteps``, and the stage's last step, whose
+   checkpoint is final), as torchtitan's checkpointer does.
+
+"engine" here is always DeepSpeed's; ours, the asynchronous writer, is the ``writer``.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-import subprocess
-import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 
 from ..logging import log0
-from .catalog import clean_incomplete, newest_valid, verify
 from .engine import AsyncCheckpointEngine, Saved
-from .manifest import Manifest
+from .layout import RNG, WEIGHTS, checkpoint_dir, rank_file, stage_dir, step_name
+from .manifest import config_hash
+from .restore import (
+    CorruptCheckpoint,
+    Restored,
+    RestorePlan,
+    broadcast,
+    choose,
+    convert_to_universal,
+    load_checkpoint,
+    load_weights,
+)
 
-WEIGHTS = "weights"
-RNG = "rng"
-UNIVERSAL = "universal"
+if TYPE_CHECKING:
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
+    from ..config import RunConfig
+    from ..data.loader import DataLoader
+    from ..metrics import TrainerMetrics
+    from ..optim import GuardedAdamW
 
-def stage_dir(root: Path, stage: int) -> Path:
-    return root / f"stage-{stage}"
-
-
-@dataclass(frozen=True)
-class RestorePlan:
-    directory: Path
-    manifest: Manifest
-    full: bool  # same stage: everything; previous stage: its final weights only
-    universal: bool  # written at another world size: load through the universal format
-    verify_seconds: float
-    bytes_verified: int
-
-
-class CorruptCheckpoint(Exception):  # noqa: N818 - named for what it is
-    """A checkpoint failed checksum verification while it was being loaded."""
-
-
-@dataclass(frozen=True)
-class Restored:
-    plan: RestorePlan
-    seconds: float
-
-    @property
-    def path(self) -> Path:
-        return self.plan.directory
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.plan.manifest
-
-
-def _has_zero_partitions(directory: Path) -> bool:
-    return any(directory.glob("*zero_pp_rank_*"))
-
-
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+__all__ = ["CheckpointManager", "CorruptCheckpoint", "RestorePlan", "Restored"]
 
 
 class CheckpointManager:
@@ -93,154 +65,173 @@ class CheckpointManager:
         rank: int,
         world_size: int,
         keep: int,
+        interval: int,
         zero_stage: int,
         config_hash: str,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
-        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
         self.zero_stage, self.config_hash = zero_stage, config_hash
-        self.engine: AsyncCheckpointEngine | None = None
-        self.last_saved: Saved | None = None
+        self.writer: AsyncCheckpointEngine | None = None
+        self._plan: RestorePlan | None = None
+        self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
+
+    @classmethod
+    def for_stage(
+        cls,
+        config: RunConfig,
+        *,
+        stage_index: int,
+        root: Path,
+        job: str,
+        rank: int,
+        world_size: int,
+    ) -> CheckpointManager:
+        """The manager of one stage of ``config``, at ``world_size`` processes."""
+        stage = config.stages[stage_index]
+        return cls(
+            root=root,
+            job=job,
+            stage=stage_index,
+            stage_name=stage.name,
+            rank=rank,
+            world_size=world_size,
+            keep=config.checkpoint.keep,
+            interval=config.checkpoint.interval_steps,
+            zero_stage=stage.zero_stage,
+            config_hash=config_hash(config),
+        )
+
+    @property
+    def directory(self) -> Path:
+        """Where this stage's checkpoints go."""
+        return stage_dir(self.root, self.stage)
 
     # -- before deepspeed.initialize ---------------------------------------------------------
     def plan(self) -> RestorePlan | None:
         """Which checkpoint this attempt starts from (decided on rank 0, shared with all)."""
-        plan = self._choose() if self.rank == 0 else None
-        return _broadcast(plan)  # type: ignore[no-any-return]
+        chosen = None
+        if self.rank == 0:
+            chosen = choose(self.root, stage=self.stage, world_size=self.world_size)
+        return broadcast(chosen)  # type: ignore[no-any-return]
 
-    def _choose(self) -> RestorePlan | None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        for path in clean_incomplete(self.root):
-            log0(f"removed incomplete checkpoint {path} (no manifest: its save never finished)")
-        found = newest_valid(self.root, stage=self.stage, checksums=False, log=log0)
-        full = found is not None
-        if found is None and self.stage > 0:
-            found = newest_valid(self.root, stage=self.stage - 1, final=True, log=log0)
-            if found is None:
-                raise FileNotFoundError(
-                    f"stage {self.stage} starts from stage {self.stage - 1}'s final checkpoint, "
-                    f"but {stage_dir(self.root, self.stage - 1)} holds no valid final checkpoint"
-                )
-        if found is None:
-            return None
-        checkpoint, verification = found
-        universal = (
-            full
-            and checkpoint.manifest.world_size != self.world_size
-            and _has_zero_partitions(checkpoint.directory)
-        )
-        return RestorePlan(
-            directory=checkpoint.directory,
-            manifest=checkpoint.manifest,
-            full=full,
-            universal=universal,
-            verify_seconds=verification.seconds,
-            bytes_verified=verification.bytes_read,
-        )
-
-    def load_weights(self, model: torch.nn.Module, plan: RestorePlan) -> float:
-        """Start a stage from the previous stage's final fp32 weights; returns seconds."""
-        started = time.perf_counter()
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted((plan.directory / WEIGHTS).glob("rank-*.pt")):
-            state.update(torch.load(shard, map_location="cpu", mmap=True, weights_only=True))
-        _, unexpected = model.load_state_dict(state, strict=False)
-        # Tied parameters appear once in named_parameters(): only those names must be present.
-        missing = [name for name, _ in model.named_parameters() if name not in state]
-        if missing or unexpected:
-            raise RuntimeError(
-                f"{plan.directory} does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
+    def prepare(self, model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
+        """Choose what to restore and do what must happen before DeepSpeed exists: a new
+        stage's weights go into ``model``; a checkpoint of another world size is converted
+        to the universal format, which ``ds_config`` is told to load."""
+        self._plan = plan = self.plan()
+        if plan is None:
+            return
+        if not plan.full:
+            self._prepared_seconds = plan.verify_seconds + load_weights(model, plan)
+            log0(f"stage {self.stage_name} starts from the final weights of {plan.directory}")
+        elif plan.universal:
+            self._prepared_seconds = convert_to_universal(plan, rank=self.rank)
+            ds_config["checkpoint"] = {"load_universal": True}
+            log0(
+                f"{plan.directory} was written at world size {plan.manifest.world_size}; "
+                f"converted to the universal format in {self._prepared_seconds:.1f}s"
             )
-        return time.perf_counter() - started
-
-    def convert_to_universal(self, plan: RestorePlan) -> float:
-        """Rank 0 converts a checkpoint written at another world size (once; the result is
-        kept beside it); every rank waits. Returns seconds, part of the restore time."""
-        started = time.perf_counter()
-        target = plan.directory / UNIVERSAL
-        if self.rank == 0 and not target.is_dir():
-            partial = plan.directory / (UNIVERSAL + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
-            command += ["--input_folder", str(plan.directory), "--output_folder", str(partial)]
-            result = subprocess.run(
-                [*command, "--inject_missing_state"],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise RuntimeError(
-                    f"converting {plan.directory} to the universal format failed:\n"
-                    + result.stderr[-2000:]
-                )
-            partial.rename(target)
-        if dist.is_initialized():
-            dist.barrier()
-        return time.perf_counter() - started
 
     # -- after deepspeed.initialize ----------------------------------------------------------
-    def attach(self, engine: Any, *, on_saved: Any = None) -> None:
-        self.engine = AsyncCheckpointEngine(
+    def attach(
+        self, engine: DeepSpeedEngine, *, on_saved: Callable[[Saved], None] | None = None
+    ) -> None:
+        """Make our writer the engine's checkpoint engine (it loads, too: memory-mapped)."""
+        self.writer = AsyncCheckpointEngine(
             root=self.root,
             rank=self.rank,
             world_size=self.world_size,
             keep=self.keep,
             on_saved=on_saved,
         )
-        engine.checkpoint_engine = self.engine
+        engine.checkpoint_engine = self.writer
 
-    def restore(self, engine: Any, plan: RestorePlan, *, extra_seconds: float = 0.0) -> Restored:
-        """Load everything from a checkpoint of this stage, verifying its checksums on rank 0
-        in parallel with the load; raises :class:`CorruptCheckpoint` (on every rank) after
-        quarantining a checkpoint that fails."""
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            checked = (
-                pool.submit(verify, plan.directory, plan.manifest, checksums=True)
-                if self.rank == 0
-                else None
-            )
-            tag = plan.directory.name + (f"/{UNIVERSAL}" if plan.universal else "")
-            path, _ = engine.load_checkpoint(str(plan.directory.parent), tag=tag)
-            verification = checked.result() if checked is not None else None
-        problems = _broadcast(None if verification is None else verification.problems)
-        if problems:
-            if self.rank == 0:
-                quarantined = plan.directory.with_name(f"{plan.directory.name}.corrupt")
-                shutil.rmtree(quarantined, ignore_errors=True)
-                plan.directory.rename(quarantined)
-                log0(f"skipping {plan.directory}: {'; '.join(problems)}; kept as {quarantined}")
-            if dist.is_initialized():
-                dist.barrier()
-            raise CorruptCheckpoint(f"{plan.directory}: {'; '.join(problems)}")
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load {plan.directory}")
-        rng = plan.directory / RNG / f"rank-{self.rank}.pt"
-        if not plan.universal and rng.is_file():
-            state = torch.load(rng, weights_only=False)
-            torch.set_rng_state(state["cpu"])
-            if torch.cuda.is_available() and state.get("cuda") is not None:
-                torch.cuda.set_rng_state_all(state["cuda"])
-        seconds = plan.verify_seconds + extra_seconds + time.perf_counter() - started
-        return Restored(plan, seconds)
+    def load(
+        self,
+        engine: DeepSpeedEngine,
+        *,
+        optimizer: GuardedAdamW,
+        data: DataLoader,
+        metrics: TrainerMetrics,
+    ) -> Restored | None:
+        """Finish what :meth:`prepare` chose: for a checkpoint of this stage, load the engine,
+        the RNG and the data position from it (or an older one, past corrupt ones). Returns
+        what the attempt started from, None for a fresh start."""
+        plan = self._plan
+        if plan is None:
+            return None
+        if plan.full:
+            restored = self._restore_newest(engine, plan)
+            optimizer.repair_after_load()
+            data.load_state_dict(restored.manifest.sampler)
+        else:  # a new stage: the weights are in, the rest starts fresh
+            restored = Restored(plan, self._prepared_seconds)
+        self._report(restored, metrics)
+        return restored
+
+    def restore(
+        self, engine: DeepSpeedEngine, plan: RestorePlan, *, extra_seconds: float = 0.0
+    ) -> Restored:
+        """Load ``plan``, a checkpoint of this stage, into ``engine`` (:func:`load_checkpoint`)."""
+        return load_checkpoint(engine, plan, rank=self.rank, extra_seconds=extra_seconds)
+
+    def _restore_newest(self, engine: DeepSpeedEngine, plan: RestorePlan) -> Restored:
+        """Restore the newest checkpoint that loads and verifies, falling back past corrupt
+        ones while the next candidate needs the same engine set-up (else restart cleanly)."""
+        while True:
+            try:
+                return self.restore(engine, plan, extra_seconds=self._prepared_seconds)
+            except CorruptCheckpoint:
+                older = self.plan()  # the corrupt one is quarantined: the next newest
+                if older is None or not older.full or older.universal != plan.universal:
+                    raise RuntimeError(
+                        "the newest checkpoint was corrupt and the previous one needs a fresh "
+                        "start; restarting"
+                    ) from None
+                plan = older
+
+    def _report(self, restored: Restored, metrics: TrainerMetrics) -> None:
+        plan, seconds = restored.plan, restored.seconds
+        metrics.checkpoint_restore_seconds.set(seconds)
+        if plan.full:  # a new stage starts from the last one's weights: no checkpoint of its own
+            metrics.last_checkpoint_step.set(plan.manifest.step)
+        saved = plan.manifest.saved_timestamp()
+        if saved is not None:
+            metrics.last_checkpoint_timestamp.set(saved)
+        size = plan.manifest.total_bytes
+        log0(
+            f"restored {'everything' if plan.full else 'weights'} from {plan.directory}: "
+            f"{size / 1e9:.3f} GB in {seconds:.2f}s "
+            f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s; verified "
+            f"{plan.bytes_verified / 1e9:.3f} GB in {plan.verify_seconds:.2f}s)"
+        )
+
+    def due(self, step: int, *, last_step: bool) -> bool:
+        """Whether a save is due after ``step``: at every interval, and at the stage's end."""
+        return last_step or step % self.interval == 0
 
     def save(
         self,
-        engine: Any,
+        engine: DeepSpeedEngine,
         *,
         step: int,
         tokens: int,
         sampler: dict[str, Any],
-        final: bool,
         loss: float | None = None,
-    ) -> float:
-        """Start saving a checkpoint; returns how long training was blocked (seconds)."""
-        assert self.engine is not None, "attach() first"
+        last_step: bool = False,
+        force: bool = False,
+    ) -> float | None:
+        """Start saving a checkpoint of ``step`` if one is :meth:`due` (or ``force``); the
+        last step's is the stage's final checkpoint. Returns how long training was blocked
+        (seconds), or None when nothing was due."""
+        if not (force or self.due(step, last_step=last_step)):
+            return None
+        if self.writer is None:
+            raise RuntimeError("attach() the writer before saving")
         started = time.perf_counter()
-        self.engine.wait()  # one save at a time: the previous one must be complete
-        self.engine.manifest_fields = {
+        self.writer.wait()  # one save at a time: the previous one must be complete
+        self.writer.manifest_fields = {
             "job": self.job,
             "stage": self.stage,
             "stageName": self.stage_name,
@@ -249,28 +240,32 @@ class CheckpointManager:
             "worldSize": self.world_size,
             "zeroStage": self.zero_stage,
             "configHash": self.config_hash,
-            "final": final,
+            "final": last_step,
             "sampler": sampler,
             "extra": {"loss": loss if loss is not None and math.isfinite(loss) else None},
         }
         extra: dict[str, Any] = {
-            f"{RNG}/rank-{self.rank}.pt": {
+            rank_file(RNG, self.rank): {
                 "cpu": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             }
         }
-        if final:
-            extra[f"{WEIGHTS}/rank-{self.rank}.pt"] = self._weights_share(engine)
-        self.engine.extra_files = extra
+        if last_step:
+            extra[rank_file(WEIGHTS, self.rank)] = self._weights_share(engine)
+        self.writer.extra_files = extra
         engine.save_checkpoint(
-            str(stage_dir(self.root, self.stage)),
-            tag=f"step-{step}",
+            str(self.directory),
+            tag=step_name(step),
             client_state={"step": step, "tokens": tokens, "sampler": sampler},
             save_latest=False,
         )
         return time.perf_counter() - started
 
-    def _weights_share(self, engine: Any) -> dict[str, torch.Tensor]:
+    def path_of(self, step: int) -> Path:
+        """The directory of this stage's checkpoint of ``step``."""
+        return checkpoint_dir(self.root, stage=self.stage, step=step)
+
+    def _weights_share(self, engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
         """This rank's share of the full fp32 weights (parameter i goes to rank i % world).
         Gathering is collective under ZeRO-3, so every rank walks every parameter."""
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
@@ -290,5 +285,5 @@ class CheckpointManager:
 
     def wait(self) -> None:
         """Block until the last save is complete (before exiting)."""
-        if self.engine is not None:
-            self.engine.wait()
+        if self.writer is not None:
+            self.writer.wait()

@@ -1,8 +1,10 @@
 """The trainer's data layer: token shards, text preparation and the mixture sampler.
 
 NumPy only (no torch), so shards can be prepared and inspected on any machine, and the
-sampler's arithmetic is tested without a model. The trainer reads a global batch as
-``read_samples(sources, sampler.rank_slice(sampler.next_global_batch(), rank, world), ...)``.
+sampler's arithmetic is tested without a model. The trainer reads through
+:class:`~pretrain_trainer.data.loader.DataLoader`, which yields torch tensors and is therefore
+imported explicitly, never from here: each step it takes the sampler's next global batch, this
+rank's ``rank_slice`` of it, and ``read_samples`` of that.
 """
 
 from .corpus import build_stdlib_corpus

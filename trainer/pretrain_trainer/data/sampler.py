@@ -182,7 +182,7 @@ class MixtureSampler:
         return [(self.sources[c], int(o)) for c, o in zip(choices, offsets, strict=True)]
 
     @staticmethod
-    def rank_slice(batch: Sequence[T], rank: int, world_size: int) -> list[T]:
+    def rank_slice(batch: Sequence[T], *, rank: int, world_size: int) -> list[T]:
         """Rank ``rank``'s contiguous share of a global batch."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in a world of size {world_size}")

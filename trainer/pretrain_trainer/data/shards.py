@@ -233,7 +233,7 @@ class TokenSource:
         """The shards' header paths, in reading order."""
         return [s.header_path for s in self.shards]
 
-    def window(self, start: int, length: int) -> npt.NDArray[np.int64]:
+    def window(self, start: int, *, length: int) -> npt.NDArray[np.int64]:
         """Tokens ``[start, start + length)`` as a new int64 array, across shard boundaries."""
         if start < 0 or length < 0 or start + length > len(self):
             raise IndexError(f"window [{start}, {start + length}) is outside [0, {len(self)})")
@@ -285,5 +285,5 @@ def read_samples(
     """
     out = np.empty((len(samples), seq_len + 1), dtype=np.int64)
     for row, (name, offset) in enumerate(samples):
-        out[row] = sources[name].window(offset, seq_len + 1)
+        out[row] = sources[name].window(offset, length=seq_len + 1)
     return out
