@@ -69,6 +69,24 @@ def test_sigterm_saves_and_exits_with_the_retryable_code(
     assert latest == f"stage-0/step-{last}"
 
 
+def test_a_stop_during_a_stages_last_step_finishes_the_stage_with_its_final_checkpoint(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    # SIGTERM lands while step 8 of 8 runs: a preemption save there would be a stage's last
+    # checkpoint that is not final, and the next stage could never start from it.
+    run = _preempt_after(start_trainer(tmp_path, _config(corpus, 8), torchrun=False), step=7)
+    last = run.steps[-1]["step"]
+    if run.returncode == ExitCode.RETRYABLE:  # the stop was seen at step 7: a plain preemption
+        assert last == 7, run.stderr
+        assert not _manifest(tmp_path, 7)["final"]
+        run = run_trainer(tmp_path, _config(corpus, 8), torchrun=False)
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    assert run.report is not None
+    assert run.report["checkpoint"].endswith("stage-0/step-8")
+    assert _manifest(tmp_path, 8)["final"] is True
+    assert (tmp_path / "checkpoints" / "test" / "stage-0" / "step-8" / "weights").is_dir()
+
+
 def test_resume_at_the_same_world_size_is_bitwise_identical(
     corpus: dict[str, Path], tmp_path: Path
 ) -> None:

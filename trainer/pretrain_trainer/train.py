@@ -178,8 +178,8 @@ class Trainer:
             return self.last_checkpoint  # restored from this stage's final checkpoint
         while self.progress.step < total:
             self.train_step()
-            if self.stop_requested:
-                self.preempt()
+            if self.stop_requested and self.progress.step < total:
+                self.preempt()  # on the last step, a stop is better served by finishing
             self.save(last_step=self.progress.step == total, force=False)
         self.checkpoints.wait()
         if self.last_checkpoint is None:  # the last step's save is always due
