@@ -22,8 +22,8 @@ from pretrain_operator.local.runner import run
 from pretrain_operator.manifests import load_job
 from pretrain_trainer.data import build_stdlib_corpus
 
-from tests.observability.prom import Prometheus, free_ports
 from tests.observability.test_prometheus import _kill_and_return
+from tests.support.prom import Prometheus, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "overview.png"
