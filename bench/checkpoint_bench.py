@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import yaml
+from standalone import rerun_under_torchrun
 
 SIZES = {"100M": (12, 768, 32768), "300M": (24, 1024, 32768)}
 
@@ -68,20 +69,7 @@ def launch(args: argparse.Namespace) -> int:
         build_stdlib_corpus(corpus, max_files=200)
         config = Path(tmp) / "run.yaml"
         config.write_text(yaml.safe_dump(_config(corpus, ckpt, args.params)))
-        env = {
-            **os.environ,
-            "PRETRAIN_JOB": "bench",
-            "PRETRAIN_STAGE": "0",
-            "PRETRAIN_RUN_CONFIG": str(config),
-            "OMP_NUM_THREADS": "1",
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.nproc}",
-            __file__,
+        worker = [
             args.what,
             "--worker",
             f"--rounds={args.rounds}",
@@ -89,7 +77,7 @@ def launch(args: argparse.Namespace) -> int:
             f"--cache={args.cache}",
             f"--nodes={args.nodes}",
         ]
-        return subprocess.run(command, env=env, check=False).returncode
+        return rerun_under_torchrun(__file__, worker, nproc=args.nproc, config=config, threads=1)
 
 
 def _drop_caches(rank: int) -> bool:

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
+from standalone import rerun_under_torchrun
 
 
 def _config(corpus: Path, args: argparse.Namespace) -> dict[str, object]:
@@ -58,26 +58,12 @@ def launch(args: argparse.Namespace) -> int:
         build_stdlib_corpus(corpus)
         config = Path(tmp) / "run.yaml"
         config.write_text(yaml.safe_dump(_config(corpus, args)))
-        env = {
-            **os.environ,
-            "PRETRAIN_JOB": "bench",
-            "PRETRAIN_STAGE": "0",
-            "PRETRAIN_RUN_CONFIG": str(config),
-            "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.nproc)),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={args.nproc}",
-            __file__,
-            "--worker",
-            f"--steps={args.steps}",
-            f"--rounds={args.rounds}",
-            f"--warmup={args.warmup}",
-        ]
-        return subprocess.run(command, env=env, check=False).returncode
+        threads = max(1, (os.cpu_count() or 2) // args.nproc)
+        worker = ["--worker", f"--steps={args.steps}", f"--rounds={args.rounds}"]
+        worker.append(f"--warmup={args.warmup}")
+        return rerun_under_torchrun(
+            __file__, worker, nproc=args.nproc, config=config, threads=threads
+        )
 
 
 def worker(args: argparse.Namespace) -> None:
