@@ -5,15 +5,14 @@ status' progress (step, tokens, loss, ETA) and the job's goodput.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from pretrain_trainer.contract import StepRecord, parse_step
+from pydantic import BaseModel, ConfigDict
 
 from ..api import JobStatus, Phase, PretrainJobSpec, Reason
 from ..plan import FAILURES, Event
@@ -56,10 +55,21 @@ class StepLog:
         return self.last
 
 
+class Entry(BaseModel):
+    """One line of ``events.jsonl``: an event of the control plane, and when it happened."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    time: float
+    """Unix time."""
+    reason: str
+    message: str = ""
+
+
 @dataclass
 class Journal:
     run_dir: Path
-    timeline: list[dict[str, Any]] = field(default_factory=list)
+    timeline: list[Entry] = field(default_factory=list)
     steps: StepLog = field(init=False)
     _progressed: float = 0.0
     _waiting: bool = False
@@ -68,30 +78,27 @@ class Journal:
         self.steps = StepLog(self.run_dir / "steps.jsonl")
         try:
             lines = (self.run_dir / EVENTS).read_text().splitlines()
-            self.timeline = [json.loads(line) for line in lines if line.strip()]
+            self.timeline = [Entry.model_validate_json(line) for line in lines if line.strip()]
         except (OSError, ValueError):
             self.timeline = []
 
     def note(self, events: Iterable[Event], status: JobStatus, *, now: float) -> None:
         """Append the plan's events (and the start of a wait for workers) to the timeline."""
-        entries = [{"time": now, "reason": e.reason, "message": e.message} for e in events]
+        entries = [Entry(time=now, reason=e.reason, message=e.message) for e in events]
         waiting = status.phase in (Phase.PENDING, Phase.RESTARTING) and any(
             c.reason == Reason.WAITING_FOR_WORKERS for c in status.conditions
         )
         if waiting and not self._waiting:
-            entries.append(
-                {
-                    "time": now,
-                    "reason": Reason.WAITING_FOR_WORKERS,
-                    "message": "waiting for workers",
-                }
+            waits = Entry(
+                time=now, reason=Reason.WAITING_FOR_WORKERS, message="waiting for workers"
             )
+            entries.append(waits)
         self._waiting = waiting
         if not entries:
             return
         self.timeline.extend(entries)
         with (self.run_dir / EVENTS).open("a") as out:
-            out.writelines(json.dumps(e) + "\n" for e in entries)
+            out.writelines(e.model_dump_json() + "\n" for e in entries)
 
     def suspended(self, *, now: float) -> None:
         self.note([Event(Reason.SUSPENDED, "suspended")], JobStatus(), now=now)
@@ -120,15 +127,15 @@ class Journal:
         wait_from: float | None = None
         pause_from: float | None = None
         for entry in self.timeline:
-            at, reason = float(entry["time"]), entry["reason"]
+            at, reason = entry.time, entry.reason
             if reason in FAILURES and lost_at is None:
                 lost_at = at
             elif reason == Reason.WAITING_FOR_WORKERS and wait_from is None:
                 wait_from = at
             elif reason == Reason.SUSPENDED and pause_from is None:
                 pause_from = at
-            if reason in STARTS and not entry.get("message", "").startswith("job "):
-                cause = STARTS[reason]
+            if reason in STARTS and not entry.message.startswith("job "):
+                cause = STARTS[Reason(reason)]
                 attempts.append(Attempt(at, cause, lost_at if cause == "restart" else None))
                 lost_at = None
                 if wait_from is not None:
@@ -142,7 +149,7 @@ class Journal:
         if pause_from is not None:
             suspended.append((pause_from, now))
         return account(
-            started=float(self.timeline[0]["time"]),
+            started=self.timeline[0].time,
             now=now,
             steps=self.steps.records,
             attempts=attempts,

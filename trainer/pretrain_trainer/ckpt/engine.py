@@ -200,7 +200,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         files = collect_rank_markers(
             pending.directory, world_size=self.world_size, timeout=self.marker_timeout
         )
-        manifest = Manifest.model_validate({**fields, "files": files, "savedAt": utc_now()})
+        manifest = Manifest.model_validate({**fields, "files": files, "saved_at": utc_now()})
         write_manifest(pending.directory, manifest)
         self._failed = None
         remove_rank_markers(pending.directory)

@@ -231,19 +231,19 @@ class CheckpointManager:
             raise RuntimeError("attach() the writer before saving")
         started = time.perf_counter()
         self.writer.wait()  # one save at a time: the previous one must be complete
-        self.writer.manifest_fields = {
-            "job": self.job,
-            "stage": self.stage,
-            "stageName": self.stage_name,
-            "step": step,
-            "tokens": tokens,
-            "worldSize": self.world_size,
-            "zeroStage": self.zero_stage,
-            "configHash": self.config_hash,
-            "final": last_step,
-            "sampler": sampler,
-            "extra": {"loss": loss if loss is not None and math.isfinite(loss) else None},
-        }
+        self.writer.manifest_fields = dict(  # the Manifest's fields, by name
+            job=self.job,
+            stage=self.stage,
+            stage_name=self.stage_name,
+            step=step,
+            tokens=tokens,
+            world_size=self.world_size,
+            zero_stage=self.zero_stage,
+            config_hash=self.config_hash,
+            final=last_step,
+            sampler=sampler,
+            extra={"loss": loss if loss is not None and math.isfinite(loss) else None},
+        )
         extra: dict[str, Any] = {
             rank_file(RNG, self.rank): {
                 "cpu": torch.get_rng_state(),
