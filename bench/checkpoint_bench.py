@@ -168,8 +168,8 @@ def worker(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             if cold:
                 _drop_caches(rank)
-            restore_seconds = barrier_timed(lambda: manager.restore(engine, manager.plan()))
-            plan = manager.plan()
+            restore_seconds = barrier_timed(lambda: manager.restore(engine, manager.select()))
+            plan = manager.select()
             assert plan is not None
             files = [plan.directory / f.path for f in plan.manifest.files]
             if cold:
@@ -177,7 +177,7 @@ def worker(args: argparse.Namespace) -> None:
             raw = _cat(files) if rank == 0 else 0.0
             restores.append(restore_seconds)
             raws.append(raw)
-        plan = manager.plan()  # collective: every rank takes part
+        plan = manager.select()  # collective: every rank takes part
         if rank == 0:
             assert plan is not None
             size = plan.manifest.total_bytes

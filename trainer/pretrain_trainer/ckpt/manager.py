@@ -108,7 +108,7 @@ class CheckpointManager:
         return stage_dir(self.root, self.stage)
 
     # -- before deepspeed.initialize ---------------------------------------------------------
-    def plan(self) -> RestorePlan | None:
+    def select(self) -> RestorePlan | None:
         """Which checkpoint this attempt starts from (decided on rank 0, shared with all)."""
         chosen = None
         if self.rank == 0:
@@ -119,7 +119,7 @@ class CheckpointManager:
         """Choose what to restore and do what must happen before DeepSpeed exists: a new
         stage's weights go into ``model``; a checkpoint of another world size is converted
         to the universal format, which ``ds_config`` is told to load."""
-        self._plan = plan = self.plan()
+        self._plan = plan = self.select()
         if plan is None:
             return
         if not plan.full:
@@ -183,7 +183,7 @@ class CheckpointManager:
             try:
                 return self.restore(engine, plan, extra_seconds=self._prepared_seconds)
             except CorruptCheckpoint:
-                older = self.plan()  # the corrupt one is quarantined: the next newest
+                older = self.select()  # the corrupt one is quarantined: the next newest
                 if older is None or not older.full or older.universal != plan.universal:
                     raise RuntimeError(
                         "the newest checkpoint was corrupt and the previous one needs a fresh "
