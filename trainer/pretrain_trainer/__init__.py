@@ -1,5 +1,6 @@
 """The data plane: what runs inside every worker (a pod, or a local process).
 
-Only :mod:`pretrain_trainer.config` and :mod:`pretrain_trainer.contract` are importable
-without torch; the control plane depends on nothing else from this package.
+The control plane depends only on the torch-free kernel of this package:
+:mod:`pretrain_trainer.config`, :mod:`pretrain_trainer.contract`, :mod:`pretrain_trainer.errors`,
+:mod:`pretrain_trainer.fsio` and :mod:`pretrain_trainer.ckpt.layout` (docs/design.md, "Layers").
 """
