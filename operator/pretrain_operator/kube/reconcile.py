@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from pretrain_trainer.config import SpecError
+from pydantic import ValidationError
 
 from ..api import (
     ConditionType,
@@ -64,7 +65,10 @@ def _dump(status: JobStatus) -> dict[str, Any]:
 def invalid(body: Mapping[str, Any], error: SpecError, now: datetime) -> JobStatus:
     """The status of a job whose spec cannot be used: Failed, naming every bad field."""
     message = "; ".join(str(p) for p in error.problems)[:1024]
-    previous = JobStatus.model_validate(body.get("status") or {})
+    try:  # the status is ours, but a job refused for its spec must never crash the pass
+        previous = JobStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        previous = JobStatus()
     # Its transition time stays while the job stays refused for the same reasons.
     conditions = [
         c

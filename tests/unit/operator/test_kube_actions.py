@@ -157,3 +157,19 @@ def test_standbys_yield_while_the_group_is_being_placed_and_failed_ones_ask_agai
     assert said(todo) == [("delete", "Pod", "demo-standby-w1", None)]
     assert isinstance(todo[0], Delete)
     assert todo[0].pod is evicted  # what the watch cache's expectations remember
+
+
+def test_a_refused_job_with_an_unreadable_status_still_gets_its_invalid_spec_status() -> None:
+    from datetime import UTC, datetime
+
+    from pretrain_operator.kube.reconcile import invalid
+    from pretrain_trainer.config import SpecError
+
+    body = minimal_job(image="")
+    body["status"] = {"conditions": "not a list", "attempt": "many"}
+    with pytest.raises(SpecError) as refused:
+        parse_job(body)
+    status = invalid(body, refused.value, datetime(2026, 1, 1, tzinfo=UTC))
+    assert status.phase == Phase.FAILED
+    assert status.conditions[0].reason == "InvalidSpec"
+    assert "spec.image" in status.conditions[0].message
