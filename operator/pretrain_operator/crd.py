@@ -62,6 +62,12 @@ def structural(schema: Schema, *, defs: Schema | None = None, defaults: bool = T
             }
         elif key in ("items", "additionalProperties") and isinstance(value, dict):
             out[key] = structural(value, defs=defs, defaults=defaults)
+        elif key == "patternProperties":
+            # Structural schemas have no patternProperties: the values get their schema through
+            # additionalProperties, the keys a CEL rule.
+            ((pattern, child),) = value.items()
+            out["additionalProperties"] = structural(child, defs=defs, defaults=defaults)
+            out.setdefault("x-kubernetes-validations", []).append(_keys_rule(schema, pattern))
         elif key == "prefixItems":
             kinds = [structural(v, defs=defs, defaults=defaults) for v in value]
             if any(k != kinds[0] for k in kinds):
@@ -93,6 +99,15 @@ def structural(schema: Schema, *, defs: Schema | None = None, defaults: bool = T
         raise ValueError(f"schema node without a type: {schema}")
     first = [k for k in ("type", "description") if k in out]
     return {k: out[k] for k in (*first, *(k for k in out if k not in first))}
+
+
+def _keys_rule(schema: Schema, pattern: str) -> Schema:
+    longest = schema.get("propertyNames", {}).get("maxLength")
+    size = f"size(k) <= {longest} && " if longest else ""
+    return {
+        "rule": f"self.all(k, {size}k.matches('{pattern}'))",
+        "message": f"keys must match {pattern}" + (f" and be at most {longest} long" if longest else ""),
+    }
 
 
 def spec_schema() -> Schema:

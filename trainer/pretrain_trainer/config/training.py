@@ -54,7 +54,7 @@ class DataConfig(Spec):
 
     sources: Annotated[list[DataSource], Field(min_length=1, max_length=256)]
     """Token sources, referred to by name from each stage's dataMix."""
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    seed: Annotated[int, Field(ge=0, le=2**62)] = 0  # exact as a JSON double: the CRD can bound it
     """Seed of the mixture sampler; the same seed gives the same sample stream at any world size."""
 
     def seed_for(self, stage: int) -> int:
@@ -184,7 +184,7 @@ class Stage(Spec):
     """Stage name (a DNS label), unique in the job."""
     budget: Budget
     """When the stage ends."""
-    data_mix: Annotated[dict[SourceName, Annotated[float, Field(ge=0)]], Field(min_length=1)]
+    data_mix: Annotated[dict[SourceName, Annotated[float, Field(ge=0)]], Field(min_length=1, max_length=256)]
     """Source name -> relative weight (normalised; need not sum to 1)."""
     global_batch_size: Count
     """Sequences per optimizer step across all workers; constant whatever the world size."""
@@ -297,7 +297,7 @@ class CheckpointConfig(Spec):
 class TrainerOptions(Spec):
     """How the trainer processes behave, whatever the stage."""
 
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
+    seed: Annotated[int, Field(ge=0, le=2**62)] = 0  # exact as a JSON double: the CRD can bound it
     """Seed of the model's initial weights (and of dropout)."""
     log_every_steps: Count = 10
     """Log a line (step, loss, lr, tokens/s) every this many steps."""
