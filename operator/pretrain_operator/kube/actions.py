@@ -30,6 +30,7 @@ from typing import Any
 
 from ..api import Phase, PretrainJob
 from ..plan import Group, Plan
+from .cache import DELETING
 from .objects import (
     ALIVE,
     ATTEMPT,
@@ -72,6 +73,8 @@ class Delete:
     name: str
     grace: int | None = None
     api_version: str = "v1"
+    uid: str | None = None
+    """Delete only the object with this uid (the one that was seen)."""
     pod: Mapping[str, Any] | None = None
     """The pod as last seen, for the watch cache's expectations."""
 
@@ -88,17 +91,31 @@ def _scheduled(pod: Mapping[str, Any] | None) -> bool:
     return pod is not None and bool(pod.get("spec", {}).get("nodeName"))
 
 
+def _node_down(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> bool:
+    node = pod.get("spec", {}).get("nodeName")
+    return node is not None and not nodes.get(node, False)
+
+
 def _gone(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> bool:
     """A pod that no longer runs and will not again: finished, or on a node that is down."""
-    node = pod.get("spec", {}).get("nodeName")
-    return PodPhase.of(pod) in FINISHED or (node is not None and not nodes.get(node, False))
+    return PodPhase.of(pod) in FINISHED or _node_down(pod, nodes)
 
 
-def _delete(pod: Mapping[str, Any], *, grace: int | None = None) -> list[Action]:
-    """Deleting a pod already being deleted changes nothing: no action."""
-    if pod["metadata"].get("deletionTimestamp"):
+def _delete(
+    pod: Mapping[str, Any], nodes: Mapping[str, bool], *, grace: int | None = None
+) -> list[Action]:
+    """Delete a pod, at once (grace 0) when its node is down: no kubelet is left there to
+    confirm a graceful deletion, so the pod would stay Terminating, holding its name, until
+    the node came back. A pod already being deleted is left alone, unless that deletion waits
+    on such a node. The delete names the pod's uid, so it never removes a newer pod of the
+    same name (a cache that trails may still show the old one)."""
+    down = _node_down(pod, nodes)
+    metadata = pod["metadata"]
+    deleting = metadata.get("deletionTimestamp")
+    if deleting and (not down or deleting == DELETING):
         return []
-    return [Delete("Pod", pod["metadata"]["name"], grace=grace, pod=pod)]
+    grace = 0 if down else grace
+    return [Delete("Pod", metadata["name"], grace=grace, uid=metadata.get("uid"), pod=pod)]
 
 
 def useful_slots(job: PretrainJob, stage: int) -> int:
@@ -119,13 +136,13 @@ def actions(
     """The ordered actions that make the job's objects match ``result``. ``nodes``: node name
     -> Ready."""
     if result.status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
-        return [a for pod in pods for a in _delete(pod)]
+        return [a for pod in pods for a in _delete(pod, nodes)]
     by_name = {p["metadata"]["name"]: p for p in pods}
     return [
         *_rendezvous(job, by_name, nodes=nodes, options=options),
-        *_stale_workers(result, pods),
-        *_group(job, result.group, by_name, options=options),
-        *_standbys(job, result, pods, by_name=by_name, options=options),
+        *_stale_workers(result, pods, nodes=nodes),
+        *_group(job, result.group, by_name, nodes=nodes, options=options),
+        *_standbys(job, result, pods, by_name=by_name, nodes=nodes, options=options),
     ]
 
 
@@ -140,11 +157,13 @@ def _rendezvous(
     if rendezvous is not None and not _gone(rendezvous, nodes):
         return []
     # The store is unreachable (or was never created): a new one under the same DNS name.
-    gone = _delete(rendezvous, grace=0) if rendezvous is not None else []
+    gone = _delete(rendezvous, nodes, grace=0) if rendezvous is not None else []
     return [*gone, *(Create(obj) for obj in job_objects(job, options))]
 
 
-def _stale_workers(result: Plan, pods: Sequence[Mapping[str, Any]]) -> list[Action]:
+def _stale_workers(
+    result: Plan, pods: Sequence[Mapping[str, Any]], *, nodes: Mapping[str, bool]
+) -> list[Action]:
     group, stop = result.group, set(result.stop)
     stale: list[Action] = []
     for pod in pods:
@@ -155,7 +174,7 @@ def _stale_workers(result: Plan, pods: Sequence[Mapping[str, Any]]) -> list[Acti
         ours = group is not None and attempt == group.attempt
         behind = attempt < result.status.attempt
         if not ours and (slot in stop or PodPhase.of(pod) in FINISHED or behind):
-            stale += _delete(pod)
+            stale += _delete(pod, nodes)
     return stale
 
 
@@ -164,6 +183,7 @@ def _group(
     group: Group | None,
     by_name: Mapping[str, Mapping[str, Any]],
     *,
+    nodes: Mapping[str, bool],
     options: Options,
 ) -> list[Action]:
     if group is None:
@@ -184,7 +204,7 @@ def _group(
         found.append(Create(worker_pod(job, group, slot, options=options)))
         standby = by_name.get(standby_name(job, slot))
         if standby is not None:  # after the create: a pass that dies in between keeps it
-            found += _delete(standby, grace=0)  # its node is where this worker should run
+            found += _delete(standby, nodes, grace=0)  # its node is where this worker should run
     return found
 
 
@@ -194,16 +214,17 @@ def _standbys(
     pods: Sequence[Mapping[str, Any]],
     *,
     by_name: Mapping[str, Mapping[str, Any]],
+    nodes: Mapping[str, bool],
     options: Options,
 ) -> list[Action]:
     group = result.group
     placing = group is not None and not all(
         _scheduled(by_name.get(worker_name(job, group.attempt, slot))) for slot in group.slots
     )
-    busy = {
+    busy = {  # a worker on a node that is down holds nothing the slot could use
         int(_label(p, SLOT) or -1)
         for p in pods
-        if _label(p, ROLE) == WORKER and PodPhase.of(p) in ALIVE
+        if _label(p, ROLE) == WORKER and PodPhase.of(p) in ALIVE and not _node_down(p, nodes)
     }
     if group is not None:
         stage = group.stage
@@ -218,8 +239,8 @@ def _standbys(
             if not placing and slot not in busy:
                 priority = options.standby_priority_class
                 found.append(Create(standby_pod(job, slot, priority_class=priority)))
-        elif PodPhase.of(standby) in FINISHED:
-            found += _delete(standby)  # evicted or killed: ask again next time
+        elif _gone(standby, nodes):
+            found += _delete(standby, nodes)  # evicted, killed or lost: ask again next time
         elif placing and not _scheduled(standby):
-            found += _delete(standby, grace=0)
+            found += _delete(standby, nodes, grace=0)
     return found

@@ -177,16 +177,24 @@ class KubeClient:
         namespace: str,
         api_version: str = "v1",
         grace_seconds: int | None = None,
+        uid: str | None = None,
     ) -> bool:
-        """Delete; False when it was already gone."""
+        """Delete (only the object with ``uid``, when given); False when it was already gone
+        (or replaced by another of the same name)."""
         path = f"{_path({'kind': kind, 'apiVersion': api_version}, namespace)}/{name}"
         body: dict[str, Any] = {"propagationPolicy": "Background"}
         if grace_seconds is not None:
             body["gracePeriodSeconds"] = grace_seconds
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
             self.request("DELETE", path, body=body)
         except NotFoundError:
             return False
+        except ConflictError:
+            if uid is None:
+                raise
+            return False  # the uid precondition failed: the one we meant is gone
         return True
 
     def patch_job_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:

@@ -146,17 +146,17 @@ def observe(
             workers.append(
                 Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, reason="pod deleted")
             )
-        elif slot in older:
-            old = _worker(older[slot], slot, nodes)
-            if old.state in (WorkerState.RUNNING, WorkerState.PENDING):
-                workers.append(
-                    Worker(
-                        slot=slot, state=WorkerState.RUNNING, attempt=old.attempt, stage=old.stage
-                    )
-                )
-            elif slot < slots:
+        elif slot in older and (old := _worker(older[slot], slot, nodes)).state in (
+            WorkerState.RUNNING,
+            WorkerState.PENDING,
+        ):
+            workers.append(
+                Worker(slot=slot, state=WorkerState.RUNNING, attempt=old.attempt, stage=old.stage)
+            )
+        elif slot in older and slot not in standby:
+            if slot < slots:
                 workers.append(Worker(slot=slot, state=WorkerState.PENDING))  # leaving
-        elif slot in standby:
+        elif slot in standby:  # a standby stands for its slot even beside a lost old worker
             waiting = _worker(standby[slot], slot, nodes)
             state = (
                 WorkerState.IDLE if waiting.state == WorkerState.RUNNING else (WorkerState.PENDING)

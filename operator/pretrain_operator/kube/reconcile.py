@@ -174,6 +174,7 @@ def apply(client: KubeClient, todo: Sequence[Action], *, namespace: str) -> Appl
                 namespace=namespace,
                 api_version=action.api_version,
                 grace_seconds=action.grace,
+                uid=action.uid,
             )
             if gone and action.pod is not None:
                 applied.deleted.append(action.pod)

@@ -101,6 +101,41 @@ def test_a_rendezvous_pod_that_cannot_serve_is_replaced_at_once(rendezvous: dict
     assert said(todo) == [("delete", "Pod", "demo-rdzv", 0), *SETUP]
 
 
+def deleting(pod: dict[str, Any]) -> dict[str, Any]:
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return pod
+
+
+def test_pods_on_a_node_that_is_down_are_deleted_at_once_even_when_already_going() -> None:
+    # No kubelet confirms a graceful deletion there: the pod would keep its name for good.
+    pods = [deleting(placed(rendezvous_pod(JOB), node="down")), worker(1, 0), worker(1, 1)]
+    todo = actions(JOB, running(1), pods, nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-rdzv", 0), *SETUP]
+    lost = deleting(worker(1, 0, node="down"))
+    result = Plan(group=None, status=JobStatus(phase=Phase.SUSPENDED))
+    todo = actions(JOB, result, [lost, worker(1, 1)], nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-a1-w0", 0), ("delete", "Pod", "demo-a1-w1", None)]
+
+
+def test_a_delete_names_the_uid_it_saw_so_a_newer_pod_of_that_name_survives() -> None:
+    seen = placed(rendezvous_pod(JOB), node="down")
+    seen["metadata"]["uid"] = "old-uid"
+    todo = actions(JOB, running(1), [seen, worker(1, 0), worker(1, 1)], nodes=READY, options=Options())
+    assert isinstance(todo[0], Delete)
+    assert todo[0].uid == "old-uid"
+
+
+def test_a_worker_lost_with_its_node_frees_its_slot_for_a_standby() -> None:
+    lost = deleting(worker(1, 1, node="down"))
+    pods = [RENDEZVOUS, worker(2, 0, slots=(0,)), lost]
+    todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-a1-w1", 0), ("create", "Pod", "demo-standby-w1")]
+    stranded = standby(1, node="down")  # a standby whose node went: ask again elsewhere
+    pods = [RENDEZVOUS, worker(2, 0, slots=(0,)), stranded]
+    todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=Options())
+    assert said(todo) == [("delete", "Pod", "demo-standby-w1", 0)]
+
+
 def test_a_new_job_gets_its_objects_then_its_config_and_workers() -> None:
     todo = actions(JOB, running(1), [], nodes=READY, options=Options())
     assert said(todo) == [

@@ -131,6 +131,10 @@ def test_the_current_attempts_pod_reads_as_its_worker(
         ([pod("old", attempt=1)], Worker(0, S.RUNNING, attempt=1, stage=0)),  # to be stopped
         ([pod("old", attempt=1, deleting=True)], Worker(0, S.PENDING)),  # leaving: coming back
         ([pod("old", attempt=1, phase="Succeeded")], Worker(0, S.PENDING)),  # done: no pod yet
+        (  # an old worker lost with its node holds nothing: the standby beside it counts
+            [pod("old", attempt=1, node="n1", deleting=True), pod("s", role="standby")],
+            Worker(0, S.IDLE),
+        ),
         ([], Worker(0, S.PENDING)),  # no pod yet: a standby is about to ask for it
     ],
 )
