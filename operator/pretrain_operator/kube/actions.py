@@ -173,7 +173,7 @@ def _stale_workers(
         slot = int(_label(pod, SLOT) or -1)
         ours = group is not None and attempt == group.attempt
         behind = attempt < result.status.attempt
-        if not ours and (slot in stop or PodPhase.of(pod) in FINISHED or behind):
+        if not ours and (slot in stop or _gone(pod, nodes) or behind):
             stale += _delete(pod, nodes)
     return stale
 

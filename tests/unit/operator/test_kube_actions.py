@@ -120,7 +120,9 @@ def test_pods_on_a_node_that_is_down_are_deleted_at_once_even_when_already_going
 def test_a_delete_names_the_uid_it_saw_so_a_newer_pod_of_that_name_survives() -> None:
     seen = placed(rendezvous_pod(JOB), node="down")
     seen["metadata"]["uid"] = "old-uid"
-    todo = actions(JOB, running(1), [seen, worker(1, 0), worker(1, 1)], nodes=READY, options=Options())
+    todo = actions(
+        JOB, running(1), [seen, worker(1, 0), worker(1, 1)], nodes=READY, options=Options()
+    )
     assert isinstance(todo[0], Delete)
     assert todo[0].uid == "old-uid"
 
@@ -130,6 +132,11 @@ def test_a_worker_lost_with_its_node_frees_its_slot_for_a_standby() -> None:
     pods = [RENDEZVOUS, worker(2, 0, slots=(0,)), lost]
     todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=Options())
     assert said(todo) == [("delete", "Pod", "demo-a1-w1", 0), ("create", "Pod", "demo-standby-w1")]
+    # Waiting for capacity after the loss: the lost worker of the attempt that ended goes too.
+    waiting = Plan(group=None, status=JobStatus(phase=Phase.RESTARTING, attempt=1))
+    pods = [RENDEZVOUS, worker(1, 0, node="down")]
+    todo = actions(JOB, waiting, pods, nodes=READY, options=Options())
+    assert ("delete", "Pod", "demo-a1-w0", 0) in said(todo)
     stranded = standby(1, node="down")  # a standby whose node went: ask again elsewhere
     pods = [RENDEZVOUS, worker(2, 0, slots=(0,)), stranded]
     todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=Options())
