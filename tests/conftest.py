@@ -10,6 +10,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+# The real control plane, its test kubelet and the chart installed into it.
+pytest_plugins = ["tests.support.fixtures"]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 

@@ -1,10 +1,10 @@
-"""The operator under test: the real kopf handlers over the test API server, plus a pretend
-cluster of nodes and kubelets."""
+"""The operator under test: the real kopf handlers, as the chart's ServiceAccount, against the
+real control plane, with the test kubelet playing the nodes (``tests/support/kubelet.py``)."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import kopf
@@ -14,44 +14,72 @@ from pretrain_operator.kube.client import KubeClient
 from pretrain_operator.kube.handlers import register
 from pretrain_operator.kube.settings import OperatorSettings
 
-from tests.support.cluster import Cluster
-from tests.support.kube.apiserver import ApiServer, kopf_login
-from tests.support.kube.conftest import apiserver  # noqa: F401  (the fixture)
+from tests.support.controlplane import ControlPlane
+from tests.support.fixtures import Identity
+from tests.support.kubelet import Kubelet
 
 GROUP, VERSION, PLURAL = "pretrain.dev", "v1alpha1", "pretrainjobs"
+Operator = Callable[..., contextlib.AbstractContextManager[KopfRunner]]
+
+
+def login(plane: ControlPlane, identity: Identity, namespace: str, registry: Any) -> None:
+    """Register a kopf login handler for ``identity`` (kopf ignores a KUBECONFIG set after
+    import)."""
+
+    def handler(**_: Any) -> Any:
+        return plane.connection_info(identity.token, namespace=namespace)
+
+    kopf.on.login(registry=registry)(handler)
 
 
 @contextlib.contextmanager
-def running_operator(server: ApiServer, **settings: Any) -> Iterator[KopfRunner]:
-    """The operator as a user runs it (one replica), until the block ends."""
+def running_operator(
+    plane: ControlPlane,
+    identity: Identity,
+    namespace: str | None,
+    *,
+    client: Callable[[Any], KubeClient] = KubeClient,
+    args: tuple[str, ...] = ("--standalone",),
+    **settings: Any,
+) -> Iterator[KopfRunner]:
+    """The operator as a user runs it (one replica, serving ``namespace``, or every namespace
+    when it is None), until the block ends."""
     registry = kopf.OperatorRegistry()
-    kopf_login(server, registry=registry)
+    login(plane, identity, namespace or "default", registry)
     defaults = {
         "standalone": True,
         "resync_seconds": 1.0,
         "standby_priority_class": "pretrain-standby",
     }
     operator = OperatorSettings(**{**defaults, **settings})
-    register(registry, settings=operator, make_client=lambda: KubeClient(server.client()))
-    args = ["run", "--standalone", "--namespace=default"]
-    with KopfRunner(args, registry=registry, timeout=60) as runner:
+    register(registry, settings=operator, make_client=lambda: client(plane.client(identity.token)))
+    scope = f"--namespace={namespace}" if namespace else "--all-namespaces"
+    with KopfRunner(["run", *args, scope], registry=registry, timeout=60) as runner:
         yield runner
     if runner.exception is not None:
         raise runner.exception
 
 
 @pytest.fixture
-def cluster(apiserver: ApiServer) -> Iterator[Cluster]:  # noqa: F811
-    with Cluster(apiserver, nodes=2) as cluster:
-        yield cluster
+def operator(controlplane: ControlPlane, operator_identity: Identity, kube: Kubelet) -> Operator:
+    """``with operator(**settings):`` runs the operator on the test's namespace."""
+
+    def start(**settings: Any) -> contextlib.AbstractContextManager[KopfRunner]:
+        return running_operator(controlplane, operator_identity, kube.namespace, **settings)
+
+    return start
 
 
-def job(name: str = "demo", *, stages: int = 2, **spec: Any) -> dict[str, Any]:
-    """A small two-stage job: global batch 4 runs on 1, 2 (or 4) workers; at most 3."""
+def job(
+    name: str = "demo", *, stages: int = 2, namespace: str = "default", **spec: Any
+) -> dict[str, Any]:
+    """A small two-stage job: global batch 4 runs on 1, 2 (or 4) workers; at most 3. Each
+    worker asks for a whole node of 8 GPUs."""
     body: dict[str, Any] = {
         "image": "trainer:test",
         "model": {"layers": 2, "hidden": 64, "heads": 4, "vocabSize": 256, "seqLen": 64},
         "data": {"sources": [{"name": "web", "path": "/data/web"}]},
+        "resources": {"limits": {"nvidia.com/gpu": 8}},
         "elastic": {
             "minWorkers": 1,
             "maxWorkers": 3,
@@ -75,6 +103,6 @@ def job(name: str = "demo", *, stages: int = 2, **spec: Any) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "PretrainJob",
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": body,
     }

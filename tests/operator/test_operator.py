@@ -1,67 +1,75 @@
-"""The operator end to end against an API server: kopf handlers, reconcile, the Kubernetes
-backend, with the tests playing scheduler and kubelets (``cluster.py``)."""
+"""The operator end to end against the real control plane: kopf handlers, reconcile, the
+Kubernetes backend, as the chart's ServiceAccount, with the real scheduler placing pods on the
+test kubelet's nodes (``tests/support/kubelet.py``) and the real garbage collector."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 import yaml
 from kopf.testing import KopfRunner
 from pretrain_operator.api import JobStatus
 from pretrain_operator.kube.client import KubeClient, TemporaryApiError
-from pretrain_operator.kube.handlers import register
 from pretrain_operator.kube.reconcile import reconcile
-from pretrain_operator.kube.settings import OperatorSettings
 from pretrain_trainer.metrics import Health, TrainerMetrics, serve
 
-from tests.operator.conftest import GROUP, PLURAL, VERSION, job, running_operator
-from tests.support.cluster import Cluster
-from tests.support.kube.apiserver import ApiServer, kopf_login
-
-JOBS = f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}"
-
-
-def create(cluster: Cluster, body: dict[str, Any]) -> None:
-    cluster.client.request("POST", JOBS, body=body)
+from tests.operator.conftest import GROUP, PLURAL, VERSION, Operator, job, running_operator
+from tests.support.controlplane import ControlPlane
+from tests.support.fixtures import Identity
+from tests.support.kubelet import Kubelet, names
 
 
-def patch_spec(cluster: Cluster, name: str, spec: dict[str, Any]) -> None:
-    cluster.client.request(
-        "PATCH", f"{JOBS}/{name}", body={"spec": spec}, content_type="application/merge-patch+json"
+def jobs(kube: Kubelet) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{kube.namespace}/{PLURAL}"
+
+
+def create(kube: Kubelet, body: dict[str, Any]) -> None:
+    body["metadata"]["namespace"] = kube.namespace
+    kube.client.request("POST", jobs(kube), body=body)
+
+
+def patch_spec(kube: Kubelet, name: str, spec: dict[str, Any]) -> None:
+    kube.client.request(
+        "PATCH",
+        f"{jobs(kube)}/{name}",
+        body={"spec": spec},
+        content_type="application/merge-patch+json",
     )
 
 
-def status(cluster: Cluster, name: str = "demo") -> dict[str, Any]:
-    body = cluster.client.get_job("default", name)
+def status(kube: Kubelet, name: str = "demo") -> dict[str, Any]:
+    body = kube.client.get_job(kube.namespace, name)
     return (body or {}).get("status") or {}
 
 
-def workers(cluster: Cluster, *, phase: str | None = None) -> list[str]:
+def live(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pods not being deleted (those on a node that went away stay Terminating: no kubelet is
+    left to confirm their deletion)."""
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def workers(kube: Kubelet, *, phase: str | None = None) -> list[str]:
     return sorted(
         p["metadata"]["name"]
-        for p in cluster.pods("worker")
+        for p in kube.pods("worker")
         if phase is None or p.get("status", {}).get("phase") == phase
     )
 
 
-def running(cluster: Cluster, *names: str) -> bool:
-    return workers(cluster, phase="Running") == sorted(names)
+def running(kube: Kubelet, *names: str) -> bool:
+    return workers(kube, phase="Running") == sorted(names)
 
 
-def attempt(cluster: Cluster, number: int, size: int = 2) -> list[str]:
+def attempt(kube: Kubelet, number: int, size: int = 2) -> list[str]:
     """The Running workers of attempt ``number`` once there are ``size`` of them, else []."""
-    names = [n for n in workers(cluster, phase="Running") if f"-a{number}-" in n]
+    names = [n for n in workers(kube, phase="Running") if f"-a{number}-" in n]
     return names if len(names) == size else []
 
 
@@ -76,40 +84,38 @@ def report(stage: int, *, step: int = 10) -> dict[str, Any]:
     }
 
 
-def names(objects: list[dict[str, Any]]) -> list[str]:
-    return sorted(o["metadata"]["name"] for o in objects)
-
-
 def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
-        cluster.eventually(lambda: status(cluster).get("phase") == "Running", what="Running")
-    uid = cluster.client.get_job("default", "demo")["metadata"]["uid"]  # type: ignore[index]
-    assert names(apiserver.objects("services", "default")) == ["demo"]
-    assert names(apiserver.objects("configmaps", "default")) == ["demo-config"]
-    assert names(apiserver.objects("serviceaccounts", "default")) == ["demo-worker"]
-    assert names(cluster.pods("rendezvous")) == ["demo-rdzv"]
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
+        kube.eventually(lambda: status(kube).get("workers", {}).get("ready") == 2, what="ready")
+    uid = kube.client.get_job(kube.namespace, "demo")["metadata"]["uid"]  # type: ignore[index]
+    assert names(kube.objects("services")) == ["demo"]
+    # What the control plane puts in every namespace, and what the operator created.
+    assert names(kube.objects("configmaps")) == ["demo-config", "kube-root-ca.crt"]
+    assert names(kube.objects("serviceaccounts")) == ["default", "demo-worker"]
+    assert names(kube.pods("rendezvous")) == ["demo-rdzv"]
     # maxWorkers is 3, but a global batch of 4 never runs on 3: no standby waits for slot 2.
-    assert cluster.pods("standby") == []
-    for pod in cluster.pods():
+    assert kube.pods("standby") == []
+    for pod in kube.pods():
         assert pod["metadata"]["ownerReferences"][0]["uid"] == uid
-    worker = cluster.pod("demo-a1-w1")
+    worker = kube.pod("demo-a1-w1")
     labels = worker["metadata"]["labels"]
     assert (labels["pretrain.dev/stage"], labels["pretrain.dev/attempt"]) == ("0", "1")
     assert (labels["pretrain.dev/slot"], labels["pretrain.dev/rank"]) == ("1", "1")
     command = worker["spec"]["containers"][0]["command"]
     assert "--nnodes=2" in command
-    assert "--rdzv-endpoint=demo-rdzv.demo.default.svc:29400" in command
-    current = status(cluster)
+    assert f"--rdzv-endpoint=demo-rdzv.demo.{kube.namespace}.svc:29400" in command
+    assert worker["spec"]["nodeName"] != kube.pod("demo-a1-w0")["spec"]["nodeName"]
+    current = status(kube)
     assert current["workers"] == {"desired": 2, "ready": 2, "slots": [0, 1]}
     assert current["stage"]["name"] == "s0"
     assert current["observedGeneration"] == 1
-    reasons = [e["reason"] for e in apiserver.objects("events", "default")]
+    reasons = [e["reason"] for e in kube.objects("events")]
     assert "Created" in reasons
-    stored = apiserver.objects(PLURAL)[0]
+    stored = kube.objects(PLURAL)[0]
     assert stored["metadata"]["finalizers"] == ["pretrain.dev/finalizer"]
     assert not [k for k in stored["metadata"].get("annotations", {}) if "kopf" in k]
     assert set(current) <= set(JobStatus.model_fields) | {  # no handler results in status
@@ -117,216 +123,206 @@ def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
     }
 
 
-def reasons(apiserver: ApiServer) -> list[str]:
-    return [e["reason"] for e in apiserver.objects("events", "default")]
+def reasons(kube: Kubelet) -> list[str]:
+    return [e["reason"] for e in kube.objects("events")]
 
 
 def test_a_failed_worker_restarts_the_group_as_a_new_attempt(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
-        cluster.finish("demo-a1-w1", exit_code=1, report={"finished": False, "exitCode": 75})
-        cluster.eventually(lambda: attempt(cluster, 2), what="attempt 2")
-        cluster.eventually(lambda: status(cluster).get("phase") == "Running")
-    current = status(cluster)
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        kube.finish("demo-a1-w1", exit_code=1, report={"finished": False, "exitCode": 75})
+        kube.eventually(lambda: attempt(kube, 2), what="attempt 2")
+        kube.eventually(lambda: status(kube).get("phase") == "Running")
+    current = status(kube)
     assert current["attempt"] == 2
     assert current["restarts"] == {"total": 1, "byReason": {"WorkerFailed": 1}}
-    assert "WorkerFailed" in reasons(apiserver)
-    assert [n for n in workers(cluster) if "-a1-" in n] == []  # the old attempt is gone
+    assert "WorkerFailed" in reasons(kube)
+    assert [n for n in workers(kube) if "-a1-" in n] == []  # the old attempt is gone
 
 
 def test_a_node_going_not_ready_shrinks_the_group_and_its_return_grows_it(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
-        node = cluster.pod("demo-a1-w0")["spec"]["nodeName"]
-        cluster.node_not_ready(node)  # the node that hosts rank 0
-        cluster.eventually(lambda: attempt(cluster, 2, size=1), what="shrunk to 1")
-        moved = cluster.eventually(
-            lambda: [p for p in cluster.pods("rendezvous") if p["spec"].get("nodeName")],
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        node = kube.pod("demo-a1-w0")["spec"]["nodeName"]
+        kube.node_not_ready(node)  # the node that hosts rank 0
+        kube.eventually(lambda: attempt(kube, 2, size=1), what="shrunk to 1")
+        moved = kube.eventually(
+            lambda: [p for p in live(kube.pods("rendezvous")) if p["spec"].get("nodeName")],
             what="rendezvous pod placed",
         )
         assert moved[0]["spec"]["nodeName"] != node  # its store went down with the node
-        lost = status(cluster)
+        lost = status(kube)
         assert lost["restarts"]["byReason"] == {"WorkerLost": 1}
-        assert f"node {node} not ready" in " ".join(
-            e["message"] for e in apiserver.objects("events", "default")
-        )
-        cluster.add_node()  # capacity is back: a standby runs there, the group grows
-        cluster.eventually(lambda: attempt(cluster, 3), what="grown to 2")
-        grown = status(cluster)
+        assert f"node {node} not ready" in " ".join(e["message"] for e in kube.objects("events"))
+        kube.add_node()  # capacity is back: a standby runs there, the group grows
+        kube.eventually(lambda: attempt(kube, 3), what="grown to 2")
+        grown = status(kube)
     assert grown["workers"]["desired"] == 2
     assert grown["restarts"]["byReason"] == {"WorkerLost": 1, "Resized": 1}
-    assert "Resized" in reasons(apiserver)
+    assert "Resized" in reasons(kube)
 
 
 def test_stage_reports_move_to_the_next_stage_and_the_last_succeeds_and_cleans_up(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
         for pod in ("demo-a1-w0", "demo-a1-w1"):
-            cluster.finish(pod, exit_code=0, report=report(0))
-        second = cluster.eventually(lambda: attempt(cluster, 2), what="stage 1")
-        assert cluster.pod(second[0])["metadata"]["labels"]["pretrain.dev/stage"] == "1"
-        assert status(cluster)["stage"]["name"] == "s1"
+            kube.finish(pod, exit_code=0, report=report(0))
+        second = kube.eventually(lambda: attempt(kube, 2), what="stage 1")
+        assert kube.pod(second[0])["metadata"]["labels"]["pretrain.dev/stage"] == "1"
+        assert status(kube)["stage"]["name"] == "s1"
         for pod in second:
-            cluster.finish(pod, exit_code=0, report=report(1, step=20))
-        cluster.eventually(lambda: status(cluster).get("phase") == "Succeeded", what="Succeeded")
-        cluster.eventually(lambda: cluster.pods() == [], what="pods cleaned up")
-    done = status(cluster)
+            kube.finish(pod, exit_code=0, report=report(1, step=20))
+        kube.eventually(lambda: status(kube).get("phase") == "Succeeded", what="Succeeded")
+        kube.eventually(lambda: kube.pods() == [], what="pods cleaned up")
+    done = status(kube)
     assert [(s["name"], s["step"]) for s in done["stages"]] == [("s0", 10), ("s1", 20)]
     assert done["stages"][1]["checkpoint"] == "/ckpt/demo/stage-1/step-20"
-    assert reasons(apiserver).count("StageCompleted") == 2
-    assert "Succeeded" in reasons(apiserver)
+    assert reasons(kube).count("StageCompleted") == 2
+    assert "Succeeded" in reasons(kube)
 
 
-def test_more_failures_than_max_restarts_fail_the_job(
-    apiserver: ApiServer, cluster: Cluster
-) -> None:
+def test_more_failures_than_max_restarts_fail_the_job(kube: Kubelet, operator: Operator) -> None:
     body = job()
     body["spec"]["elastic"]["maxRestarts"] = 1
-    with running_operator(apiserver):
-        create(cluster, body)
+    with operator():
+        create(kube, body)
         for number in (1, 2):
-            group = cluster.eventually(lambda n=number: attempt(cluster, n), what=f"a{number}")  # type: ignore[misc]
-            cluster.finish(group[0], exit_code=1)
-        cluster.eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
-        cluster.eventually(lambda: cluster.pods() == [], what="pods removed")
-    failed = next(c for c in status(cluster)["conditions"] if c["type"] == "Failed")
+            group = kube.eventually(lambda n=number: attempt(kube, n), what=f"a{number}")  # type: ignore[misc]
+            kube.finish(group[0], exit_code=1)
+        kube.eventually(lambda: status(kube).get("phase") == "Failed", what="Failed")
+        kube.eventually(lambda: kube.pods() == [], what="pods removed")
+    failed = next(c for c in status(kube)["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "RestartLimitExceeded"
     assert "more than maxRestarts (1)" in failed["message"]
 
 
 def test_a_permanent_trainer_error_fails_the_job_with_its_message(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
     error = "data source 'web': no shards under /data/web"
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
-        cluster.finish(
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        kube.finish(
             "demo-a1-w0", exit_code=1, report={"finished": False, "exitCode": 78, "error": error}
         )
-        cluster.eventually(lambda: status(cluster).get("phase") == "Failed", what="Failed")
-    failed = next(c for c in status(cluster)["conditions"] if c["type"] == "Failed")
+        kube.eventually(lambda: status(kube).get("phase") == "Failed", what="Failed")
+    failed = next(c for c in status(kube)["conditions"] if c["type"] == "Failed")
     assert (failed["reason"], failed["message"]) == (
         "PermanentError",
         f"the trainer reported a permanent error: {error}",
     )
-    assert status(cluster)["restarts"]["total"] == 0
+    assert status(kube)["restarts"]["total"] == 0
 
 
 def test_suspend_removes_every_pod_and_resume_starts_a_new_attempt(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
-        patch_spec(cluster, "demo", {"suspend": True})
-        cluster.eventually(lambda: status(cluster).get("phase") == "Suspended", what="Suspended")
-        cluster.eventually(lambda: cluster.pods() == [], what="no pods while suspended")
-        assert names(apiserver.objects("configmaps", "default")) == ["demo-config"]
-        patch_spec(cluster, "demo", {"suspend": False})
-        cluster.eventually(lambda: attempt(cluster, 2), what="resumed")
-    assert "Suspended" in reasons(apiserver)
-    assert "Resumed" in reasons(apiserver)
-    assert status(cluster)["restarts"]["total"] == 0  # a suspension is not a failure
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        patch_spec(kube, "demo", {"suspend": True})
+        kube.eventually(lambda: status(kube).get("phase") == "Suspended", what="Suspended")
+        kube.eventually(lambda: kube.pods() == [], what="no pods while suspended")
+        assert "demo-config" in names(kube.objects("configmaps"))
+        patch_spec(kube, "demo", {"suspend": False})
+        kube.eventually(lambda: attempt(kube, 2), what="resumed")
+    assert "Suspended" in reasons(kube)
+    assert "Resumed" in reasons(kube)
+    assert status(kube)["restarts"]["total"] == 0  # a suspension is not a failure
 
 
-def test_deleting_the_job_deletes_everything_it_owns(
-    apiserver: ApiServer, cluster: Cluster
-) -> None:
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"))
-        cluster.client.request("DELETE", f"{JOBS}/demo")
-        cluster.eventually(
-            lambda: apiserver.objects(PLURAL) == [], what="job gone (finalizer removed)"
-        )
-        cluster.eventually(lambda: cluster.pods() == [], what="pods collected")
-    for kind in ("services", "configmaps", "serviceaccounts"):
-        assert apiserver.objects(kind, "default") == []
+def test_deleting_the_job_deletes_everything_it_owns(kube: Kubelet, operator: Operator) -> None:
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        kube.client.request("DELETE", f"{jobs(kube)}/demo")
+        kube.eventually(lambda: kube.objects(PLURAL) == [], what="job gone (finalizer removed)")
+        # The operator deletes nothing itself: the garbage collector follows ownerReferences.
+        kube.eventually(lambda: kube.pods() == [], what="pods collected")
+        kube.eventually(lambda: kube.objects("services") == [], what="service collected")
+    assert names(kube.objects("configmaps")) == ["kube-root-ca.crt"]
+    assert names(kube.objects("serviceaccounts")) == ["default"]
 
 
 def test_a_spec_that_slipped_past_the_schema_gets_invalid_spec_and_others_still_run(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
     broken = job("broken")
     broken["spec"]["stages"][0]["globalBatchSize"] = 3  # micro batches of 2 cannot make 3
     broken["spec"]["stages"][0]["microBatchSize"] = 2
     broken["spec"]["stages"][1]["dataMix"] = {"nowhere": 1}
-    with running_operator(apiserver):
-        create(cluster, broken)
-        create(cluster, job())
-        cluster.eventually(
-            lambda: status(cluster, "broken").get("phase") == "Failed", what="Failed"
-        )
-        cluster.eventually(lambda: running(cluster, "demo-a1-w0", "demo-a1-w1"), what="demo runs")
-    failed = status(cluster, "broken")["conditions"][0]
+    with operator():
+        create(kube, broken)
+        create(kube, job())
+        kube.eventually(lambda: status(kube, "broken").get("phase") == "Failed", what="Failed")
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="demo runs")
+    failed = status(kube, "broken")["conditions"][0]
     assert failed["reason"] == "InvalidSpec"
     assert "spec.stages[0].globalBatchSize" in failed["message"]
     assert "spec.stages[1].dataMix.nowhere" in failed["message"]
-    assert [
-        p for p in cluster.pods() if p["metadata"]["labels"]["pretrain.dev/job"] == "broken"
-    ] == []
+    assert [p for p in kube.pods() if p["metadata"]["labels"]["pretrain.dev/job"] == "broken"] == []
 
 
-def snapshot(cluster: Cluster) -> tuple[list[tuple[str, str]], dict[str, Any]]:
-    pods = sorted((p["metadata"]["name"], p["metadata"]["uid"]) for p in cluster.pods())
-    current = status(cluster)
+def snapshot(kube: Kubelet) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    pods = sorted((p["metadata"]["name"], p["metadata"]["uid"]) for p in kube.pods())
+    current = status(kube)
     return pods, {k: current.get(k) for k in ("phase", "attempt", "restarts", "workers", "stage")}
 
 
 def test_restarting_the_operator_in_any_phase_duplicates_nothing_and_keeps_status(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
     def restart_changes_nothing() -> None:
-        before = snapshot(cluster)
-        with running_operator(apiserver):
+        before = snapshot(kube)
+        with operator():
             time.sleep(2.5)  # two resyncs, and every watch replayed from the start
-        assert snapshot(cluster) == before
+        assert snapshot(kube) == before
 
-    with running_operator(apiserver):
-        create(cluster, job())
-        cluster.eventually(lambda: attempt(cluster, 1), what="Running")
-        cluster.eventually(lambda: status(cluster).get("phase") == "Running")
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: attempt(kube, 1), what="Running")
+        kube.eventually(lambda: status(kube).get("phase") == "Running")
     restart_changes_nothing()  # Running
 
-    with running_operator(apiserver):
-        for node in cluster.ready_nodes():
-            cluster.node_not_ready(node)
-        cluster.eventually(lambda: "WaitingForWorkers" in str(status(cluster)), what="waiting")
+    with operator():
+        for node in kube.ready_nodes():
+            kube.node_not_ready(node)
+        kube.eventually(lambda: "WaitingForWorkers" in str(status(kube)), what="waiting")
     restart_changes_nothing()  # Restarting, waiting for capacity
 
-    with running_operator(apiserver):
-        patch_spec(cluster, "demo", {"suspend": True})
-        cluster.eventually(lambda: status(cluster).get("phase") == "Suspended")
-        cluster.eventually(lambda: cluster.pods() == [])
+    with operator():
+        patch_spec(kube, "demo", {"suspend": True})
+        kube.eventually(lambda: status(kube).get("phase") == "Suspended")
+        kube.eventually(lambda: live(kube.pods()) == [], what="no pods but the lost nodes'")
     restart_changes_nothing()  # Suspended
 
-    cluster.add_node()
-    cluster.add_node()
-    with running_operator(apiserver):
-        patch_spec(cluster, "demo", {"suspend": False})
-        group = cluster.eventually(lambda: attempt(cluster, 2), what="resumed")
+    kube.add_node()
+    kube.add_node()
+    with operator():
+        patch_spec(kube, "demo", {"suspend": False})
+        group = kube.eventually(lambda: attempt(kube, 2), what="resumed")
         for pod in group:
-            cluster.finish(pod, exit_code=0, report=report(0))
-        group = cluster.eventually(lambda: attempt(cluster, 3), what="stage 1")
-        cluster.eventually(lambda: status(cluster)["workers"].get("ready") == 2, what="ready")
-        restarts = status(cluster)["restarts"]
+            kube.finish(pod, exit_code=0, report=report(0))
+        group = kube.eventually(lambda: attempt(kube, 3), what="stage 1")
+        kube.eventually(lambda: status(kube)["workers"].get("ready") == 2, what="ready")
+        restarts = status(kube)["restarts"]
     restart_changes_nothing()  # Running the second stage
-    with running_operator(apiserver):
+    with operator():
         for pod in group:
-            cluster.finish(pod, exit_code=0, report=report(1))
-        cluster.eventually(lambda: status(cluster).get("phase") == "Succeeded")
+            kube.finish(pod, exit_code=0, report=report(1))
+        kube.eventually(lambda: status(kube).get("phase") == "Succeeded")
     restart_changes_nothing()  # Succeeded
-    assert status(cluster)["restarts"] == restarts  # restarts of the operator are not the job's
+    assert status(kube)["restarts"] == restarts  # restarts of the operator are not the job's
 
 
 class FailingClient(KubeClient):
@@ -345,59 +341,55 @@ class FailingClient(KubeClient):
 
 
 def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplicates(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, controlplane: ControlPlane, operator_identity: Identity
 ) -> None:
-    create(cluster, job())
-    failing = FailingClient(apiserver.client(), fail_at=2)
+    create(kube, job())
+    failing = FailingClient(controlplane.client(operator_identity.token), fail_at=2)
 
     def once(client: KubeClient) -> None:
-        body = client.get_job("default", "demo")
+        body = client.get_job(kube.namespace, "demo")
         assert body is not None
         reconcile(client, body, now=datetime.now(UTC))
 
-    cluster.eventually(lambda: (once(failing), len(cluster.pods("standby")) == 2)[1])
-    cluster.eventually(
-        lambda: len([p for p in cluster.pods("standby") if p["spec"].get("nodeName")]) == 2
+    kube.eventually(lambda: (once(failing), len(kube.pods("standby")) == 2)[1])
+    kube.eventually(
+        lambda: len([p for p in kube.pods("standby") if p["spec"].get("nodeName")]) == 2
     )
     with pytest.raises(TemporaryApiError):
         once(failing)  # created worker 0, died creating worker 1: no status written
-    assert workers(cluster) == ["demo-a1-w0"]
-    first = cluster.pod("demo-a1-w0")["metadata"]["uid"]
-    assert status(cluster).get("attempt", 0) == 0
+    assert workers(kube) == ["demo-a1-w0"]
+    first = kube.pod("demo-a1-w0")["metadata"]["uid"]
+    assert status(kube).get("attempt", 0) == 0
     # The next passes decide the same attempt again: worker 0 exists (409, fine), 1 is created.
-    cluster.eventually(lambda: (once(failing), attempt(cluster, 1))[1], what="attempt 1")
-    assert workers(cluster) == ["demo-a1-w0", "demo-a1-w1"]
-    assert cluster.pod("demo-a1-w0")["metadata"]["uid"] == first
-    assert status(cluster)["attempt"] == 1
-    assert reasons(apiserver).count("Created") == 1
+    kube.eventually(lambda: (once(failing), attempt(kube, 1))[1], what="attempt 1")
+    assert workers(kube) == ["demo-a1-w0", "demo-a1-w1"]
+    assert kube.pod("demo-a1-w0")["metadata"]["uid"] == first
+    assert status(kube)["attempt"] == 1
+    assert reasons(kube).count("Created") == 1
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
-def test_kubectl_apply_starts_a_job_and_kubectl_shows_its_pods(
-    apiserver: ApiServer, cluster: Cluster, tmp_path: Path
+def test_kubectl_apply_starts_a_job_and_kubectl_shows_its_pods_and_columns(
+    kube: Kubelet, operator: Operator, controlplane: ControlPlane, tmp_path: Path
 ) -> None:
-    config = apiserver.kubeconfig(tmp_path / "kubeconfig")
     manifest = tmp_path / "job.yaml"
-    manifest.write_text(yaml.safe_dump(job("from-kubectl")))
+    manifest.write_text(yaml.safe_dump(job("from-kubectl", namespace=kube.namespace)))
 
     def kubectl(*args: str) -> str:
-        done = subprocess.run(
-            ["kubectl", f"--kubeconfig={config}", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        return done.stdout
+        return controlplane.kubectl(*args, f"--namespace={kube.namespace}").stdout
 
-    with running_operator(apiserver):
-        # No OpenAPI documents on this server, so no client-side validation.
-        assert "created" in kubectl("apply", "--validate=false", "-f", str(manifest))
-        cluster.eventually(lambda: len(cluster.pods("worker")) == 2, what="workers")
+    with operator():
+        # Validated against the CRD's schema, as published by the API server.
+        assert "created" in kubectl("apply", "--validate=strict", "-f", str(manifest))
+        kube.eventually(lambda: len(kube.pods("worker")) == 2, what="workers")
         listed = kubectl("get", "pods", "-l", "pretrain.dev/role=worker", "-o", "name")
         assert sorted(listed.split()) == ["pod/from-kubectl-a1-w0", "pod/from-kubectl-a1-w1"]
         shown = json.loads(kubectl("get", "ptj", "from-kubectl", "-o", "json"))
         assert shown["status"]["stage"]["name"] == "s0"
+        kube.eventually(lambda: "Running" in kubectl("get", "ptj"), what="phase column")
+        table = kubectl("get", "ptj", "-o", "wide").splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert header[:3] == ["NAME", "PHASE", "STAGE"], header
+    assert row[:3] == ["from-kubectl", "Running", "s0"], row
 
 
 class CountingClient(KubeClient):
@@ -414,48 +406,38 @@ class CountingClient(KubeClient):
         self.replica = replica
 
 
-@contextlib.contextmanager
-def replica(server: ApiServer, name: str, *, priority: int) -> Iterator[KopfRunner]:
-    registry = kopf.OperatorRegistry()
-    kopf_login(server, registry=registry)
-    settings = OperatorSettings(peering="pretrain-operator", namespaces=("default",))
-    register(
-        registry,
-        settings=settings,
-        make_client=lambda: CountingClient(server.client(), replica=name),
-    )
-    args = ["run", "--namespace=default", "--peering=pretrain-operator", f"--priority={priority}"]
-    with KopfRunner(args, registry=registry, timeout=60) as runner:
-        yield runner
-
-
 def test_of_two_peered_replicas_only_the_one_with_the_highest_priority_acts(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, controlplane: ControlPlane, operator_identity: Identity
 ) -> None:
-    peering = {
-        "apiVersion": "kopf.dev/v1",
-        "kind": "KopfPeering",
-        "metadata": {"name": "pretrain-operator", "namespace": "default"},
-    }
-    cluster.client.request(
-        "POST", "/apis/kopf.dev/v1/namespaces/default/kopfpeerings", body=peering
-    )
+    # As the chart deploys them: every namespace, peering through its ClusterKopfPeering.
     CountingClient.made.clear()
-    with replica(apiserver, "first", priority=100), replica(apiserver, "second", priority=50):
+
+    def replica(name: str, priority: int) -> contextlib.AbstractContextManager[KopfRunner]:
+        return running_operator(
+            controlplane,
+            operator_identity,
+            None,
+            client=lambda api: CountingClient(api, replica=name),
+            args=(f"--peering={operator_identity.service_account}", f"--priority={priority}"),
+            standalone=False,
+            peering=operator_identity.service_account,
+        )
+
+    with replica("first", 100), replica("second", 50):
         time.sleep(3)  # the peers see each other; the lower one pauses
-        create(cluster, job())
-        cluster.eventually(lambda: attempt(cluster, 1), what="Running")
-        cluster.eventually(lambda: status(cluster).get("phase") == "Running")
+        create(kube, job())
+        kube.eventually(lambda: attempt(kube, 1), what="Running")
+        kube.eventually(lambda: status(kube).get("phase") == "Running")
     assert CountingClient.made["first"] > 0, dict(CountingClient.made)
     assert CountingClient.made["second"] == 0, dict(CountingClient.made)
-    assert reasons(apiserver).count("Created") == 1
+    assert reasons(kube).count("Created") == 1
 
 
 def test_a_running_jobs_status_shows_the_trainers_progress_and_an_eta(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, operator: Operator
 ) -> None:
     # What rank 0's trainer serves in its pod: the real metrics and endpoint, mid-stage.
-    trainer = TrainerMetrics(namespace="default", job="demo", stage="s0")
+    trainer = TrainerMetrics(namespace=kube.namespace, job="demo", stage="s0")
     trainer.step.set(4)
     trainer.stage_tokens.set(4 * 256)
     trainer.loss.set(2.75)
@@ -464,12 +446,12 @@ def test_a_running_jobs_status_shows_the_trainers_progress_and_an_eta(
     server = serve(port=0, metrics=trainer, health=Health(step_timeout=60))
     try:
         port = server.server_address[1]
-        with running_operator(apiserver, trainer_metrics_port=port, progress_seconds=1.0):
-            create(cluster, job())
-            cluster.eventually(lambda: status(cluster).get("step") == 4, what="progress")
+        with operator(trainer_metrics_port=port, progress_seconds=1.0):
+            create(kube, job())
+            kube.eventually(lambda: status(kube).get("step") == 4, what="progress")
     finally:
         server.shutdown()
-    current = status(cluster)
+    current = status(kube)
     assert (current["tokens"], current["loss"]) == (1024, 2.75)
     eta = datetime.fromisoformat(current["eta"].replace("Z", "+00:00"))
     left = (eta - datetime.now(UTC)).total_seconds()
@@ -489,32 +471,101 @@ class StatusWrites(KubeClient):
 
 
 def test_a_pass_writes_the_status_at_most_once_progress_included(
-    apiserver: ApiServer, cluster: Cluster
+    kube: Kubelet, controlplane: ControlPlane, operator_identity: Identity
 ) -> None:
     from pretrain_operator.telemetry.progress import TrainerProgress
 
-    create(cluster, job())
-    client = StatusWrites(apiserver.client())
+    create(kube, job())
+    client = StatusWrites(controlplane.client(operator_identity.token))
     read = TrainerProgress(stage=0, step=3, tokens=768, loss=2.5, seconds_per_step=0.5)
     passes: list[tuple[str | None, int, int | None]] = []  # phase, status writes, step shown
 
     def once(*, progress: bool = True) -> bool:
-        body = client.get_job("default", "demo")
+        body = client.get_job(kube.namespace, "demo")
         assert body is not None
         before = client.patches
         reader = (lambda pods, attempt: read) if progress else None
         reconcile(client, body, now=datetime.now(UTC), progress=reader)
-        written = status(cluster)
+        written = status(kube)
         passes.append((written.get("phase"), client.patches - before, written.get("step")))
         return written.get("phase") == "Running"
 
-    cluster.eventually(once, what="a running job")
+    kube.eventually(once, what="a running job")
     assert max(writes for _, writes, _ in passes) == 1, passes
     # The pass that saw the workers run wrote the phase and the progress together.
     assert passes[-1] == ("Running", 1, 3)
     assert passes[-2][0] != "Running"
-    current = status(cluster)
+    current = status(kube)
     assert (current["tokens"], current["loss"]) == (768, 2.5)
     # Once the cluster settles, a pass that changes nothing writes nothing.
-    cluster.eventually(lambda: once(progress=False) and passes[-1][1] == 0, what="no write")
+    kube.eventually(lambda: once(progress=False) and passes[-1][1] == 0, what="no write")
     assert max(writes for _, writes, _ in passes) == 1, passes
+
+
+def test_the_scheduler_preempts_a_standby_for_any_other_pod_and_the_job_runs_on(
+    kube: Kubelet, operator: Operator
+) -> None:
+    body = job()
+    body["spec"]["elastic"]["maxWorkers"] = 4  # a batch of 4 runs on 1, 2 or 4 workers
+    kube.add_node()  # 3 nodes: 2 workers, and a standby holding the third
+    with operator():
+        create(kube, body)
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
+        idle = kube.eventually(
+            lambda: [
+                p for p in kube.pods("standby") if p.get("status", {}).get("phase") == "Running"
+            ],
+            what="a standby running",
+        )[0]
+        assert idle["spec"]["priorityClassName"] == "pretrain-standby"
+        # Another team's pod, at the default priority, wants a whole node.
+        other = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "other-team"},
+            "spec": {
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "busybox",
+                        "resources": {"limits": {"nvidia.com/gpu": 8}},
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }
+                ],
+            },
+        }
+        kube.client.request("POST", f"/api/v1/namespaces/{kube.namespace}/pods", body=other)
+        placed = kube.eventually(
+            lambda: kube.pod("other-team")["spec"].get("nodeName"), what="the other pod placed"
+        )
+        assert placed == idle["spec"]["nodeName"]  # where the standby was
+        kube.eventually(
+            lambda: idle["metadata"]["uid"] not in [p["metadata"]["uid"] for p in kube.pods()],
+            what="the standby preempted",
+        )
+        time.sleep(2)  # a few passes: the job must not restart for it
+        assert running(kube, "demo-a1-w0", "demo-a1-w1")
+        current = status(kube)
+    assert current["phase"] == "Running"
+    assert current["restarts"]["total"] == 0
+    assert current["attempt"] == 1
+
+
+def test_the_operator_rides_out_an_api_server_restart(
+    kube: Kubelet, operator: Operator, controlplane: ControlPlane
+) -> None:
+    with operator():
+        create(kube, job())
+        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
+        controlplane.restart_apiserver()  # killed, then back on the same etcd
+        kube.finish("demo-a1-w1", exit_code=1, report={"finished": False, "exitCode": 75})
+        kube.eventually(lambda: attempt(kube, 2), timeout=60, what="attempt 2 after the restart")
+        kube.eventually(lambda: status(kube).get("phase") == "Running", what="Running")
+    assert status(kube)["restarts"]["byReason"] == {"WorkerFailed": 1}

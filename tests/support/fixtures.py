@@ -1,0 +1,155 @@
+"""Fixtures for tests against the real control plane (a pytest plugin, see ``tests/conftest.py``).
+
+One control plane serves the whole session. The chart is installed into it once, for real, by
+Helm (its CRD, RBAC, ServiceAccount and PriorityClass; no operator replicas, since no kubelet
+runs containers): the operator under test then runs in-process as the chart's ServiceAccount,
+so the API server enforces the chart's RBAC on every request it makes. Each test gets its own
+namespace, labelled to enforce the ``restricted`` Pod Security Standard, with its own test
+kubelet and nodes; at its end, any request the operator made that the API server refused as
+forbidden fails the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.support.controlplane import ControlPlane, unavailable
+from tests.support.kubelet import Kubelet, eventually
+
+CHART = ROOT / "charts" / "pretrain-operator"
+HELM = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
+RELEASE, OPERATOR_NAMESPACE = "pretrain", "pretrain-system"
+RESTRICTED = {
+    "pod-security.kubernetes.io/enforce": "restricted",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+}
+_NAMESPACES = itertools.count()
+
+
+def helm(plane: ControlPlane, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [HELM, f"--kubeconfig={plane.kubeconfig}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    if check and done.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)}: {done.stdout}{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def controlplane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with ControlPlane(tmp_path_factory.mktemp("controlplane")) as plane:
+        yield plane
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the operator is: the chart's ServiceAccount, and a token for it."""
+
+    namespace: str
+    service_account: str
+    token: str
+
+    @property
+    def user(self) -> str:
+        return f"system:serviceaccount:{self.namespace}:{self.service_account}"
+
+
+def install_chart(plane: ControlPlane) -> Identity:
+    """The chart installed by Helm (cluster-wide, no replicas), and its ServiceAccount."""
+    helm(
+        plane,
+        "install",
+        RELEASE,
+        str(CHART),
+        f"--namespace={OPERATOR_NAMESPACE}",
+        "--create-namespace",
+        "--set=replicas=0",
+        "--wait",
+    )
+    account = f"{RELEASE}-pretrain-operator"
+    return Identity(OPERATOR_NAMESPACE, account, plane.token(OPERATOR_NAMESPACE, account))
+
+
+@pytest.fixture(scope="session")
+def operator_identity(controlplane: ControlPlane) -> Identity:
+    if not os.access(HELM, os.X_OK):
+        pytest.skip("helm is not installed")
+    return install_chart(controlplane)
+
+
+def restricted_namespace(kubelet: Kubelet) -> None:
+    kubelet.client.request(
+        "POST",
+        "/api/v1/namespaces",
+        body={"metadata": {"name": kubelet.namespace, "labels": RESTRICTED}},
+    )
+
+
+def namespace_for(request: pytest.FixtureRequest) -> str:
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    return f"t{next(_NAMESPACES)}-{name}"
+
+
+@pytest.fixture
+def kube(
+    controlplane: ControlPlane, operator_identity: Identity, request: pytest.FixtureRequest
+) -> Iterator[Kubelet]:
+    """A restricted namespace of its own and a test kubelet with two nodes of 8 GPUs."""
+    namespace = namespace_for(request)
+    with controlplane.recording() as requests:
+        kubelet = Kubelet(controlplane, namespace, nodes=0)
+        restricted_namespace(kubelet)
+        for _ in range(2):
+            kubelet.add_node()
+        with kubelet:
+            yield kubelet
+        end(kubelet)
+    refused = [
+        f"{e['verb']} {e['objectRef'].get('resource')}/{e['objectRef'].get('subresource', '')}"
+        for e in requests
+        if e["user"]["username"] == operator_identity.user
+        and e.get("responseStatus", {}).get("code") == 403
+        and not controlplane.restarting(e)
+    ]
+    assert not refused, f"the chart's RBAC refused the operator: {sorted(set(refused))}"
+
+
+def end(kubelet: Kubelet) -> None:
+    """Remove a test's namespace and nodes without waiting for the namespace to go."""
+    namespace = kubelet.namespace
+    # No operator serves the namespace any more: its jobs' finalizers would keep it (and them,
+    # for an operator serving every namespace in a later test) for good.
+    jobs = f"/apis/pretrain.dev/v1alpha1/namespaces/{namespace}/pretrainjobs"
+    for job in kubelet.objects("pretrainjobs"):
+        path = f"{jobs}/{job['metadata']['name']}"
+        kubelet.client.request(
+            "PATCH",
+            path,
+            body={"metadata": {"finalizers": None}},
+            content_type="application/merge-patch+json",
+        )
+        kubelet.client.request("DELETE", path)
+    eventually(lambda: kubelet.objects("pretrainjobs") == [], what="the test's jobs deleted")
+    kubelet.client.request(
+        "DELETE",
+        f"/api/v1/namespaces/{namespace}/pods",
+        body={"gracePeriodSeconds": 0},
+    )
+    kubelet.client.request("DELETE", f"/api/v1/namespaces/{namespace}")
+    kubelet.remove_nodes()

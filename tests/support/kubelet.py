@@ -1,0 +1,339 @@
+"""The test kubelet: plays the nodes of a real control plane (``controlplane.py``).
+
+It creates Node objects with capacity (cpu, memory, ``nvidia.com/gpu``) and a Ready condition,
+and does for the pods the real scheduler binds to them what a kubelet does, through the API:
+marks them Running (ready, with an IP), confirms graceful deletions as a container exiting at
+once on SIGTERM, and, when a test says so, ends them as Succeeded or Failed with a termination
+message (the trainer's report). A node taken away (NotReady) has no kubelet: its pods stay as
+they are, including those being deleted, as on a real cluster. Each kubelet serves one
+namespace, so tests sharing a control plane do not act on each other's pods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from itertools import count
+from typing import Any
+
+import kubernetes
+from pretrain_operator.kube.client import ApiError, KubeClient
+
+from tests.support.controlplane import ControlPlane
+
+ROLE = "pretrain.dev/role"
+CONTAINER = "trainer"
+_NODES = count()
+MERGE = "application/merge-patch+json"
+UNREACHABLE, UNREACHABLE_EFFECTS = "node.kubernetes.io/unreachable", ("NoSchedule", "NoExecute")
+# Where a resource lives: its API path prefix, and whether it is namespaced.
+RESOURCES = {
+    "pods": ("/api/v1", True),
+    "services": ("/api/v1", True),
+    "configmaps": ("/api/v1", True),
+    "serviceaccounts": ("/api/v1", True),
+    "events": ("/api/v1", True),
+    "nodes": ("/api/v1", False),
+    "pretrainjobs": ("/apis/pretrain.dev/v1alpha1", True),
+    "podgroups": ("/apis/scheduling.volcano.sh/v1beta1", True),
+}
+
+
+def eventually(check: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not in {timeout:.0f}s: {what or check}")
+        time.sleep(0.05)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kubelet:
+    def __init__(
+        self,
+        plane: ControlPlane,
+        namespace: str,
+        *,
+        nodes: int = 2,
+        gpus: int = 8,
+        workers: int = 8,
+    ) -> None:
+        self.plane, self.namespace, self.gpus = plane, namespace, gpus
+        # The kubelets and the test: its requests are not the operator's.
+        self.client = KubeClient(plane.client(), field_manager="kubelet")
+        self._core: Any = kubernetes.client.CoreV1Api(self.client.api)
+        self.lock = threading.Lock()
+        self.ready: dict[str, bool] = {}  # our nodes, and whether each is Ready
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kubelet")
+        self._running: set[str] = set()  # pod uids marked Running
+        # When (time.monotonic()) this kubelet first saw each pod bound to one of its nodes, and
+        # when its Running status was written: the scheduler's and the kubelets' shares.
+        self.bound_at: dict[str, float] = {}
+        self.running_at: dict[str, float] = {}
+        for _ in range(nodes):
+            self.add_node()
+
+    # -- nodes -------------------------------------------------------------------------------
+    def add_node(self) -> str:
+        name = f"{self.namespace}-node-{next(_NODES)}"
+        capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": str(self.gpus)}
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            # Nodes are the one kind whose status is taken from a create.
+            "status": {
+                "capacity": capacity,
+                "allocatable": capacity,
+                "conditions": [self._condition(True)],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            },
+        }
+        self.client.request("POST", "/api/v1/nodes", body=node)
+        # The API server taints every new node not-ready (admission); the node lifecycle
+        # controller, which we do not run, lifts it once the node reports Ready.
+        self._set_ready(name, True)
+        self._kick()
+        return name
+
+    @staticmethod
+    def _condition(ready: bool) -> dict[str, Any]:
+        return {
+            "type": "Ready",
+            "status": "True" if ready else "False",
+            "reason": "KubeletReady" if ready else "NodeStatusUnknown",
+            "lastHeartbeatTime": _now(),
+            "lastTransitionTime": _now(),
+        }
+
+    def _set_ready(self, name: str, ready: bool) -> None:
+        with self.lock:
+            self.ready[name] = ready
+        self.client.request(
+            "PATCH",
+            f"/api/v1/nodes/{name}/status",
+            body={"status": {"conditions": [self._condition(ready)]}},
+            content_type="application/strategic-merge-patch+json",
+        )
+        # What the node lifecycle controller does to a node that stopped answering (we do not
+        # run it: no kubelet heartbeats): taint it, so the scheduler places nothing new there.
+        taints = [] if ready else [{"key": UNREACHABLE, "effect": e} for e in UNREACHABLE_EFFECTS]
+        self.client.request(
+            "PATCH", f"/api/v1/nodes/{name}", body={"spec": {"taints": taints}}, content_type=MERGE
+        )
+
+    def node_not_ready(self, name: str) -> None:
+        """The node stops answering: NotReady and tainted unreachable; its pods stay as they
+        are (those being deleted stay Terminating)."""
+        self._set_ready(name, False)
+
+    def node_back(self, name: str) -> None:
+        self._set_ready(name, True)
+        self._kick()
+
+    def ready_nodes(self) -> list[str]:
+        with self.lock:
+            return sorted(n for n, ready in self.ready.items() if ready)
+
+    def remove_nodes(self) -> None:
+        for name in list(self.ready):
+            with contextlib.suppress(ApiError):
+                self.client.request("DELETE", f"/api/v1/nodes/{name}")
+        with self.lock:
+            self.ready.clear()
+
+    # -- objects -----------------------------------------------------------------------------
+    def objects(self, resource: str, *, selector: str | None = None) -> list[dict[str, Any]]:
+        """The objects of a resource in this namespace (all, for cluster-scoped ones), sorted
+        by name."""
+        prefix, namespaced = RESOURCES[resource]
+        path = (
+            f"{prefix}/namespaces/{self.namespace}/{resource}"
+            if namespaced
+            else f"{prefix}/{resource}"
+        )
+        listed = self.client.request(
+            "GET", path, query={"labelSelector": selector} if selector else None
+        )
+        return sorted(listed.get("items") or [], key=lambda o: o["metadata"]["name"])
+
+    def pods(self, role: str | None = None) -> list[dict[str, Any]]:
+        return self.objects("pods", selector=f"{ROLE}={role}" if role else None)
+
+    def pod(self, name: str) -> dict[str, Any]:
+        path = f"/api/v1/namespaces/{self.namespace}/pods/{name}"
+        pod: dict[str, Any] = self.client.request("GET", path)
+        return pod
+
+    def _status(self, name: str, status: dict[str, Any]) -> None:
+        self.client.request(
+            "PATCH",
+            f"/api/v1/namespaces/{self.namespace}/pods/{name}/status",
+            body={"status": status},
+            content_type=MERGE,
+        )
+
+    def finish(self, name: str, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
+        """The trainer in pod ``name`` exits, leaving ``report`` as its termination message."""
+        pod = self.pod(name)
+        terminated: dict[str, Any] = {
+            "exitCode": exit_code,
+            "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": _now(),
+            "finishedAt": _now(),
+        }
+        if report is not None:
+            terminated["message"] = json.dumps(report)
+        self._status(
+            name,
+            {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [
+                    self._container(pod, ready=False, state={"terminated": terminated})
+                ],
+            },
+        )
+
+    @staticmethod
+    def _container(pod: dict[str, Any], *, ready: bool, state: dict[str, Any]) -> dict[str, Any]:
+        image = pod["spec"]["containers"][0]["image"]
+        return {
+            "name": pod["spec"]["containers"][0]["name"],
+            "image": image,
+            "imageID": f"docker-pullable://{image}",
+            "ready": ready,
+            "restartCount": 0,
+            "state": state,
+        }
+
+    # -- the kubelet at work -----------------------------------------------------------------
+    def _serve(self, pod: dict[str, Any]) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        node = spec.get("nodeName")
+        with self.lock:
+            if not self.ready.get(node or ""):
+                return  # not bound, not ours, or its node is down
+        phase = (pod.get("status") or {}).get("phase")
+        self.bound_at.setdefault(meta["uid"], time.monotonic())
+        if meta.get("deletionTimestamp"):
+            # The container exits at once on SIGTERM; the kubelet confirms the deletion.
+            body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
+            self._call(
+                lambda: self._core.delete_namespaced_pod(meta["name"], self.namespace, body=body)
+            )
+        elif phase == "Pending" and meta["uid"] not in self._running:
+            self._running.add(meta["uid"])
+            status = {
+                "phase": "Running",
+                "hostIP": "127.0.0.1",
+                "podIP": "127.0.0.1",
+                "podIPs": [{"ip": "127.0.0.1"}],
+                "startTime": _now(),
+                "conditions": [
+                    {"type": "Initialized", "status": "True"},
+                    {"type": "ContainersReady", "status": "True"},
+                    {"type": "Ready", "status": "True"},
+                ],
+                "containerStatuses": [
+                    self._container(pod, ready=True, state={"running": {"startedAt": _now()}})
+                ],
+            }
+
+            def run() -> None:
+                self._status(meta["name"], status)
+                self.running_at[meta["uid"]] = time.monotonic()
+
+            self._call(run)
+
+    def _call(self, action: Callable[[], Any]) -> None:
+        def run() -> None:
+            with contextlib.suppress(ApiError, kubernetes.client.ApiException):
+                action()  # or the pod was deleted meanwhile: nothing to do
+
+        self._pool.submit(run)
+
+    def _kick(self) -> None:
+        """Pods already bound to a node that just became ready are served on the next list."""
+        self._relist = True
+
+    _relist = False
+
+    def _loop(self) -> None:
+        watch = kubernetes.watch.Watch()
+        version = ""
+        while not self._stop.is_set():
+            try:
+                if not version or self._relist:
+                    self._relist = False
+                    listed = self._core.list_namespaced_pod(self.namespace, _preload_content=False)
+                    body = json.loads(listed.data)
+                    version = body["metadata"]["resourceVersion"]
+                    for pod in body.get("items") or []:
+                        self._serve(pod)
+                for event in watch.stream(
+                    self._core.list_namespaced_pod,
+                    self.namespace,
+                    resource_version=version,
+                    timeout_seconds=1,
+                    allow_watch_bookmarks=True,
+                ):
+                    raw = event["raw_object"]
+                    version = raw["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        self._serve(raw)
+                    if self._stop.is_set() or self._relist:
+                        break
+            except kubernetes.client.ApiException as error:
+                if error.status == 410:
+                    version = ""  # too old: list again
+                else:
+                    time.sleep(0.2)
+            except Exception:  # the API server restarting: try again
+                version = ""
+                time.sleep(0.2)
+
+    def __enter__(self) -> Kubelet:
+        self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=True)
+
+    # -- for failing tests -------------------------------------------------------------------
+    def describe(self) -> str:
+        """Pods, job status and events: what a failed test should show."""
+        pods = [
+            (p["metadata"]["name"], p["spec"].get("nodeName"), (p.get("status") or {}).get("phase"))
+            for p in self.pods()
+        ]
+        jobs = [(j["metadata"]["name"], j.get("status")) for j in self.objects("pretrainjobs")]
+        events = [(e["reason"], e["message"]) for e in self.objects("events")]
+        return f"pods: {pods}\njobs: {jobs}\nevents: {events}"
+
+    def eventually(self, check: Callable[[], Any], *, timeout: float = 30.0, what: str = "") -> Any:
+        try:
+            return eventually(check, timeout=timeout, what=what)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}\n{self.describe()}") from None
+
+
+def names(objects: Iterable[dict[str, Any]]) -> list[str]:
+    return sorted(o["metadata"]["name"] for o in objects)
