@@ -163,7 +163,10 @@ class ControlPlane:
                 "--requestheader-group-headers=X-Remote-Group",
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--authorization-mode=Node,RBAC",
-                "--enable-admission-plugins=NodeRestriction,PodSecurity,Priority",
+                # What kubeadm enables, and the check that a client may block its objects'
+                # owners' deletion (OpenShift enables it): update on the owner's finalizers.
+                "--enable-admission-plugins=NodeRestriction,PodSecurity,Priority,"
+                "OwnerReferencesPermissionEnforcement",
                 "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                 f"--service-account-key-file={pki / 'sa.pub'}",
                 f"--service-account-signing-key-file={pki / 'sa.key'}",

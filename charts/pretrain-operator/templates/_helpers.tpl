@@ -23,21 +23,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- default (include "pretrain-operator.fullname" .) .Values.serviceAccount.name -}}
 {{- end -}}
 
-{{/* The rules the operator needs in a namespace it serves (see tests/chart: every request a
-recorded run makes is granted, nothing more). */}}
+{{/* The rules the operator needs in a namespace it serves (see tests/cluster: the API server
+grants every request of a job's whole life, and nothing is granted that is not asked for but
+the owner's finalizers, which the OwnerReferencesPermissionEnforcement admission checks). */}}
 {{- define "pretrain-operator.rules" -}}
 - apiGroups: [pretrain.dev]
   resources: [pretrainjobs]
   verbs: [get, list, watch, patch]
 - apiGroups: [pretrain.dev]
   resources: [pretrainjobs/status]
-  verbs: [get, patch]
+  verbs: [patch]
 - apiGroups: [pretrain.dev]
   resources: [pretrainjobs/finalizers]
   verbs: [update]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [list, watch, create, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, patch]
