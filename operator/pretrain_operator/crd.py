@@ -106,7 +106,8 @@ def _keys_rule(schema: Schema, pattern: str) -> Schema:
     size = f"size(k) <= {longest} && " if longest else ""
     return {
         "rule": f"self.all(k, {size}k.matches('{pattern}'))",
-        "message": f"keys must match {pattern}" + (f" and be at most {longest} long" if longest else ""),
+        "message": f"keys must match {pattern}"
+        + (f" and be at most {longest} long" if longest else ""),
     }
 
 
