@@ -326,17 +326,16 @@ def test_restarting_the_operator_in_any_phase_duplicates_nothing_and_keeps_statu
 
 
 class FailingClient(KubeClient):
-    """The API server refuses the n-th pod create: an operator dying half-way through."""
+    """The API server refuses the first create of one pod: an operator dying half-way."""
 
-    def __init__(self, api: Any, *, fail_at: int) -> None:
+    def __init__(self, api: Any, *, fail: str) -> None:
         super().__init__(api)
-        self.pod_creates, self.fail_at = 0, fail_at
+        self.fail: str | None = fail
 
     def create(self, obj: Any, *, namespace: str) -> dict[str, Any] | None:
-        if obj["kind"] == "Pod" and obj["metadata"]["labels"]["pretrain.dev/role"] == "worker":
-            self.pod_creates += 1
-            if self.pod_creates == self.fail_at:
-                raise TemporaryApiError(503, "the server is shutting down")
+        if obj["kind"] == "Pod" and obj["metadata"]["name"] == self.fail:
+            self.fail = None
+            raise TemporaryApiError(503, "the server is shutting down")
         return super().create(obj, namespace=namespace)
 
 
@@ -344,7 +343,7 @@ def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplica
     kube: Kubelet, controlplane: ControlPlane, operator_identity: Identity
 ) -> None:
     create(kube, job())
-    failing = FailingClient(controlplane.client(operator_identity.token), fail_at=2)
+    failing = FailingClient(controlplane.client(operator_identity.token), fail="demo-a1-w1")
 
     def once(client: KubeClient) -> None:
         body = client.get_job(kube.namespace, "demo")
@@ -358,6 +357,7 @@ def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplica
     with pytest.raises(TemporaryApiError):
         once(failing)  # created worker 0, died creating worker 1: no status written
     assert workers(kube) == ["demo-a1-w0"]
+    assert len(kube.pods("standby")) == 2  # a standby yields only once every worker exists
     first = kube.pod("demo-a1-w0")["metadata"]["uid"]
     assert status(kube).get("attempt", 0) == 0
     # The next passes decide the same attempt again: worker 0 exists (409, fine), 1 is created.

@@ -198,14 +198,16 @@ def _group(
             previous = attempt_name(job, group.attempt - 1)
             found.append(Create(pod_group))
             found.append(Delete("PodGroup", previous, api_version=pod_group["apiVersion"]))
+    yielding: list[Action] = []
     for slot in group.slots:
-        if worker_name(job, group.attempt, slot) in by_name:
-            continue
-        found.append(Create(worker_pod(job, group, slot, options=options)))
+        if worker_name(job, group.attempt, slot) not in by_name:
+            found.append(Create(worker_pod(job, group, slot, options=options)))
         standby = by_name.get(standby_name(job, slot))
-        if standby is not None:  # after the create: a pass that dies in between keeps it
-            found += _delete(standby, nodes, grace=0)  # its node is where this worker should run
-    return found
+        if standby is not None:  # its node is where this group's worker should run
+            yielding += _delete(standby, nodes, grace=0)
+    # After every create: a pass that dies in between keeps them (the creates go at once),
+    # and the next one, finding some workers there, still lets the group's standbys go.
+    return found + yielding
 
 
 def _standbys(

@@ -12,6 +12,7 @@ operator branches on typed: :class:`NotFoundError`, :class:`ForbiddenError` and
 from __future__ import annotations
 
 import json
+import threading
 import urllib.parse
 from collections import Counter
 from collections.abc import Mapping
@@ -89,6 +90,7 @@ class KubeClient:
         self.api.user_agent = f"{field_manager}/{__version__}"  # how audit logs tell us apart
         self.field_manager = field_manager
         self.requests: Counter[str] = Counter()  # by verb, for benchmarks and metrics
+        self._counting = threading.Lock()  # a pass sends some requests at once
 
     # -- transport ---------------------------------------------------------------------------
     def request(
@@ -101,7 +103,8 @@ class KubeClient:
         content_type: str = "application/json",
         verb: str | None = None,
     ) -> Any:
-        self.requests[verb or method.lower()] += 1
+        with self._counting:
+            self.requests[verb or method.lower()] += 1
         if query:
             path = f"{path}?{urllib.parse.urlencode(query)}"
         headers = {"Accept": "application/json", "Content-Type": content_type}

@@ -5,19 +5,24 @@ attempt's config and gang, standbys), as data."""
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Any
 
+import kubernetes
 import pytest
 from pretrain_operator.api import JobStatus, Phase, StageStatus, WorkersStatus, parse_job
 from pretrain_operator.kube.actions import Action, Create, Delete, Replace, actions
+from pretrain_operator.kube.client import KubeClient, TemporaryApiError
 from pretrain_operator.kube.objects import (
     Gang,
     Options,
+    config_map,
     job_objects,
     rendezvous_pod,
     standby_pod,
     worker_pod,
 )
+from pretrain_operator.kube.reconcile import apply
 from pretrain_operator.plan import Group, Plan
 
 from tests.conftest import minimal_job
@@ -166,6 +171,17 @@ def test_a_new_attempt_stops_older_workers_and_replaces_standbys_after_its_worke
     ]
 
 
+def test_a_group_left_half_created_keeps_its_standbys_until_every_worker_exists() -> None:
+    # The pass that created worker 0 died before worker 1: the next creates worker 1, and only
+    # then lets both standbys go (the creates of a pass go out at once).
+    pods = [RENDEZVOUS, worker(2, 0), standby(0), standby(1, node="n1")]
+    assert said(actions(JOB, running(2), pods, nodes=READY, options=Options())) == [
+        ("create", "Pod", "demo-a2-w1"),
+        ("delete", "Pod", "demo-standby-w0", 0),
+        ("delete", "Pod", "demo-standby-w1", 0),
+    ]
+
+
 def test_a_gang_gets_its_pod_group_before_its_pods_and_the_old_one_goes() -> None:
     options = Options(gang=Gang("volcano"))
     todo = actions(JOB, running(3, slots=(0,)), [RENDEZVOUS], nodes=READY, options=options)
@@ -215,3 +231,45 @@ def test_a_refused_job_with_an_unreadable_status_still_gets_its_invalid_spec_sta
     assert status.phase == Phase.FAILED
     assert status.conditions[0].reason == "InvalidSpec"
     assert "spec.image" in status.conditions[0].message
+
+
+class Recorder(KubeClient):
+    """Records the writes a pass sends, from several threads; refuses one create."""
+
+    def __init__(self, *, refuse: str | None = None) -> None:
+        super().__init__(kubernetes.client.ApiClient())  # never sends: writes are recorded
+        self.refuse, self.sent, self.lock = refuse, [], threading.Lock()
+
+    def create(self, obj: Any, *, namespace: str) -> dict[str, Any] | None:
+        with self.lock:
+            self.sent.append(("create", obj["metadata"]["name"]))
+        if obj["metadata"]["name"] == self.refuse:
+            raise TemporaryApiError(503, "refused")
+        return dict(obj)
+
+    def delete(self, kind: str, name: str, **_: Any) -> bool:
+        with self.lock:
+            self.sent.append(("delete", name))
+        return True
+
+    def replace_or_create(self, obj: Any, *, namespace: str) -> None:
+        with self.lock:
+            self.sent.append(("replace", obj["metadata"]["name"]))
+
+
+def test_apply_sends_a_run_of_pod_writes_at_once_and_stops_after_a_failed_run() -> None:
+    group = Group(stage=0, attempt=1, slots=tuple(range(6)))
+    creates = [Create(worker_pod(JOB, group, slot)) for slot in range(6)]
+    deletes = [Delete("Pod", f"demo-standby-w{slot}") for slot in range(6)]
+    todo: list[Action] = [Replace(config_map(JOB)), *creates, *deletes]
+    client = Recorder()
+    applied = apply(client, todo, namespace="ml", in_flight=4)
+    assert client.sent[0] == ("replace", "demo-config")
+    assert sorted(client.sent[1:7]) == [("create", f"demo-a1-w{s}") for s in range(6)]
+    assert sorted(client.sent[7:]) == [("delete", f"demo-standby-w{s}") for s in range(6)]
+    assert len(applied.created) == 6
+    refusing = Recorder(refuse="demo-a1-w2")
+    with pytest.raises(TemporaryApiError):
+        apply(refusing, todo, namespace="ml", in_flight=4)
+    assert len([s for s in refusing.sent if s[0] == "create"]) == 6  # the run went out whole
+    assert [s for s in refusing.sent if s[0] == "delete"] == []  # nothing after it did
