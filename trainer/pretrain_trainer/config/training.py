@@ -184,7 +184,9 @@ class Stage(Spec):
     """Stage name (a DNS label), unique in the job."""
     budget: Budget
     """When the stage ends."""
-    data_mix: Annotated[dict[SourceName, Annotated[float, Field(ge=0)]], Field(min_length=1, max_length=256)]
+    data_mix: Annotated[
+        dict[SourceName, Annotated[float, Field(ge=0)]], Field(min_length=1, max_length=256)
+    ]
     """Source name -> relative weight (normalised; need not sum to 1)."""
     global_batch_size: Count
     """Sequences per optimizer step across all workers; constant whatever the world size."""
