@@ -1,2 +1,2 @@
-"""Stand-ins and harnesses the tests share: an API server, a pretend cluster of kubelets, a
-Prometheus runner, the trainer harness. Not tests themselves (except the stand-in's own)."""
+"""What the tests share: the real control plane and its fixtures, the test kubelet, a
+Prometheus runner. Not tests themselves."""
