@@ -97,11 +97,7 @@ func writePKI(args []string) error {
 	for _, id := range identities {
 		client := template(id.user, id.groups)
 		client.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
-		key, err := newKey()
-		if err != nil {
-			return err
-		}
-		der, err := sign(client, issuer, key, caKey)
+		der, key, err := keyAndCert(client, issuer, caKey)
 		if err != nil {
 			return err
 		}
@@ -133,15 +129,21 @@ func template(name string, groups []string) *x509.Certificate {
 }
 
 func issue(dir, name string, cert, issuer *x509.Certificate, caKey *ecdsa.PrivateKey) error {
-	key, err := newKey()
-	if err != nil {
-		return err
-	}
-	der, err := sign(cert, issuer, key, caKey)
+	der, key, err := keyAndCert(cert, issuer, caKey)
 	if err != nil {
 		return err
 	}
 	return writePair(dir, name, der, key)
+}
+
+// keyAndCert makes a new key and the certificate cert for it, signed by the CA.
+func keyAndCert(cert, issuer *x509.Certificate, caKey *ecdsa.PrivateKey) ([]byte, *ecdsa.PrivateKey, error) {
+	key, err := newKey()
+	if err != nil {
+		return nil, nil, err
+	}
+	der, err := sign(cert, issuer, key, caKey)
+	return der, key, err
 }
 
 func newKey() (*ecdsa.PrivateKey, error) { return ecdsa.GenerateKey(elliptic.P256(), rand.Reader) }

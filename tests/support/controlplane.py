@@ -131,6 +131,7 @@ class ControlPlane:
         self.url = f"https://127.0.0.1:{self.port}"
         self.audit_log = directory / "audit.log"
         etcd_port, peer_port = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{etcd_port}"
         pki = self.pki
         self.etcd = Process(
             "etcd",
@@ -254,15 +255,35 @@ class ControlPlane:
                 raise TimeoutError(f"kube-apiserver not ready in {timeout:.0f}s ({self.dir})")
             time.sleep(0.2)
 
-    def restart_apiserver(self) -> None:
-        """The API server crashes (SIGKILL) and starts again on the same etcd and port. Just
-        after it is ready its authorizer may still be loading the RBAC objects, refusing
-        requests it will grant a moment later: :attr:`restarts` keeps when each restart began
-        and when that may still happen (wall-clock seconds)."""
+    def restart_apiserver(self, *, compact: bool = False) -> None:
+        """The API server crashes (SIGKILL) and starts again on the same etcd and port; with
+        ``compact``, etcd's history is compacted while it is down, so every watch resumed from
+        a resourceVersion older than the newest gets 410 Gone. Just after it is ready its
+        authorizer may still be loading the RBAC objects, refusing requests it will grant a
+        moment later: :attr:`restarts` keeps when each restart began and when that may still
+        happen (wall-clock seconds)."""
         began = time.time()
         self.apiserver.stop(kill=True)
+        if compact:
+            self.compact()
         self.start_apiserver()
         self.restarts.append((began, time.time() + RBAC_WARMUP_SECONDS))
+
+    def compact(self) -> int:
+        """Compact etcd's history up to its current revision (through etcd's JSON gateway);
+        returns that revision."""
+
+        def call(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            request = urllib.request.Request(
+                f"{self.etcd_url}{path}", data=json.dumps(body).encode(), method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+                return answer
+
+        revision = int(call("/v3/kv/range", {"key": "Lw=="})["header"]["revision"])  # key "/"
+        call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
 
     def _ready(self) -> bool:
         context = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
@@ -303,16 +324,30 @@ class ControlPlane:
         input: str | None = None,
         kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        return self.run(KUBECTL, *args, check=check, input=input, kubeconfig=kubeconfig)
+
+    def run(
+        self,
+        tool: Path | str,
+        *args: str,
+        check: bool = True,
+        input: str | None = None,
+        kubeconfig: Path | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a client binary (kubectl, helm) against this server, as the admin by default;
+        with ``check``, a failure raises with its output."""
         done = subprocess.run(
-            [str(KUBECTL), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
+            [str(tool), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args],
             capture_output=True,
             text=True,
             input=input,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         if check and done.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)}: {done.stdout}{done.stderr}")
+            name = Path(tool).name
+            raise AssertionError(f"{name} {' '.join(args)}: {done.stdout}{done.stderr}")
         return done
 
     def client(self, token: str | None = None) -> Any:

@@ -36,16 +36,7 @@ _NAMESPACES = itertools.count()
 
 
 def helm(plane: ControlPlane, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [HELM, f"--kubeconfig={plane.kubeconfig}", *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"helm {' '.join(args)}: {done.stdout}{done.stderr}")
-    return done
+    return plane.run(HELM, *args, check=check, timeout=180)
 
 
 @pytest.fixture(scope="session")
