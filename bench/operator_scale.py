@@ -3,7 +3,7 @@ kube-scheduler, kube-controller-manager), with 128 test-kubelet nodes of 8 GPUs:
 job (the size of a published 1,024-accelerator foundation stage, one GPU per worker) and 100
 small jobs at once. The operator runs as the chart's ServiceAccount, installed by Helm.
 
-    .venv/bin/python bench/operator_scale.py [--workers 1024] [--jobs 100]
+    .venv/bin/python bench/operator_scale.py [--cluster real] [--workers 1024] [--jobs 100]
 
 The 1,024-worker job is first driven by calling ``reconcile`` directly, so each share is timed
 alone: the first pass creates the job's objects and a standby pod per slot; the real scheduler
@@ -235,6 +235,12 @@ def many_small_jobs(plane: ControlPlane, identity: Identity, count: int) -> None
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--cluster",
+        choices=["real"],
+        default="real",
+        help="the real control plane (tests/controlplane), the only one there is",
+    )
     parser.add_argument("--workers", type=int, default=1024)
     parser.add_argument("--jobs", type=int, default=100)
     args = parser.parse_args()
