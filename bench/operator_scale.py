@@ -55,8 +55,8 @@ def _big_job(workers: int, namespace: str) -> dict[str, Any]:
 
 
 def _kubelet(plane: ControlPlane, namespace: str, workers: int) -> Kubelet:
+    restricted_namespace(plane, namespace)
     kubelet = Kubelet(plane, namespace, nodes=0, gpus=GPUS_PER_NODE, workers=16)
-    restricted_namespace(kubelet)
     for _ in range(-(-workers // GPUS_PER_NODE)):
         kubelet.add_node()
     return kubelet

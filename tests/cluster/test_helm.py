@@ -15,7 +15,14 @@ from pretrain_operator.kube.settings import OperatorSettings
 
 from tests.operator.conftest import GROUP, PLURAL, VERSION, job, running_operator
 from tests.support.controlplane import ControlPlane
-from tests.support.fixtures import CHART, RESTRICTED, Identity, helm
+from tests.support.fixtures import (
+    CHART,
+    Identity,
+    fullname,
+    helm,
+    release_identity,
+    restricted_namespace,
+)
 from tests.support.kubelet import Kubelet, eventually
 
 pytestmark = pytest.mark.slow
@@ -40,12 +47,9 @@ def can(plane: ControlPlane, user: str, verb: str, resource: str, *where: str) -
     return done.stdout.strip() == "yes"
 
 
-def deployed_settings(
-    plane: ControlPlane, release: str, namespace: str, *, name: str | None = None
-) -> OperatorSettings:
-    """The operator's settings as its Deployment (``name``, by default the release's full
-    name) passes them: its environment."""
-    name = name or f"{release}-pretrain-operator"
+def deployed_settings(plane: ControlPlane, release: str, namespace: str) -> OperatorSettings:
+    """The operator's settings as the release's Deployment passes them: its environment."""
+    name = fullname(release)
     deployment = json.loads(
         plane.kubectl("get", "deployment", name, f"--namespace={namespace}", "-o", "json").stdout
     )
@@ -66,7 +70,7 @@ class Release:
 
     @property
     def account(self) -> str:
-        return f"{self.name}-pretrain-operator"
+        return self.identity.service_account
 
 
 _releases = itertools.count()
@@ -78,17 +82,11 @@ def team(controlplane: ControlPlane, operator_identity: Identity) -> Iterator[Re
     name = f"team{next(_releases)}"
     home, served, other = f"{name}-system", (f"{name}-a", f"{name}-b"), f"{name}-c"
     for namespace in (home, *served, other):
-        controlplane.kubectl("create", "namespace", namespace)
-        controlplane.kubectl(
-            "label", "namespace", namespace, *(f"{k}={v}" for k, v in RESTRICTED.items())
-        )
+        restricted_namespace(controlplane, namespace)
     install(
         controlplane, name, home, f"--set=namespaces={{{','.join(served)}}}", "--set=replicas=0"
     )
-    account = f"{name}-pretrain-operator"
-    yield Release(
-        name, home, served, other, Identity(home, account, controlplane.token(home, account))
-    )
+    yield Release(name, home, served, other, release_identity(controlplane, name, home))
     helm(controlplane, "uninstall", name, f"--namespace={home}", check=False)
     for namespace in (home, *served, other):
         controlplane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
@@ -221,10 +219,7 @@ def test_the_operators_own_pod_is_admitted_under_the_restricted_pod_security_sta
     controlplane: ControlPlane, operator_identity: Identity
 ) -> None:
     namespace = "psa-system"
-    controlplane.kubectl("create", "namespace", namespace)
-    controlplane.kubectl(
-        "label", "namespace", namespace, *(f"{k}={v}" for k, v in RESTRICTED.items())
-    )
+    restricted_namespace(controlplane, namespace)
     try:
         helm(
             controlplane,

@@ -19,7 +19,7 @@ from tests.cluster.test_helm import deployed_settings
 from tests.conftest import ROOT
 from tests.operator.conftest import running_operator
 from tests.support.controlplane import ControlPlane, unavailable
-from tests.support.fixtures import HELM, Identity
+from tests.support.fixtures import HELM, release_identity
 from tests.support.kubelet import Kubelet
 
 pytestmark = pytest.mark.slow
@@ -155,9 +155,8 @@ def test_the_readmes_install_submit_upgrade_and_uninstall_work_as_written(
         plane.kubectl("get", kind, f"--namespace={NAMESPACE}", "-o", "name")
     for name in ("pretrain-data", "pretrain-checkpoints"):
         plane.kubectl("apply", "-f", "-", input=STORAGE.format(name=name))
-    account = f"{RELEASE}"  # the release's name already holds the chart's
-    identity = Identity(NAMESPACE, account, plane.token(NAMESPACE, account))
-    settings = deployed_settings(plane, RELEASE, NAMESPACE, name=RELEASE)
+    identity = release_identity(plane, RELEASE, NAMESPACE)
+    settings = deployed_settings(plane, RELEASE, NAMESPACE)
     overrides = {"resync_seconds": 1.0, "metrics_port": 0, "health_port": 0}
     with (
         Kubelet(plane, "default", nodes=1) as kube,
@@ -194,5 +193,7 @@ def test_the_readmes_install_submit_upgrade_and_uninstall_work_as_written(
         kube.eventually(lambda: kube.pods() == [], timeout=60, what="the job's pods collected")
         shell(plane, inline(text, "kubectl delete crd"))
     shell(plane, inline(text, "helm uninstall"))
-    left = plane.kubectl("get", "serviceaccount", RELEASE, f"--namespace={NAMESPACE}", check=False)
+    left = plane.kubectl(
+        "get", "serviceaccount", identity.service_account, f"--namespace={NAMESPACE}", check=False
+    )
     assert "NotFound" in left.stderr

@@ -292,7 +292,7 @@ def test_restarting_the_operator_in_any_phase_duplicates_nothing_and_keeps_statu
     with operator():
         create(kube, job())
         kube.eventually(lambda: attempt(kube, 1), what="Running")
-        kube.eventually(lambda: status(kube).get("phase") == "Running")
+        kube.eventually(lambda: status(kube).get("workers", {}).get("ready") == 2, what="ready")
     restart_changes_nothing()  # Running
 
     with operator():

@@ -12,6 +12,7 @@ forbidden fails the test.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -73,8 +74,18 @@ def install_chart(plane: ControlPlane) -> Identity:
         "--set=replicas=0",
         "--wait",
     )
-    account = f"{RELEASE}-pretrain-operator"
-    return Identity(OPERATOR_NAMESPACE, account, plane.token(OPERATOR_NAMESPACE, account))
+    return release_identity(plane, RELEASE, OPERATOR_NAMESPACE)
+
+
+def fullname(release: str) -> str:
+    """What the chart names its objects (and its ServiceAccount) after: ``_helpers.tpl``."""
+    return release if CHART.name in release else f"{release}-{CHART.name}"
+
+
+def release_identity(plane: ControlPlane, release: str, namespace: str) -> Identity:
+    """The ServiceAccount a release installed, and a token for it."""
+    account = fullname(release)
+    return Identity(namespace, account, plane.token(namespace, account))
 
 
 @pytest.fixture(scope="session")
@@ -84,12 +95,14 @@ def operator_identity(controlplane: ControlPlane) -> Identity:
     return install_chart(controlplane)
 
 
-def restricted_namespace(kubelet: Kubelet) -> None:
-    kubelet.client.request(
-        "POST",
-        "/api/v1/namespaces",
-        body={"metadata": {"name": kubelet.namespace, "labels": RESTRICTED}},
-    )
+def restricted_namespace(plane: ControlPlane, name: str) -> None:
+    """A namespace that enforces the ``restricted`` Pod Security Standard."""
+    namespace = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": name, "labels": RESTRICTED},
+    }
+    plane.kubectl("create", "-f", "-", input=json.dumps(namespace))
 
 
 def namespace_for(request: pytest.FixtureRequest) -> str:
@@ -104,8 +117,8 @@ def kube(
     """A restricted namespace of its own and a test kubelet with two nodes of 8 GPUs."""
     namespace = namespace_for(request)
     with controlplane.recording() as requests:
+        restricted_namespace(controlplane, namespace)
         kubelet = Kubelet(controlplane, namespace, nodes=0)
-        restricted_namespace(kubelet)
         for _ in range(2):
             kubelet.add_node()
         with kubelet:
