@@ -86,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(stage, world_size=world)
     )
-    accumulation = stage.gradient_accumulation(world)
+    accumulation = stage.split(world).most  # the bare loop needs a world that divides
     seq = stage.seq_len_for(config.model)
     tokens = torch.randint(0, 256, (accumulation, stage.micro_batch_size, seq + 1))
 

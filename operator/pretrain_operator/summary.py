@@ -26,15 +26,29 @@ def _budget(stage: Stage, job: PretrainJob) -> str:
     return f"{human(stage.budget.tokens or 0)} tokens = {human(steps)} steps x {shape}"
 
 
-def _world_sizes(stage: Stage, job: PretrainJob) -> str:
-    nproc = job.spec.nproc_per_worker
-    shown = [
-        f"{w} (accum {stage.gradient_accumulation(w * nproc)})"
-        for w in job.spec.worker_counts(stage).usable
-    ]
-    if len(shown) > 8:
-        shown = [*shown[:4], "...", *shown[-3:]]
-    return f"micro batch {stage.micro_batch_size}; workers " + ", ".join(shown)
+def _world_sizes(stage: Stage, job: PretrainJob) -> list[str]:
+    """Each band of worker counts: the longest rank's micro-batches, the efficiency of its
+    counts, the count the planner runs and the workers' worth it trains at."""
+    counts = job.spec.worker_counts(stage)
+    shown = []
+    for band in counts.bands():
+        best, worst = band.efficiency
+        efficiency = f"{best:.0%}" if band.low == band.high else f"{best:.0%}-{worst:.0%}"
+        runs = "" if band.low == band.high else f", runs {band.low}"
+        shown.append(
+            f"{band.counts()}: {band.most} per rank, {efficiency}{runs}, "
+            f"as fast as {band.useful:.4g}"
+        )
+    if len(shown) > 6:
+        shown = [*shown[:4], f"... {len(shown) - 5} more", shown[-1]]
+    head = f"micro batch {stage.micro_batch_size}; workers (micro-batches on the longest rank):"
+    return [head, *shown]
+
+
+def _indented(label: str, lines: list[str]) -> list[Text]:
+    """The first line after ``label``, the rest indented two more under it."""
+    pad = " " * (len(label) + 2)
+    return [Text(label + lines[0]), *(Text(pad + line) for line in lines[1:])]
 
 
 def _schedule(stage: Stage) -> str:
@@ -87,7 +101,7 @@ def job_summary(job: PretrainJob) -> Group:
         lines += [
             Text.assemble((f"  stage {i} {stage.name}", "bold cyan")),
             Text(f"    budget  {_budget(stage, job)}"),
-            Text(f"    batch   {_world_sizes(stage, job)}"),
+            *_indented("    batch   ", _world_sizes(stage, job)),
             Text(f"    lr      {_schedule(stage)}"),
             Text(f"    data    {_mix(stage)}"),
             Text(f"    train   {_training(stage)}"),

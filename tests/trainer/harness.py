@@ -201,7 +201,7 @@ def reference_run(config: dict[str, Any], *, steps: int) -> tuple[list[float], l
     )
     losses, norms = [], []
     for _ in range(steps):
-        batches = data.next_batch(rank=0, world_size=1, device=torch.device("cpu"))
+        batches = data.next_batch(rank=0, split=stage_.split(1), device=torch.device("cpu"))
         step_loss = 0.0
         for inputs, targets in batches:
             loss = lm_loss(model(inputs), targets, label_smoothing=stage_.label_smoothing)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pretrain_operator.cli import main
+from pretrain_trainer.config import BatchSplit
 from pretrain_trainer.data import (
     DataError,
     MixtureSampler,
@@ -304,14 +305,17 @@ def _sampler(**overrides: object) -> MixtureSampler:
 def test_global_stream_is_identical_for_any_world_size() -> None:
     reference = _sampler()
     expected = [reference.next_global_batch() for _ in range(20)]
-    for world in (1, 2, 4):
+    for world in (1, 2, 3, 4, 5, 7):  # 32 samples in micro-batches of 2: 16, uneven at 3, 5, 7
+        split = BatchSplit(16, world)
         ranks = [_sampler() for _ in range(world)]  # every rank runs its own sampler
         for batch in expected:
             shares = [
-                s.rank_slice(s.next_global_batch(), rank=rank, world_size=world)
+                s.rank_slice(s.next_global_batch(), rank=rank, split=split)
                 for rank, s in enumerate(ranks)
             ]
-            assert all(len(share) == 32 // world for share in shares)
+            sizes = [len(share) for share in shares]
+            assert sizes == sorted(sizes, reverse=True)  # the longer shares come first
+            assert max(sizes) - min(sizes) <= (0 if 16 % world == 0 else 2)
             assert [sample for share in shares for sample in share] == batch
 
 
@@ -419,11 +423,19 @@ def test_a_source_without_a_full_sample_is_refused() -> None:
         _sampler(mix={"prose": 1, "web": 1})
 
 
-def test_rank_slice_needs_a_divisible_global_batch() -> None:
-    batch = _sampler(global_batch=6).next_global_batch()
-    assert MixtureSampler.rank_slice(batch, rank=2, world_size=3) == batch[4:]
-    with pytest.raises(ValueError, match="6 samples is not divisible by world size 4"):
-        MixtureSampler.rank_slice(batch, rank=0, world_size=4)
+def test_rank_slices_split_unevenly_by_whole_micro_batches() -> None:
+    batch = _sampler(global_batch=16).next_global_batch()
+    split = BatchSplit(8, 3)  # micro-batches of 2: ranks run 3, 3 and 2
+    shares = [MixtureSampler.rank_slice(batch, rank=r, split=split) for r in range(3)]
+    assert shares == [batch[0:6], batch[6:12], batch[12:16]]
+    wide = BatchSplit(8, 10)  # more ranks than micro-batches: the last two read nothing
+    assert [len(MixtureSampler.rank_slice(batch, rank=r, split=wide)) for r in range(10)] == [
+        2
+    ] * 8 + [0, 0]
+    with pytest.raises(ValueError, match="16 samples is not 5 equal micro-batches"):
+        MixtureSampler.rank_slice(batch, rank=0, split=BatchSplit(5, 2))
+    with pytest.raises(ValueError, match="rank 3 is not in a world of size 3"):
+        MixtureSampler.rank_slice(batch, rank=3, split=split)
 
 
 def test_read_samples_gives_inputs_and_shifted_targets(tmp_path: Path) -> None:

@@ -48,6 +48,29 @@ def test_zero3_on_two_processes_matches_plain_pytorch(
     assert (final.parent.parent / "latest").read_text().strip() == "stage-0/step-20"
 
 
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_an_uneven_split_over_three_processes_matches_plain_pytorch(
+    corpus: dict[str, Path], tmp_path: Path, zero: int
+) -> None:
+    """16 sequences in micro-batches of 2 over 3 processes: ranks run 3, 3 and 2; ZeRO 2 and
+    3 pad the short rank with a zero-weighted micro-step."""
+    batch = {"globalBatchSize": 16, "microBatchSize": 2, "budget": {"steps": 20}}
+    config = run_config(corpus, stages=[stage(zeroStage=zero, **batch)])
+    run = run_trainer(tmp_path, config, nproc=3)
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    assert "micro-batches per rank 3/2 (89% efficient)" in run.stderr
+    assert {
+        (s["worldSize"], s["microBatchesMost"], s["microBatchesFewest"]) for s in run.steps
+    } == {(3, 3, 2)}
+    expected, norms = reference_run(config, steps=20)
+    assert len(run.losses) == 20
+    assert max(abs(a - b) for a, b in zip(run.losses, expected, strict=True)) <= 1e-5
+    seen = [s["gradNorm"] for s in run.steps]
+    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+    assert run.report is not None
+    assert run.report["tokens"] == 20 * 16 * 64
+
+
 def test_training_on_a_real_corpus_lowers_the_loss(corpus: dict[str, Path], tmp_path: Path) -> None:
     # ZeRO-0 in fp32: the path where the trainer's own optimizer computes the norm and clips.
     config = run_config(

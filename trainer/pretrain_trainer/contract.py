@@ -231,6 +231,10 @@ class StepRecord(_Record):
     time: float
     """Unix time at its end."""
     world_size: int
+    micro_batches_most: int | None = None
+    """Micro-batches of the longest rank at this world size: what the step cost."""
+    micro_batches_fewest: int | None = None
+    """Micro-batches of the shortest rank (the same as the longest where the split is even)."""
     restore_seconds: float | None = None
     """On the first step after a restore: what the restore cost."""
     checkpoint_blocking: float | None = None

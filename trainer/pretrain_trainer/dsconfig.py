@@ -21,19 +21,32 @@ def owns_clipping(stage: Stage) -> bool:
     return stage.zero_stage == 0 and stage.precision == "fp32"
 
 
+def lockstep(stage: Stage) -> bool:
+    """Whether every rank must run the same number of micro-steps.
+
+    ZeRO 2 and 3 reduce (and ZeRO 3 gathers) inside every forward and backward, so a rank with
+    fewer micro-batches than the longest pads with zero-weighted dummy micro-steps, or the
+    collectives fall out of step. ZeRO 0 and 1 reduce only at the accumulation boundary, which
+    a short rank simply reaches sooner (it still needs one micro-step to reach it at all).
+    """
+    return stage.zero_stage >= 2
+
+
 def deepspeed_config(stage: Stage, *, world_size: int) -> dict[str, Any]:
-    """DeepSpeed config for ``stage`` at ``world_size`` processes; the global batch is exact
-    or this raises ValueError naming the stage."""
-    accumulation = stage.gradient_accumulation(world_size)
+    """DeepSpeed config for ``stage`` at ``world_size`` processes. The global batch is exact
+    at any world size (``config.split``): the trainer marks each accumulation boundary itself
+    and weights each micro-batch's loss, so DeepSpeed is told the longest rank's count and no
+    ``train_batch_size`` (which it insists is micro x accumulation x world: an uneven split
+    is not). Raises ValueError naming the stage when the batch is not whole micro-batches."""
+    split = stage.split(world_size)
     zero: dict[str, Any] = {"stage": stage.zero_stage}
     if stage.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if stage.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
     return {
-        "train_batch_size": stage.global_batch_size,
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
-        "gradient_accumulation_steps": accumulation,
+        "gradient_accumulation_steps": split.most,
         "gradient_clipping": 0.0 if owns_clipping(stage) else stage.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": stage.precision == "bf16"},

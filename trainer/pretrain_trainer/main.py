@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .ckpt.store import check_writable
-from .config import RunConfig, SpecError, Stage
+from .config import BatchSplit, RunConfig, SpecError, Stage
 from .contract import ExitCode, FailureReport, StageReport, TrainerEnv, write_report
 from .errors import PermanentError
 from .logging import log0
@@ -128,10 +128,17 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     trainer.resume(checkpoints.load(engine, optimizer=optimizer, data=data, metrics=metrics))
     log0(
         f"stage {env.stage} {stage.name}: {trainer.total_steps} steps, world size {world_size}, "
-        f"gradient accumulation {ds_config['gradient_accumulation_steps']}, "
+        f"micro-batches per rank {_split_text(trainer.split)}, "
         f"{config.model.num_params():,} parameters ({frozen:,} frozen)"
     )
     return trainer
+
+
+def _split_text(split: BatchSplit) -> str:
+    """``4`` for an even split, ``3/2 (89% efficient)`` for an uneven one."""
+    if split.even:
+        return str(split.most)
+    return f"{split.most}/{split.fewest} ({split.efficiency:.0%} efficient)"
 
 
 def _engine(

@@ -10,6 +10,7 @@ stops cleanly when preempted.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,8 +23,9 @@ from . import contract
 from .ckpt.engine import Saved
 from .ckpt.manager import CheckpointManager
 from .ckpt.restore import Restored
-from .config import RunConfig, Stage
+from .config import BatchSplit, RunConfig, Stage
 from .data.loader import DataLoader, MicroBatch
+from .dsconfig import lockstep
 from .logging import log0
 from .metrics import Health, TrainerMetrics
 from .model import Transformer
@@ -46,30 +48,46 @@ def forward_backward_step(
     optimizer: GuardedAdamW,
     batches: list[MicroBatch],
     *,
+    weight: float,
+    padding: Sequence[MicroBatch] = (),
     label_smoothing: float,
     aux_loss_coef: float,
 ) -> float:
-    """Forward/backward over every micro-batch and one optimizer step; returns this rank's
-    mean loss. DeepSpeed accumulates gradients and steps at the last micro-batch."""
+    """Forward/backward over this rank's micro-batches and one optimizer step; returns the
+    sum of their mean losses.
+
+    Each micro-batch's loss is multiplied by ``weight`` (``BatchSplit.weight``: world size
+    over micro-batches) before its backward, so the gradients DeepSpeed averages over the
+    ranks are the mean over the whole global batch, however unevenly it splits. The
+    ``padding`` micro-batches run first, weighted zero: dummy micro-steps that keep the
+    collectives in step where every rank must run as many as the longest
+    (``dsconfig.lockstep``), placed first so that the last forward is a real one (what MoE
+    statistics read). The accumulation boundary, the last micro-step, is marked here:
+    DeepSpeed's own count assumes an even split.
+    """
     optimizer.begin_step()
+    steps = [(b, 0.0) for b in padding] + [(b, weight) for b in batches]
     total = 0.0
-    for inputs, targets in batches:
+    for i, ((inputs, targets), scale) in enumerate(steps):
         loss = lm_loss(engine(inputs), targets, label_smoothing=label_smoothing)
         if aux_loss_coef:
             loss = loss + aux_loss_coef * engine.module.aux_loss()
-        engine.backward(loss)
+        engine.set_gradient_accumulation_boundary(i == len(steps) - 1)
+        engine.backward(loss * scale, scale_wrt_gas=False)
         engine.step()
-        total += float(loss.detach())
-    return total / len(batches)
+        if scale:
+            total += float(loss.detach())
+    return total
 
 
-def reduce_step(loss: float, *, stop: bool) -> tuple[float, bool]:
-    """The mean loss over all ranks, and whether any rank must stop."""
+def reduce_step(loss_sum: float, *, micro_batches: int, stop: bool) -> tuple[float, bool]:
+    """The mean loss over the global batch from each rank's sum over its micro-batches, and
+    whether any rank must stop."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return loss, stop
-    tensor = torch.tensor([loss, float(stop)], dtype=torch.float64)
+        return loss_sum / micro_batches, stop
+    tensor = torch.tensor([loss_sum, float(stop)], dtype=torch.float64)
     dist.all_reduce(tensor)
-    return float(tensor[0]) / dist.get_world_size(), bool(tensor[1] > 0)
+    return float(tensor[0]) / micro_batches, bool(tensor[1] > 0)
 
 
 class Preempted(Exception):  # noqa: N818 - a signal, not an error
@@ -110,6 +128,11 @@ class Trainer:
     # Lost time the next step record reports (goodput accounting by the control plane).
     unreported_restore: float = 0.0
     _unreported_blocking: float = 0.0
+    split: BatchSplit = field(init=False)
+    """How each global batch splits over the ranks of this world (``config.split``)."""
+
+    def __post_init__(self) -> None:
+        self.split = self.stage.split(self.world_size)
 
     @property
     def stage(self) -> Stage:
@@ -206,19 +229,21 @@ class Trainer:
         model_config, stage = self.config.model, self.stage
         tokens_per_step = stage.tokens_per_step(model_config)
         started, lr = time.perf_counter(), self.engine.get_lr()[0]  # this step's rate
-        batches = self.data.next_batch(
-            rank=self.rank, world_size=self.world_size, device=self.engine.device
-        )
+        batches = self.data.next_batch(rank=self.rank, split=self.split, device=self.engine.device)
         local = forward_backward_step(
             self.engine,
             self.optimizer,
             batches,
+            weight=self.split.weight(),
+            padding=self._padding(batches),
             label_smoothing=stage.label_smoothing,
             aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
         )
         # One all-reduce carries the loss and whether any rank was asked to stop, so every
         # rank leaves (and saves) after the same step.
-        loss, stop = reduce_step(local, stop=self.stop_requested)
+        loss, stop = reduce_step(
+            local, micro_batches=self.split.micro_batches, stop=self.stop_requested
+        )
         self.stop_requested = stop
         seconds = time.perf_counter() - started
         self.progress.step += 1
@@ -230,6 +255,20 @@ class Trainer:
         self._log_step(loss=loss, lr=lr, seconds=seconds, load=expert_load)
         self._log_progress(loss=loss, lr=lr, tokens_per_step=tokens_per_step)
         return loss
+
+    def _padding(self, batches: list[MicroBatch]) -> list[MicroBatch]:
+        """The dummy micro-batches this rank runs before its own: up to the longest rank's
+        count where the ZeRO stage needs lockstep, else only the one a rank without any
+        micro-batch needs to reach the accumulation boundary at all."""
+        steps = self.split.most if lockstep(self.stage) else 1
+        missing = steps - len(batches)
+        if missing <= 0:
+            return []
+        if batches:
+            return [batches[0]] * missing
+        shape = (self.stage.micro_batch_size, self.stage.seq_len_for(self.config.model))
+        blank = torch.zeros(shape, dtype=torch.long, device=self.engine.device)
+        return [(blank, blank)] * missing
 
     def _log_progress(self, *, loss: float, lr: float, tokens_per_step: int) -> None:
         """A log line every ``logEverySteps`` steps and at the last, with the throughput of
@@ -265,6 +304,8 @@ class Trainer:
             seconds=seconds,
             time=time.time(),
             world_size=self.world_size,
+            micro_batches_most=self.split.most,
+            micro_batches_fewest=self.split.fewest,
             # The first step after a restore says what it cost, the first after a save what
             # that blocked (goodput accounting by the control plane).
             restore_seconds=self.unreported_restore or None,

@@ -15,12 +15,21 @@ from .job import (
     PretrainJob,
     parse_job,
 )
-from .spec import ElasticConfig, PretrainJobSpec, Resources, Toleration, Volume, WorkerCounts
+from .spec import (
+    Band,
+    ElasticConfig,
+    PretrainJobSpec,
+    Resources,
+    Toleration,
+    Volume,
+    WorkerCounts,
+)
 from .status import (
     CheckpointStatus,
     Condition,
     ConditionType,
     JobStatus,
+    MicroBatchesStatus,
     Phase,
     Reason,
     RestartsStatus,
@@ -38,11 +47,13 @@ __all__ = [
     "SHORT_NAMES",
     "SINGULAR",
     "VERSION",
+    "Band",
     "CheckpointStatus",
     "Condition",
     "ConditionType",
     "ElasticConfig",
     "JobStatus",
+    "MicroBatchesStatus",
     "ObjectMeta",
     "Phase",
     "PretrainJob",

@@ -1,18 +1,24 @@
 """The PretrainJob spec: a :class:`RunConfig` plus how to run it on a cluster.
 
-Owns the rules that need both halves: which worker counts keep each stage's global batch
-exact (docs/design.md, "How a job runs": only world sizes that divide it are used).
+Owns the rules that need both halves: how fast each worker count trains a stage's global batch,
+which stays exact at every count (docs/design.md, "Any worker count").
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pretrain_trainer.config import Problem, RunConfig, Spec, Stage
+from pretrain_trainer.config import (
+    BatchSplit,
+    Problem,
+    RunConfig,
+    Spec,
+    Stage,
+    fewest_ranks_as_fast,
+)
 from pretrain_trainer.config.base import Count
 from pydantic import BeforeValidator, ConfigDict, Field, WithJsonSchema
 
@@ -97,30 +103,82 @@ class ElasticConfig(Spec):
 
 
 @dataclass(frozen=True)
-class WorkerCounts:
-    """The worker counts a stage may run with, and which of them keep the batch exact."""
+class Band:
+    """Worker counts whose longest rank runs the same number of micro-batches: all train a
+    step in the same time, so the planner runs the fewest of them (``low``)."""
 
     low: int
     high: int
-    usable: tuple[int, ...]
+    most: int
+    """Micro-batches of the longest rank."""
+    efficiency: tuple[float, float]
+    """Mean over longest micro-batches per rank at ``low`` and at ``high``."""
+    useful: float
+    """The workers' worth of throughput: ``workers x efficiency``, the same at every count."""
+
+    def counts(self) -> str:
+        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+
+
+@dataclass(frozen=True)
+class WorkerCounts:
+    """The worker counts a stage may run with, and how fast each trains its global batch.
+
+    Every count in ``[low, high]`` keeps the global batch exact: a world that does not divide
+    it runs micro-batch counts that differ by one between ranks (``config.split``), and a step
+    costs the longest rank's count. So a count is worth ``workers x efficiency`` workers, and
+    the planner runs, on the slots it has, the fewest workers that are as fast as all of them
+    (:meth:`best`): 127 nodes of 8 GPUs at batch 4096 do 5 micro-batches a step on the
+    longest rank, as 103 do, so 103 run at 99% and 24 stand by, rather than 64 at half speed.
+    """
+
+    low: int
+    high: int
+    micro_batches: int
+    """Micro-batches in the global batch (0 when it is not whole micro-batches: none usable)."""
+    nproc: int = 1
+
+    @property
+    def usable(self) -> range:
+        return range(self.low, self.high + 1) if self.micro_batches else range(0)
 
     def allowed(self) -> str:
         return str(self.low) if self.low == self.high else f"{self.low}..{self.high}"
 
-    def impossible(self) -> str:
-        """The counts in [low, high] that are not usable, as compact ranges."""
-        gaps, previous = [], self.low - 1
-        for count in (*self.usable, self.high + 1):
-            if count - previous > 1:
-                first, last = previous + 1, count - 1
-                gaps.append(str(first) if first == last else f"{first}-{last}")
-            previous = count
-        return ", ".join(gaps)
+    def split(self, workers: int) -> BatchSplit:
+        return BatchSplit(self.micro_batches, workers * self.nproc)
 
+    def useful(self, workers: int) -> float:
+        """Workers' worth of throughput at ``workers``: ``workers x efficiency``."""
+        return workers * self.split(workers).efficiency
 
-def _divisors(n: int) -> list[int]:
-    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-    return sorted({*small, *(n // d for d in small)})
+    def best(self, available: int) -> int | None:
+        """The count to run on ``available`` workers: the fewest as fast as the most that fit
+        (a count that divides the batch is the fewest of its speed, so it is kept), never
+        below ``low``; None when fewer than ``low`` are available."""
+        top = min(available, self.high)
+        if not self.micro_batches or top < self.low:
+            return None
+        ranks = fewest_ranks_as_fast(self.micro_batches, top * self.nproc)
+        return max(self.low, -(-ranks // self.nproc))
+
+    def bands(self) -> list[Band]:
+        """The usable counts grouped by speed, fastest first."""
+        bands, high = [], self.high
+        while self.micro_batches and high >= self.low:
+            low = self.best(high)
+            assert low is not None
+            most = self.split(high).most
+            efficiency = (self.split(low).efficiency, self.split(high).efficiency)
+            bands.append(Band(low, high, most, efficiency, self.useful(low)))
+            high = low - 1
+        return bands
+
+    def idle_above(self) -> int | None:
+        """The largest count at which every process has a micro-batch, when ``high`` exceeds
+        it: above it some processes only pad."""
+        most = self.micro_batches // self.nproc
+        return most if self.micro_batches and self.high > most else None
 
 
 class Volume(Spec):
@@ -180,11 +238,9 @@ class PretrainJobSpec(RunConfig):
             if stage.workers is not None
             else (self.elastic.min_workers, self.elastic.max_count)
         )
-        unit = stage.micro_batch_size * self.nproc_per_worker
-        if stage.global_batch_size % unit:
-            return WorkerCounts(low, high, ())
-        divisors = _divisors(stage.global_batch_size // unit)
-        return WorkerCounts(low, high, tuple(d for d in divisors if low <= d <= high))
+        whole = stage.global_batch_size % stage.micro_batch_size == 0
+        micro_batches = stage.global_batch_size // stage.micro_batch_size if whole else 0
+        return WorkerCounts(low, high, micro_batches, self.nproc_per_worker)
 
     def problems(self) -> Iterator[Problem]:
         yield from super().problems()
@@ -193,32 +249,25 @@ class PretrainJobSpec(RunConfig):
                 ("elastic", "minWorkers"),
                 f"({self.elastic.min_workers}) exceeds maxWorkers ({self.elastic.max_count})",
             )
-        for i, stage in enumerate(self.stages):
-            counts = self.worker_counts(stage)
-            if counts.low > counts.high or counts.usable:
-                continue
-            if stage.global_batch_size % stage.micro_batch_size:
-                continue  # already reported against the micro batch alone
-            yield Problem(
-                ("stages", i, "globalBatchSize"),
-                f"({stage.global_batch_size}) is not divisible by microBatchSize "
-                f"({stage.micro_batch_size}) x nprocPerWorker ({self.nproc_per_worker}) x workers "
-                f"for any allowed worker count ({counts.allowed()}); impossible: "
-                f"{counts.impossible()}",
-            )
 
     def warnings(self) -> Iterator[Problem]:
         """Legal but probably unintended settings, worth showing a user."""
         for i, stage in enumerate(self.stages):
             counts = self.worker_counts(stage)
-            skipped = counts.impossible()
-            if counts.usable and skipped:
-                yield Problem(
-                    ("stages", i, "globalBatchSize"),
-                    f"worker counts {skipped} cannot keep the global batch of "
-                    f"{stage.global_batch_size} exact and are never used "
-                    f"(usable: {', '.join(map(str, counts.usable))})",
-                )
+            idle = counts.idle_above()
+            if idle is None:
+                continue
+            path = ("stages", i, "workers", "max") if stage.workers else ("elastic", "maxWorkers")
+            batch = (
+                f"globalBatchSize {stage.global_batch_size} is {counts.micro_batches} "
+                f"micro-batches of {stage.micro_batch_size}"
+            )
+            yield Problem(
+                path,
+                f"({counts.high}): {batch}, enough for {idle} workers of "
+                f"{self.nproc_per_worker} process(es); above that some processes have no "
+                "micro-batch, and more workers never train faster",
+            )
         gpus = self.resources.gpus()
         if gpus is not None and gpus != self.nproc_per_worker:
             yield Problem(

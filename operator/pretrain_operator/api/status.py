@@ -10,6 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
+from pretrain_trainer.config import BatchSplit
 from pretrain_trainer.contract import Loss
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -112,6 +113,21 @@ class StageRecord(Status):
     """Path of the stage's final checkpoint."""
 
 
+class MicroBatchesStatus(Status):
+    """How the current attempt splits each global batch over its processes."""
+
+    most: int
+    """Micro-batches of the longest rank: what an optimizer step costs."""
+    fewest: int
+    """Micro-batches of the shortest rank (the same as ``most`` where the split is even)."""
+    efficiency: float
+    """Mean micro-batches per rank over ``most``: 1 where the world divides the batch."""
+
+    @classmethod
+    def of(cls, split: BatchSplit) -> MicroBatchesStatus:
+        return cls(most=split.most, fewest=split.fewest, efficiency=round(split.efficiency, 4))
+
+
 class WorkersStatus(Status):
     """Worker counts of the current attempt."""
 
@@ -121,6 +137,8 @@ class WorkersStatus(Status):
     """Workers running and joined."""
     slots: list[int] = []
     """Worker slots of the current attempt, in rank order."""
+    micro_batches: MicroBatchesStatus | None = None
+    """Micro-batches per rank at the current world size."""
 
 
 class RestartsStatus(Status):

@@ -33,7 +33,7 @@ def render(
         counts = spec.worker_counts(spec.stages[stage])
         raise RenderError(
             f"--workers {wanted}: stage {spec.stages[stage].name} runs on "
-            f"{', '.join(map(str, counts.usable))} workers"
+            f"{counts.allowed()} workers"
         )
     job = job.model_copy(
         update={"metadata": job.metadata.model_copy(update={"namespace": namespace})}

@@ -1,18 +1,29 @@
 """How many workers a stage runs on, and when that number changes.
 
-Only world sizes that keep the stage's global batch exact are used (``choose_world``), so a
-resize never changes what is trained. A start takes the largest such size on the slots
-available now, but waits up to the cool-down when capacity is on its way (pods being
-scheduled), rather than starting small and resizing a minute later. A running group grows
-when capacity came back and the cool-down since its start passed; that resize is counted under
-Resized, never against ``maxRestarts``, and resets the failure streak.
+Every world size keeps the stage's global batch exact (an uneven split runs micro-batch
+counts that differ by one between ranks), so a resize never changes what is trained.
+``choose_world`` takes the count that trains fastest on the slots available now, and of those
+as fast, the fewest (``WorkerCounts.best``): losing one node of 128 costs one node's worth,
+not half the job. A start waits up to the cool-down when capacity is on its way (pods being
+scheduled) and would make it faster, rather than starting slow and resizing a minute later. A
+running group grows when capacity came back that makes it faster and the cool-down since its
+start passed; that resize is counted under Resized, never against ``maxRestarts``, and resets
+the failure streak.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from ..api import JobStatus, Phase, PretrainJobSpec, Reason, StageStatus, WorkersStatus
+from ..api import (
+    JobStatus,
+    MicroBatchesStatus,
+    Phase,
+    PretrainJobSpec,
+    Reason,
+    StageStatus,
+    WorkersStatus,
+)
 from .context import Pass
 from .model import FAILURES, Event, Group, Plan, WorkerState
 from .phase import set_phase
@@ -25,10 +36,8 @@ _STARTED = (Reason.CREATED, Reason.STAGE_COMPLETED)
 
 
 def choose_world(spec: PretrainJobSpec, *, stage: int, available: int) -> int | None:
-    """The largest usable worker count (global batch exact, within bounds) <= available."""
-    counts = spec.worker_counts(spec.stages[stage])
-    fitting = [n for n in counts.usable if n <= available]
-    return max(fitting) if fitting else None
+    """The worker count to run on ``available`` slots (``WorkerCounts.best``), or None."""
+    return spec.worker_counts(spec.stages[stage]).best(available)
 
 
 def start(ctx: Pass, status: JobStatus, *, reason: Reason, message: str) -> Plan:
@@ -51,7 +60,14 @@ def start(ctx: Pass, status: JobStatus, *, reason: Reason, message: str) -> Plan
             "attempt_started_at": ctx.now,
             "waiting_since": None,
             "stage": stage_status,
-            "workers": WorkersStatus(desired=world, ready=0, slots=list(group.slots)),
+            "workers": WorkersStatus(
+                desired=world,
+                ready=0,
+                slots=list(group.slots),
+                micro_batches=MicroBatchesStatus.of(
+                    ctx.spec.worker_counts(ctx.spec.stages[ctx.stage]).split(world)
+                ),
+            ),
         }
     )
     phase = Phase.RUNNING if reason in _STARTED else Phase.RESTARTING
@@ -66,15 +82,12 @@ def start(ctx: Pass, status: JobStatus, *, reason: Reason, message: str) -> Plan
 
 
 def _too_few(ctx: Pass, status: JobStatus, available: list[int]) -> Plan:
-    """Not even the smallest usable group fits: stop everything and look again soon."""
-    usable = ctx.spec.worker_counts(ctx.spec.stages[ctx.stage]).usable
+    """Not even the smallest group fits: stop everything and look again soon."""
+    least = ctx.spec.worker_counts(ctx.spec.stages[ctx.stage]).low
     status = status.model_copy(
-        update={"workers": WorkersStatus(desired=usable[0], ready=len(available))}
+        update={"workers": WorkersStatus(desired=least, ready=len(available))}
     )
-    message = (
-        f"{len(available)} worker(s) available; stage {ctx.stage_name} needs one "
-        f"of {', '.join(map(str, usable))}"
-    )
+    message = f"{len(available)} worker(s) available; stage {ctx.stage_name} needs at least {least}"
     return Plan(
         group=None,
         status=_waiting(ctx, status, message),
@@ -112,7 +125,8 @@ def _waiting(ctx: Pass, status: JobStatus, message: str) -> JobStatus:
 
 
 def grow(ctx: Pass, status: JobStatus) -> Plan | None:
-    """A larger group, if capacity came back and the cool-down since the last start passed."""
+    """A larger group, if capacity came back that trains faster and the cool-down since the
+    last start passed (more slots at the same speed change nothing: they stand by)."""
     world = choose_world(ctx.spec, stage=ctx.stage, available=len(ctx.observed.available()))
     if world is None or world <= status.workers.desired:
         return None

@@ -27,7 +27,7 @@ def test_validate_summarises_every_stage_of_a_valid_job(capsys: pytest.CaptureFi
         "stage 0 foundation",
         "stage 2 instruction",
         "100 steps x 16 seqs x 128 tokens",
-        "workers 1 (accum 4), 2 (accum 2)",
+        "2: 2 per rank, 100%, as fast as 2",
         "warmup 5 to 0.001, cosine decay to 0.0005",
         "prose 80%, code 20%",
     ):

@@ -88,7 +88,7 @@ def _check(doc: Any) -> None:
         counts = job.spec.worker_counts(stage)
         assert counts.usable
         nproc = job.spec.nproc_per_worker
-        assert all(stage.gradient_accumulation(w * nproc) >= 1 for w in counts.usable)
+        assert all(stage.split(w * nproc).most >= 1 for w in (counts.low, counts.high))
         assert math.isfinite(sum(stage.data_mix.values()))
     list(job.warnings())
 

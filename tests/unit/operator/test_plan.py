@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from pretrain_operator.api import (
     JobStatus,
+    MicroBatchesStatus,
     Phase,
     PretrainJobSpec,
     Reason,
@@ -95,7 +96,10 @@ class StatusBuilder:
         """Attempt ``attempt`` started at :data:`NOW` on ``slots``, in the first stage unless
         :meth:`at_stage` said otherwise."""
         built = self if self.status.stage is not None else self.at_stage(0)
-        workers = WorkersStatus(desired=len(slots), ready=0, slots=list(slots))
+        assert built.status.stage is not None
+        counts = self.spec.worker_counts(self.spec.stages[built.status.stage.index])
+        split = MicroBatchesStatus.of(counts.split(len(slots)))
+        workers = WorkersStatus(desired=len(slots), ready=0, slots=list(slots), micro_batches=split)
         return built._with(
             phase=Phase.RUNNING,
             attempt=attempt,
@@ -158,10 +162,10 @@ def _without_conditions(status: JobStatus) -> JobStatus:
 
 def test_the_statuses_the_tests_build_are_the_ones_the_planner_writes() -> None:
     spec = _spec()
-    running = make_status(spec).running(attempt=1, slots=(0, 1))
+    running = make_status(spec).running(attempt=1, slots=(0, 1, 2))
     started = _go(spec, JobStatus(), *_idle(0, 1, 2)).status
-    lost = _go(spec, started, *_running(1, 0)).status
-    suspended = _go(_suspending(spec), started, *_running(1, 0, 1)).status
+    lost = _go(spec, started, *_running(1, 0, 1)).status
+    suspended = _go(_suspending(spec), started, *_running(1, 0, 1, 2)).status
     next_stage = _go(spec, _go(spec, JobStatus(), *_idle(0)).status, *_finished(1, 0)).status
     assert [_without_conditions(s) for s in (started, lost, suspended, next_stage)] == [
         running.obj(),
@@ -171,11 +175,14 @@ def test_the_statuses_the_tests_build_are_the_ones_the_planner_writes() -> None:
     ]
 
 
-def test_a_new_job_starts_the_largest_exact_group_on_available_slots() -> None:
+def test_a_new_job_starts_the_fastest_group_on_available_slots() -> None:
     spec = _spec()
-    result = _go(spec, JobStatus(), *_idle(0, 1, 2))  # 3 available; 8 splits into 1, 2, 4
+    result = _go(spec, JobStatus(), *_idle(0, 1, 2))  # 8 micro-batches: 3, 3 and 2 on 3
     assert result.group is not None
-    assert (result.group.attempt, result.group.slots) == (1, (0, 1))
+    assert (result.group.attempt, result.group.slots) == (1, (0, 1, 2))
+    assert result.status.workers.micro_batches == MicroBatchesStatus(
+        most=3, fewest=2, efficiency=0.8889
+    )
     assert result.status.phase == Phase.RUNNING
     assert result.status.stage is not None
     assert result.status.stage.name == "foundation"

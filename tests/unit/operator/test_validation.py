@@ -91,24 +91,6 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "not divisible by microBatchSize (4)",
     ),
     (
-        "no worker count keeps the global batch exact",
-        _set(with_stage(BASE, globalBatchSize=8), "spec/elastic", {"minWorkers": 3}),
-        "spec.stages[0].globalBatchSize",
-        "for any allowed worker count (3); impossible: 3",
-    ),
-    (
-        "no worker count in a stage's own range",
-        with_stage(BASE, globalBatchSize=16, workers={"min": 5, "max": 7}),
-        "spec.stages[0].globalBatchSize",
-        "any allowed worker count (5..7); impossible: 5-7",
-    ),
-    (
-        "processes per worker break every count",
-        _set(with_stage(BASE, globalBatchSize=8), "spec/nprocPerWorker", 3),
-        "spec.stages[0].globalBatchSize",
-        "nprocPerWorker (3)",
-    ),
-    (
         "minWorkers above maxWorkers",
         _set(BASE, "spec/elastic", {"minWorkers": 4, "maxWorkers": 2}),
         "spec.elastic.minWorkers",
@@ -318,12 +300,30 @@ def test_gpu_count_differing_from_processes_is_a_warning_not_an_error() -> None:
     ]
 
 
-def test_unusable_worker_counts_are_a_warning_naming_them() -> None:
-    doc = _set(with_stage(BASE, globalBatchSize=16), "spec/elastic", {"maxWorkers": 6})
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec/elastic", {"minWorkers": 3}),  # 8 micro-batches over 3: 3, 3 and 2
+        ("spec/elastic", {"minWorkers": 5, "maxWorkers": 7}),
+        ("spec/nprocPerWorker", 3),
+    ],
+)
+def test_worker_counts_that_do_not_divide_the_batch_are_valid_and_not_warned_about(
+    path: str, value: object
+) -> None:
+    job = parse_job(_set(with_stage(BASE, globalBatchSize=8), path, value))
+    counts = job.spec.worker_counts(job.spec.stages[0])
+    assert list(counts.usable) == list(range(counts.low, counts.high + 1))
+    assert [str(w) for w in job.warnings()] == []
+
+
+def test_workers_that_could_only_pad_are_a_warning_naming_the_limit() -> None:
+    doc = _set(with_stage(BASE, microBatchSize=2), "spec/elastic", {"maxWorkers": 6})
     warnings = [str(w) for w in parse_job(doc).warnings()]
     assert warnings == [
-        "spec.stages[0].globalBatchSize: worker counts 3, 5-6 cannot keep the global batch of "
-        "16 exact and are never used (usable: 1, 2, 4)"
+        "spec.elastic.maxWorkers: (6): globalBatchSize 8 is 4 micro-batches of 2, enough for "
+        "4 workers of 1 process(es); above that some processes have no micro-batch, and more "
+        "workers never train faster"
     ]
 
 

@@ -7,7 +7,15 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pretrain_trainer.config import LRSchedule, ModelConfig, MoE, Stage
+from pretrain_trainer.config import (
+    BatchSplit,
+    LRSchedule,
+    ModelConfig,
+    MoE,
+    Stage,
+    WorldSizeError,
+    fewest_ranks_as_fast,
+)
 
 LR = 1e-3
 
@@ -72,19 +80,46 @@ def test_default_ffn_width_is_eight_thirds_rounded_to_256() -> None:
     assert ModelConfig(layers=1, hidden=4096, heads=32, vocab_size=8, seq_len=8).ffn_width == 11008
 
 
-def test_gradient_accumulation_keeps_the_global_batch_or_refuses() -> None:
+def test_a_stage_splits_its_batch_at_any_world_size_and_refuses_part_micro_batches() -> None:
     stage = Stage.model_validate(
         {
             "name": "s",
             "budget": {"steps": 1},
             "dataMix": {"a": 1},
-            "globalBatchSize": 64,
-            "microBatchSize": 4,
+            "globalBatchSize": 16,
+            "microBatchSize": 2,
         }
     )
-    assert [stage.gradient_accumulation(w) for w in (1, 2, 4, 16)] == [16, 8, 4, 1]
-    with pytest.raises(ValueError, match="not divisible by microBatchSize 4 x world size 3"):
-        stage.gradient_accumulation(3)
+    three = stage.split(3)
+    assert [three.count(r) for r in range(3)] == [3, 3, 2]
+    assert (three.most, three.fewest, three.even) == (3, 2, False)
+    assert three.efficiency == pytest.approx(8 / 9)
+    assert [stage.split(w).most for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert all(stage.split(w).even for w in (1, 2, 4, 8))
+    with pytest.raises(WorldSizeError, match="not whole micro-batches of 2 over world size 0"):
+        stage.split(0)
+    odd = stage.model_copy(update={"global_batch_size": 15})
+    with pytest.raises(WorldSizeError, match="globalBatchSize 15 is not whole micro-batches"):
+        odd.split(1)
+
+
+@given(micro_batches=st.integers(1, 5000), ranks=st.integers(1, 300))
+def test_a_split_covers_the_batch_contiguously_and_weights_it_exactly(
+    micro_batches: int, ranks: int
+) -> None:
+    split = BatchSplit(micro_batches, ranks)
+    counts = [split.count(r) for r in range(ranks)]
+    assert sum(counts) == micro_batches
+    assert (max(counts), min(counts)) == (split.most, split.fewest)
+    assert split.most - split.fewest <= 1
+    assert [split.first(r) for r in range(ranks)] == [sum(counts[:r]) for r in range(ranks)]
+    # Gradients are averaged over the ranks: each micro-batch then counts 1 / micro_batches.
+    assert split.weight() / ranks == pytest.approx(1 / micro_batches)
+    assert split.efficiency == pytest.approx(sum(counts) / (ranks * max(counts)))
+    fewest = fewest_ranks_as_fast(micro_batches, ranks)
+    assert fewest <= ranks
+    assert BatchSplit(micro_batches, fewest).most == split.most
+    assert fewest == 1 or BatchSplit(micro_batches, fewest - 1).most > split.most
 
 
 def test_token_budget_rounds_up_to_whole_steps() -> None:

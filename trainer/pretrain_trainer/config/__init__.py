@@ -2,6 +2,7 @@
 
 from .base import Checked, Problem, Spec, SpecError, format_path, prefixed
 from .model import MODULE_ROOTS, ModelConfig, MoE
+from .split import BatchSplit, fewest_ranks_as_fast
 from .training import (
     Budget,
     CheckpointConfig,
@@ -18,6 +19,7 @@ from .training import (
 
 __all__ = [
     "MODULE_ROOTS",
+    "BatchSplit",
     "Budget",
     "Checked",
     "CheckpointConfig",
@@ -35,6 +37,7 @@ __all__ = [
     "TrainerOptions",
     "WorkerRange",
     "WorldSizeError",
+    "fewest_ranks_as_fast",
     "format_path",
     "prefixed",
 ]

@@ -27,6 +27,7 @@ from .base import (
     prefixed,
 )
 from .model import ModelConfig
+from .split import BatchSplit
 
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
 SourceName = Annotated[str, Field(pattern=SOURCE_NAME, max_length=63)]
@@ -34,10 +35,9 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class WorldSizeError(PermanentError, ValueError):
-    """A stage cannot run at this world size: its global batch does not split into whole
-    micro-batches over the processes. Permanent for this attempt (the control plane chooses
-    world sizes that divide, so it means a spec or a launcher is wrong), and a ``ValueError``
-    as before, for callers that catch that."""
+    """A stage cannot run at this world size: its global batch is not whole micro-batches, or
+    the world is empty. Permanent (validation refuses such a spec, so it means a spec or a
+    launcher is wrong), and a ``ValueError`` for callers that catch that."""
 
 
 class DataSource(Spec):
@@ -231,16 +231,16 @@ class Stage(Spec):
         tokens = self.budget.tokens or 0
         return max(1, -(-tokens // self.tokens_per_step(model)))
 
-    def gradient_accumulation(self, world_size: int) -> int:
-        """Micro-steps per optimizer step at ``world_size`` processes; the global batch is exact
-        or this raises :class:`WorldSizeError`."""
-        per_step = self.micro_batch_size * world_size
-        if world_size < 1 or self.global_batch_size % per_step:
+    def split(self, world_size: int) -> BatchSplit:
+        """How each global batch splits into micro-batches over ``world_size`` processes
+        (:mod:`.split`): exact at any world size, uneven where it does not divide. Raises
+        :class:`WorldSizeError` when the batch is not whole micro-batches."""
+        if world_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise WorldSizeError(
-                f"stage {self.name!r}: globalBatchSize {self.global_batch_size} is not divisible "
-                f"by microBatchSize {self.micro_batch_size} x world size {world_size}"
+                f"stage {self.name!r}: globalBatchSize {self.global_batch_size} is not whole "
+                f"micro-batches of {self.micro_batch_size} over world size {world_size}"
             )
-        return self.global_batch_size // per_step
+        return BatchSplit(self.global_batch_size // self.micro_batch_size, world_size)
 
     def problems(self, model: ModelConfig, sources: set[str]) -> Iterator[Problem]:
         yield from prefixed(self.budget.problems(), "budget")

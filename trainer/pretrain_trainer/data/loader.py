@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import BatchSplit, RunConfig
 from .sampler import MixtureSampler
 from .shards import DataError, TokenSource, check_vocab, open_source, read_samples
 
@@ -67,11 +67,14 @@ class DataLoader:
         )
         return cls(sources=sources, sampler=sampler, micro_batch_size=stage.micro_batch_size)
 
-    def next_batch(self, *, rank: int, world_size: int, device: torch.device) -> list[MicroBatch]:
-        """This rank's share of the next global batch, as micro-batches on ``device``. Every
-        rank must call it once per step: each call advances the stream by one global batch."""
+    def next_batch(self, *, rank: int, split: BatchSplit, device: torch.device) -> list[MicroBatch]:
+        """This rank's share of the next global batch under ``split``, as micro-batches on
+        ``device`` (none for a rank of a world larger than the batch). Every rank must call it
+        once per step: each call advances the stream by one global batch."""
         batch = self.sampler.next_global_batch()
-        mine = self.sampler.rank_slice(batch, rank=rank, world_size=world_size)
+        mine = self.sampler.rank_slice(batch, rank=rank, split=split)
+        if not mine:
+            return []
         windows = read_samples(self.sources, mine, seq_len=self.sampler.seq_len)
         tokens = torch.from_numpy(windows).to(device)  # one copy to the device, then views
         micro = self.micro_batch_size

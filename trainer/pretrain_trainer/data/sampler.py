@@ -2,7 +2,8 @@
 
 Why global: an elastic job restarts at whatever world size the cluster allows, and the data
 it has seen must not depend on that. So the sampler decides the *global* batch, the same for
-1 or 64 ranks, and each rank reads its contiguous share (:meth:`MixtureSampler.rank_slice`).
+1 or 64 ranks, and each rank reads its contiguous share (:meth:`MixtureSampler.rank_slice`),
+which differs between ranks by at most one micro-batch where the world does not divide it.
 Its whole position is two counters, batches drawn and samples drawn per source, which fit in
 a checkpoint manifest; a restart at another world size restores them and continues exactly
 where the last run stopped: nothing is repeated and nothing skipped.
@@ -33,6 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from ..config.split import BatchSplit
 from .shards import DataError
 
 T = TypeVar("T")
@@ -182,16 +184,18 @@ class MixtureSampler:
         return [(self.sources[c], int(o)) for c, o in zip(choices, offsets, strict=True)]
 
     @staticmethod
-    def rank_slice(batch: Sequence[T], *, rank: int, world_size: int) -> list[T]:
-        """Rank ``rank``'s contiguous share of a global batch."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-        if len(batch) % world_size:
+    def rank_slice(batch: Sequence[T], *, rank: int, split: BatchSplit) -> list[T]:
+        """Rank ``rank``'s contiguous share of a global batch: its ``split.count(rank)``
+        micro-batches, from its ``split.first(rank)``-th on (shares differ by at most one
+        micro-batch where the world does not divide the batch)."""
+        if not batch or len(batch) % split.micro_batches:
             raise ValueError(
-                f"global batch of {len(batch)} samples is not divisible by world size {world_size}"
+                f"global batch of {len(batch)} samples is not {split.micro_batches} "
+                "equal micro-batches"
             )
-        share = len(batch) // world_size
-        return list(batch[rank * share : (rank + 1) * share])
+        micro = len(batch) // split.micro_batches
+        start = split.first(rank) * micro
+        return list(batch[start : start + split.count(rank) * micro])
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's position (JSON-serialisable), with what it is only valid for."""
