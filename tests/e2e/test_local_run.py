@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pretrain_operator.api import Phase
+import yaml
+from pretrain_operator.api import MicroBatchesStatus, Phase
 from pretrain_operator.cli import main
 from pretrain_operator.local.backend import read_capacity, write_capacity
 from pretrain_operator.local.runner import Update, run
@@ -134,6 +135,37 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
     assert final is not None
     assert expected is not None
     assert abs(final - expected) <= 0.02 * expected
+
+
+def test_three_workers_train_a_batch_only_one_and_five_divide(tmp_path: Path) -> None:
+    """5 sequences a step over 3 worker slots: the ranks run 2, 2 and 1 micro-batches (83%
+    efficient, 2.5 workers' worth) instead of falling back to 1 worker, the largest divisor."""
+    body = yaml.safe_load(TINY.read_text())
+    body["spec"]["elastic"]["maxWorkers"] = 3
+    body["spec"]["stages"] = [
+        {**body["spec"]["stages"][0], "budget": {"steps": 6}, "globalBatchSize": 5}
+        | {"microBatchSize": 1}
+    ]
+    manifest = tmp_path / "uneven.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    run_dir = _prepared(tmp_path, "run")
+    seen: list[tuple[int, MicroBatchesStatus]] = []
+
+    def watch(update: Update) -> None:
+        workers = update.status.workers
+        if workers.micro_batches is not None:
+            seen.append((workers.desired, workers.micro_batches))
+
+    result = run(load_job(manifest), run_dir, workers=3, on_update=watch)
+    assert result.phase == Phase.SUCCEEDED, result.conditions
+    assert {desired for desired, _ in seen} == {3}
+    assert {(m.most, m.fewest, m.efficiency) for _, m in seen} == {(2, 1, 0.8333)}
+    records = [json.loads(line) for line in (run_dir / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {(r["worldSize"], r["microBatchesMost"], r["microBatchesFewest"]) for r in records} == {
+        (3, 2, 1)
+    }
+    assert all(r["tokens"] == r["step"] * 5 * 128 for r in records)
 
 
 def test_a_directory_of_another_job_is_refused(

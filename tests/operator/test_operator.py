@@ -98,7 +98,8 @@ def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
     assert names(kube.objects("configmaps")) == ["demo-config", "kube-root-ca.crt"]
     assert names(kube.objects("serviceaccounts")) == ["default", "demo-worker"]
     assert names(kube.pods("rendezvous")) == ["demo-rdzv"]
-    # maxWorkers is 3, but a global batch of 4 never runs on 3: no standby waits for slot 2.
+    # maxWorkers is 3, but a global batch of 4 trains no faster on 3 than on 2 (the longest
+    # rank runs 2 micro-batches either way): no standby waits for slot 2.
     assert kube.pods("standby") == []
     for pod in kube.pods():
         assert pod["metadata"]["ownerReferences"][0]["uid"] == uid
@@ -111,7 +112,13 @@ def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
     assert f"--rdzv-endpoint=demo-rdzv.demo.{kube.namespace}.svc:29400" in command
     assert worker["spec"]["nodeName"] != kube.pod("demo-a1-w0")["spec"]["nodeName"]
     current = status(kube)
-    assert current["workers"] == {"desired": 2, "ready": 2, "slots": [0, 1]}
+    assert current["workers"] == {
+        "desired": 2,
+        "ready": 2,
+        "slots": [0, 1],
+        # 4 sequences in micro-batches of 1 over 2 ranks: 2 each.
+        "microBatches": {"most": 2, "fewest": 2, "efficiency": 1},
+    }
     assert current["stage"]["name"] == "s0"
     assert current["observedGeneration"] == 1
     reasons = [e["reason"] for e in kube.objects("events")]

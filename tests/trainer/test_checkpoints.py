@@ -108,30 +108,24 @@ def test_resume_at_the_same_world_size_is_bitwise_identical(
     )
 
 
-@pytest.mark.parametrize(
-    ("sizes", "zero"),
-    [((2, 1, 2), 3), ((2, 3, 2), 1), ((2, 3, 2), 3)],
-    ids=["2-1-2-zero3", "2-3-2-zero1", "2-3-2-zero3"],
-)
-def test_resume_across_world_sizes_matches_an_uninterrupted_run(
-    corpus: dict[str, Path], tmp_path: Path, sizes: tuple[int, int, int], zero: int
+@pytest.mark.parametrize("zero", [1, 3])
+def test_resume_two_three_two_processes_matches_an_uninterrupted_run(
+    corpus: dict[str, Path], tmp_path: Path, zero: int
 ) -> None:
-    """Through 3 processes, 16 sequences in micro-batches of 2 split 3/3/2 (ZeRO 3 pads the
-    short rank): the sampler state is global, so the stream and the steps are the same."""
+    """2 -> 3 -> 2 processes: on 3, 16 sequences in micro-batches of 2 split 3/3/2 (ZeRO 3 pads
+    the short rank). The sampler state is global, so the stream and the steps are the same."""
     config = _config(corpus, 30, zeroStage=zero, globalBatchSize=16)
     straight = run_trainer(tmp_path / "straight", config, nproc=2)
     assert straight.returncode == 0, straight.stderr
     work = tmp_path / "elastic"
-    first, middle, last = sizes
-    a = _preempt_after(start_trainer(work, config, nproc=first), step=8)
-    b = _preempt_after(start_trainer(work, config, nproc=middle), step=a.steps[-1]["step"] + 8)
+    a = _preempt_after(start_trainer(work, config, nproc=2), step=8)
+    b = _preempt_after(start_trainer(work, config, nproc=3), step=a.steps[-1]["step"] + 8)
     assert "converted to the universal format" in b.stderr
-    c = run_trainer(work, config, nproc=last)
+    c = run_trainer(work, config, nproc=2)
     assert c.returncode == 0, c.stderr
     assert "converted to the universal format" in c.stderr
-    assert {s["worldSize"] for s in b.steps} == {middle}
-    expected_split = {1: (8, 8), 2: (4, 4), 3: (3, 2)}[middle]
-    assert {(s["microBatchesMost"], s["microBatchesFewest"]) for s in b.steps} == {expected_split}
+    assert {s["worldSize"] for s in b.steps} == {3}
+    assert {(s["microBatchesMost"], s["microBatchesFewest"]) for s in b.steps} == {(3, 2)}
     resumed = _by_step(a, b, c)
     assert sorted(resumed) == list(range(1, 31))
     worst = max(abs(resumed[s] - loss) for s, loss in enumerate(straight.losses, start=1))

@@ -70,11 +70,12 @@ def test_deepspeed_config_is_generated_from_the_stage(
     assert "auto" not in repr(config)
 
 
-def test_deepspeed_config_refuses_a_world_size_that_breaks_the_batch() -> None:
-    with pytest.raises(
-        ValueError, match="globalBatchSize 32 is not divisible by microBatchSize 4 x world size 3"
-    ):
-        deepspeed_config(_stage(microBatchSize=4), world_size=3)
+def test_deepspeed_config_refuses_a_batch_that_is_not_whole_micro_batches() -> None:
+    # Any world size splits whole micro-batches; a batch that is not whole ones cannot run.
+    with pytest.raises(ValueError, match="globalBatchSize 30 is not whole micro-batches of 4"):
+        deepspeed_config(_stage(microBatchSize=4, globalBatchSize=30), world_size=3)
+    with pytest.raises(ValueError, match="over world size 0"):
+        deepspeed_config(_stage(microBatchSize=4), world_size=0)
 
 
 def test_only_zero0_fp32_clips_in_the_optimizer() -> None:

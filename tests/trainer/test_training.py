@@ -48,7 +48,9 @@ def test_zero3_on_two_processes_matches_plain_pytorch(
     assert (final.parent.parent / "latest").read_text().strip() == "stage-0/step-20"
 
 
-@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+# ZeRO 1 reduces at the boundary only (short ranks reach it sooner); ZeRO 3 reduces inside
+# every backward (short ranks pad). ZeRO 0 and 2 take the same paths as 1 and 3.
+@pytest.mark.parametrize("zero", [1, 3])
 def test_an_uneven_split_over_three_processes_matches_plain_pytorch(
     corpus: dict[str, Path], tmp_path: Path, zero: int
 ) -> None:
@@ -196,7 +198,10 @@ def _permanent(run: Any, *words: str) -> None:
     [
         ("missing shard", ("data source 'code'", "nowhere", "no such shard")),
         ("bad header", ("header", "not valid JSON")),
-        ("batch not divisible", ("globalBatchSize 6 is not divisible", "world size 4")),
+        (
+            "batch not whole micro-batches",
+            ("stages[0].globalBatchSize", "(6) is not divisible by microBatchSize (4)"),
+        ),
         ("unknown field", ("invalid run config", "stages[0].bogus: unknown field")),
         ("stage out of range", ("stage index 5 out of range",)),
     ],
@@ -215,9 +220,8 @@ def test_bad_input_fails_permanently_with_one_clear_message(
         (broken / "tokens.json").write_text("{not json")
         (broken / "tokens.bin").write_bytes(b"\0" * 64)
         config["data"]["sources"][0]["path"] = str(broken)
-    elif change == "batch not divisible":
-        config["stages"][0].update(globalBatchSize=6, microBatchSize=1)
-        env = {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0"}
+    elif change == "batch not whole micro-batches":
+        config["stages"][0].update(globalBatchSize=6, microBatchSize=4)
     elif change == "unknown field":
         config["stages"][0]["bogus"] = 1
     else:

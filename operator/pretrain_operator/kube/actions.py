@@ -119,10 +119,12 @@ def _delete(
 
 
 def useful_slots(job: PretrainJob, stage: int) -> int:
-    """Slots worth a pod: up to the largest group the stage can run at. A standby beyond it
-    could never be used, and would only hold a node that others need."""
-    usable = job.spec.worker_counts(job.spec.stages[stage]).usable
-    return max(usable, default=job.spec.elastic.max_count)
+    """Slots worth a pod: up to the largest group the stage ever runs, the fewest workers as
+    fast as its most (``WorkerCounts.best``). A standby beyond it could never make a step
+    faster, and would only hold a node that others need."""
+    counts = job.spec.worker_counts(job.spec.stages[stage])
+    largest = counts.best(counts.high)
+    return job.spec.elastic.max_count if largest is None else largest
 
 
 def actions(

@@ -25,7 +25,7 @@ from pretrain_operator.kube.objects import (
 from pretrain_operator.kube.reconcile import apply
 from pretrain_operator.plan import Group, Plan
 
-from tests.conftest import minimal_job
+from tests.conftest import minimal_job, with_stage
 
 JOB = parse_job(
     minimal_job(elastic={"minWorkers": 1, "maxWorkers": 2})
@@ -202,6 +202,21 @@ def test_idle_useful_slots_get_standbys_unless_a_worker_holds_them() -> None:
     old = worker(0, 1, slots=(1,), phase="Pending", node=None)  # an older worker still leaving
     todo = actions(JOB, running(1, slots=(0,)), [*pods, old], nodes=READY, options=Options())
     assert ("create", "Pod", "demo-standby-w1") not in said(todo)
+
+
+def test_standbys_stop_at_the_largest_group_that_trains_faster() -> None:
+    """A batch of 6 micro-batches: 3 workers run 2 each, and 4 or 5 still run 2 on the longest
+    rank, so slots 3 and 4 would only hold nodes: no standby asks for them."""
+    doc = with_stage(
+        minimal_job(elastic={"minWorkers": 1, "maxWorkers": 5}), globalBatchSize=6, microBatchSize=1
+    )
+    job = parse_job(doc | {"metadata": {"name": "demo", "namespace": "ml"}})
+    pods = [placed(rendezvous_pod(job)), placed(worker_pod(job, Group(0, 1, (0,)), 0))]
+    todo = actions(job, running(1, slots=(0,)), pods, nodes=READY, options=Options())
+    assert said(todo) == [
+        ("create", "Pod", "demo-standby-w1"),
+        ("create", "Pod", "demo-standby-w2"),
+    ]
 
 
 def test_standbys_yield_while_the_group_is_being_placed_and_failed_ones_ask_again() -> None:
