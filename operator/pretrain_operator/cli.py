@@ -204,7 +204,7 @@ def _load_job(path: str) -> PretrainJob | None:
 
 
 def _run(args: argparse.Namespace, out: Console) -> int:
-    from .local.display import Display, results_table
+    from .local.display import Display, recovery_table, results_table
     from .local.runner import RunError, run
 
     job = _load_job(args.file)
@@ -228,6 +228,9 @@ def _run(args: argparse.Namespace, out: Console) -> int:
         _error(f"error: {error}")
         return EXIT_INVALID
     out.print(results_table(job, status))
+    recoveries = recovery_table(status)
+    if recoveries is not None:
+        out.print(recoveries)
     if status.phase == Phase.SUSPENDED:
         out.print(f"suspended; `pretrainctl run {args.file} --dir {run_dir}` resumes")
         return 130

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pretrain_operator.api import MicroBatchesStatus, Phase
+from pretrain_operator.api import JobStatus, MicroBatchesStatus, Phase
 from pretrain_operator.cli import main
 from pretrain_operator.local.backend import read_capacity, write_capacity
 from pretrain_operator.local.runner import Update, run
 from pretrain_operator.manifests import load_job
+from pretrain_operator.telemetry.goodput import goodput
+from pretrain_operator.telemetry.recovery import PHASES, TOTAL
 from pretrain_trainer.data import build_stdlib_corpus
 
 from tests.conftest import ROOT
@@ -135,6 +137,27 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
     assert final is not None
     assert expected is not None
     assert abs(final - expected) <= 0.02 * expected
+    assert_recoveries_and_goodput(stormy, lost=stormy.restarts.by_reason["WorkerLost"])
+
+
+def assert_recoveries_and_goodput(status: JobStatus, *, lost: int) -> None:
+    """Every loss was followed by a recovery in eight phases that add up to its total, and
+    goodput charged the lost work and the restore."""
+    history, last = status.recoveries, status.last_recovery
+    assert history.count == lost
+    assert last is not None
+    phases = last.phases.model_dump()
+    assert set(phases) == set(PHASES)
+    assert sum(phases.values()) == pytest.approx(last.total_seconds, abs=0.1)
+    assert sum(history.sums[p] for p in PHASES) == pytest.approx(history.sums[TOTAL], abs=0.1)
+    assert phases["restore"] > 0
+    assert phases["rendezvous"] > 0
+    figures = goodput(status, now=time.time())
+    assert figures is not None
+    assert 0 < figures.ratio < 1
+    assert figures.badput["restart"] > 0
+    assert figures.badput["restore"] > 0
+    assert figures.productive + sum(figures.badput.values()) == pytest.approx(figures.wall)
 
 
 def test_three_workers_train_a_batch_only_one_and_five_divide(tmp_path: Path) -> None:

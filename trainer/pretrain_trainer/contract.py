@@ -213,11 +213,34 @@ def read_report(path: Path) -> StageReport | FailureReport | None:
         return None
 
 
+STARTUP_EVENTS = ("launcher", "group", "engine", "restored")
+"""The moments of an attempt's start the trainer reports, in order (:class:`Startup`)."""
+
+
+class Startup(_Record):
+    """When rank 0 of an attempt got through each part of its start (Unix times). With the
+    control plane's own times (the loss, the attempt's start, the pods bound) and the first
+    step's end they split a recovery into its phases (docs/design.md, "Goodput")."""
+
+    launcher: float
+    """The launcher started (torchrun's agent: the worker's main process); the trainer
+    process itself where there is none."""
+    group: float
+    """The process group is up: every rank has joined (the launcher's rendezvous, the trainer
+    process's start and imports before it)."""
+    engine: float
+    """The model and DeepSpeed's engine are built."""
+    restored: float
+    """The checkpoint is loaded (the same as ``engine`` where nothing was restored)."""
+
+
 class StepRecord(_Record):
     """One optimizer step, as rank 0 appends it to the step log (``ENV_STEP_LOG``)."""
 
     stage: int
     step: int
+    attempt: int | None = None
+    """The attempt whose trainer ran it (``ENV_ATTEMPT``)."""
     tokens: int
     """Tokens trained in the stage so far."""
     loss: Loss = None
@@ -239,6 +262,10 @@ class StepRecord(_Record):
     """On the first step after a restore: what the restore cost."""
     checkpoint_blocking: float | None = None
     """On the first step after a save: how long that save blocked training."""
+    checkpointed: int | None = None
+    """On the first step after a checkpoint became durable: that checkpoint's step."""
+    startup: Startup | None = None
+    """On an attempt's first step: when its start reached each point."""
     aux_loss: float | None = None
     expert_load: list[float] | None = None
     """MoE models: the share of tokens routed to each expert (mean over the MoE layers)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ import yaml
 
 from .ckpt.store import check_writable
 from .config import BatchSplit, RunConfig, SpecError, Stage
-from .contract import ExitCode, FailureReport, StageReport, TrainerEnv, write_report
+from .contract import ExitCode, FailureReport, StageReport, Startup, TrainerEnv, write_report
 from .errors import PermanentError
 from .logging import log0
 
@@ -83,6 +84,25 @@ def init_distributed(*, timeout_seconds: float) -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
+def started_at(pid: int) -> float | None:
+    """When process ``pid`` started (Unix time, to about 10 ms), from /proc; None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    ticks = int(fields[19])  # field 22 (starttime), counted after the ")" of the command
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def launcher_started() -> float:
+    """When this worker's launcher started: torchrun's agent (our parent) under torchrun, else
+    this process."""
+    under_launcher = "TORCHELASTIC_RUN_ID" in os.environ
+    found = started_at(os.getppid() if under_launcher else os.getpid())
+    return found if found is not None else time.time()
+
+
 def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     """Everything before the first step, each part built by the module that owns it: checks,
     the process group, what to restore, the engine, then the restore itself."""
@@ -95,6 +115,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     from .dsconfig import deepspeed_config
     from .train import Trainer, build_model
 
+    launcher = launcher_started()
     stage = _stage(config, env.stage)
     _single_process_defaults(os.environ)  # type: ignore[arg-type]
     # A bad config, data or storage fails here, in one line, before any peer waits on this one.
@@ -104,12 +125,14 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     check_writable(root, name=f"rank-{os.environ['RANK']}")
     init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    group = time.time()
     checkpoints = CheckpointManager.for_stage(
         config, stage_index=env.stage, root=root, job=env.job, rank=rank, world_size=world_size
     )
     model = build_model(config, stage)
     checkpoints.prepare(model, ds_config)  # before DeepSpeed: it may change the engine's config
     engine, optimizer, frozen = _engine(model, config=config, stage=stage, ds_config=ds_config)
+    engine_ready = time.time()
     metrics, health = _observability(env, config)
     trainer = Trainer(
         config=config,
@@ -123,9 +146,17 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
         rank=rank,
         world_size=world_size,
         step_log=Path(env.step_log) if env.step_log else None,
+        attempt=env.attempt,
     )
     checkpoints.attach(engine, on_saved=trainer.on_saved)
     trainer.resume(checkpoints.load(engine, optimizer=optimizer, data=data, metrics=metrics))
+    trainer.startup = Startup(
+        launcher=launcher, group=group, engine=engine_ready, restored=time.time()
+    )
+    metrics.attempt.set(env.attempt)
+    metrics.resumed_step.set(trainer.progress.step)
+    for event, timestamp in trainer.startup.model_dump().items():
+        metrics.startup(event, timestamp)
     log0(
         f"stage {env.stage} {stage.name}: {trainer.total_steps} steps, world size {world_size}, "
         f"micro-batches per rank {_split_text(trainer.split)}, "

@@ -78,6 +78,24 @@ class TrainerMetrics:
         self.checkpoint_interval_steps = gauge(
             "checkpoint_interval_steps", "Steps between two checkpoints (checkpoint.intervalSteps)."
         )
+        # What the control plane accounts an attempt with (docs/design.md, "Goodput"): the
+        # step_seconds histogram's sum, the restore, the blocking histogram's sum, and these.
+        self.attempt = gauge("attempt", "The attempt this process trains for.")
+        self.resumed_step = gauge(
+            "resumed_step", "The step this attempt started from (0 at a stage's start)."
+        )
+        self.checkpoint_step_seconds = gauge(
+            "checkpoint_step_seconds",
+            "Seconds this process spent inside steps up to the newest durable checkpoint it "
+            "wrote (the rest would be redone after a failure).",
+        )
+        self._startup = Gauge(
+            PREFIX + "startup_timestamp_seconds",
+            "When this attempt's start reached each point: launcher, group (process group up), "
+            "engine (DeepSpeed ready), restored, first_step (Unix time).",
+            (*names, "event"),
+            registry=self.registry,
+        )
         self._expert_load = Gauge(
             PREFIX + "moe_expert_load",
             "Fraction of tokens routed to each expert (mean over MoE layers, last step).",
@@ -87,6 +105,9 @@ class TrainerMetrics:
         self._labels = values
         for unknown in (self.loss, self.tokens_per_second, self.learning_rate, self.grad_norm):
             unknown.set(float("nan"))  # not zero: nothing is known before the first step
+
+    def startup(self, event: str, timestamp: float) -> None:
+        self._startup.labels(*self._labels, event).set(timestamp)
 
     def expert_load(self, loads: Iterable[float]) -> None:
         for expert, load in enumerate(loads):

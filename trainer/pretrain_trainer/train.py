@@ -125,9 +125,16 @@ class Trainer:
     _last_save_seconds: float = 0.0
     _window_start: float = field(default_factory=time.perf_counter)
     _window_steps: int = 0
-    # Lost time the next step record reports (goodput accounting by the control plane).
+    attempt: int = 0
+    # What the next step record reports (goodput accounting by the control plane): the
+    # attempt's start, the lost time, a checkpoint that became durable.
+    startup: contract.Startup | None = None
     unreported_restore: float = 0.0
     _unreported_blocking: float = 0.0
+    _unreported_checkpoint: int | None = None
+    _step_seconds: float = 0.0  # inside steps, since this process started
+    _steps: int = 0
+    _seconds_at: dict[int, float] = field(default_factory=dict)  # at each save's step
     split: BatchSplit = field(init=False)
     """How each global batch splits over the ranks of this world (``config.split``)."""
 
@@ -178,6 +185,7 @@ class Trainer:
             return None
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
         self._unreported_blocking += blocking
+        self._seconds_at[self.progress.step] = self._step_seconds
         self._saved_at = time.monotonic()
         self.last_checkpoint = self.checkpoints.path_of(self.progress.step)
         log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
@@ -189,6 +197,11 @@ class Trainer:
         self.metrics.checkpoint_save_seconds.observe(saved.seconds)
         self.metrics.last_checkpoint_timestamp.set(time.time())
         self.metrics.last_checkpoint_step.set(saved.manifest.step)
+        step = saved.manifest.step
+        self.metrics.checkpoint_step_seconds.set(self._seconds_at.get(step, 0.0))
+        for older in [s for s in self._seconds_at if s <= step]:
+            del self._seconds_at[older]
+        self._unreported_checkpoint = step
         gigabytes = saved.manifest.total_bytes / 1e9
         log0(f"saved {saved.directory} ({gigabytes:.3f} GB) in {saved.seconds:.2f}s")
 
@@ -293,9 +306,12 @@ class Trainer:
     ) -> None:
         if self.step_log is None or self.rank != 0:
             return
+        # Taken before the record is built: the writer thread may report the next checkpoint.
+        checkpointed, self._unreported_checkpoint = self._unreported_checkpoint, None
         record = contract.StepRecord(
             stage=self.stage_index,
             step=self.progress.step,
+            attempt=self.attempt,
             tokens=self.progress.tokens,
             loss=loss,
             lr=lr,
@@ -310,10 +326,13 @@ class Trainer:
             # that blocked (goodput accounting by the control plane).
             restore_seconds=self.unreported_restore or None,
             checkpoint_blocking=self._unreported_blocking or None,
+            checkpointed=checkpointed,
+            startup=self.startup,
             aux_loss=float(self.engine.module.aux_loss().detach()) if load is not None else None,
             expert_load=load,
         )
         self.unreported_restore = self._unreported_blocking = 0.0
+        self.startup = None
         contract.append_step(self.step_log, record)
 
     def _record(
@@ -326,6 +345,10 @@ class Trainer:
         m.stage_tokens.set(self.progress.tokens)
         m.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
         m.step_seconds.observe(seconds)
+        self._step_seconds += seconds
+        self._steps += 1
+        if self._steps == 1:
+            m.startup("first_step", time.time())
         m.learning_rate.set(lr)
         m.grad_norm.set(self.optimizer.last_grad_norm)
         if self.optimizer.last_skipped:

@@ -165,6 +165,146 @@ class CheckpointStatus(Status):
     """Whether its manifest and checksums were verified."""
 
 
+class TrainerUsage(Status):
+    """What rank 0 of the current attempt has reported, cumulative since its process started
+    (its step log locally, its ``/metrics`` on Kubernetes): the trainer's half of goodput."""
+
+    attempt: int
+    """The attempt it trains for."""
+    resumed_step: int = 0
+    """The step the attempt started from (0 at a stage's start)."""
+    step: int = 0
+    """Its newest step."""
+    steps: int = 0
+    """Steps this attempt ran."""
+    step_seconds: float = 0.0
+    """Seconds inside those steps."""
+    restore_seconds: float = 0.0
+    """Seconds its restore took."""
+    blocking_seconds: float = 0.0
+    """Seconds checkpoint saves blocked training."""
+    checkpoint_step: int | None = None
+    """Step of the newest checkpoint it made durable."""
+    checkpoint_step_seconds: float = 0.0
+    """Seconds inside steps up to that checkpoint's step (what a failure would not redo)."""
+    checkpoint_time: float | None = None
+    """When that checkpoint became durable (Unix time)."""
+    last_step_time: float | None = None
+    """When its newest step ended (Unix time)."""
+    launcher_time: float | None = None
+    """When its launcher started (Unix time; see the trainer's ``Startup``)."""
+    group_time: float | None = None
+    """When its process group was up."""
+    engine_time: float | None = None
+    """When its engine was built."""
+    restored_time: float | None = None
+    """When its restore was done."""
+    first_step_time: float | None = None
+    """When its first step ended."""
+
+
+class GoodputStatus(Status):
+    """Where the job's wall time went (``telemetry.goodput``), as the attempts already over and
+    the time between them left it; the running attempt's share comes from ``usage``. Kept in
+    the status so the figures survive an operator restart; its sums never go down."""
+
+    started: float
+    """When accounting began: the job's first pass (Unix time)."""
+    wall_seconds: float = 0.0
+    """Wall time accounted (suspensions excluded)."""
+    productive_seconds: float = 0.0
+    """Inside steps whose result survived."""
+    badput_seconds: dict[str, float] = {}
+    """Wall time lost, by reason (restart, restore, checkpoint_blocking, stage_transition,
+    waiting_for_workers, startup, other)."""
+    attempts: int = 0
+    """Attempts accounted so far."""
+    attempt: int = 0
+    """The attempt being accounted now (0: none runs)."""
+    attempt_stage: int = 0
+    """The stage it trains."""
+    attempt_cause: str = "startup"
+    """What its start-up is charged to: startup, restart or stage_transition."""
+    attempt_started: float | None = None
+    """When it started (Unix time)."""
+    gap_from: float = 0.0
+    """Where the time not yet charged begins: the end of the last attempt's known work."""
+    gap_waiting_seconds: float = 0.0
+    """Waiting for workers since ``gapFrom``."""
+    gap_suspended_seconds: float = 0.0
+    """Suspended since ``gapFrom``."""
+    waiting_from: float | None = None
+    """Since when the job waits for workers, while it does."""
+    suspended_from: float | None = None
+    """Since when the job is suspended, while it is."""
+
+
+class RecoveryPhases(Status):
+    """A recovery's phases in seconds; they add up to its total."""
+
+    detect: float = 0.0
+    """The loss happened -> the control plane noticed it."""
+    backoff: float = 0.0
+    """Noticed -> the next attempt's workers were created (restart back-off, waits)."""
+    schedule: float = 0.0
+    """Created -> the last of them bound to a node (the scheduler)."""
+    start: float = 0.0
+    """Bound -> the last launcher up (image, container, process start)."""
+    rendezvous: float = 0.0
+    """Launcher up -> every rank in the process group (the launcher's rendezvous, the trainer
+    process's start and imports, the group's connection)."""
+    init: float = 0.0
+    """Process group -> model and DeepSpeed engine built (less the restore's share)."""
+    restore: float = 0.0
+    """The checkpoint read, verified and loaded (the trainer's measure; part of it runs before
+    the engine is built)."""
+    first_step: float = 0.0
+    """Loaded -> the first step done."""
+
+
+class RecoveryStatus(Status):
+    """One recovery: from a worker's loss to the first step after it."""
+
+    reason: str
+    """Why workers were lost (WorkerLost, WorkerFailed, Preempted)."""
+    lost_at: datetime
+    """When the loss happened, as far as the cluster says (else when it was noticed)."""
+    attempt: int
+    """The attempt that recovered."""
+    total_seconds: float
+    """The loss -> the first step after it."""
+    phases: RecoveryPhases
+    """Where that time went."""
+
+
+class RecoveringStatus(Status):
+    """A recovery under way: what is known of it before its first step."""
+
+    reason: str
+    """Why workers were lost."""
+    lost_at: float
+    """When the loss happened (Unix time)."""
+    noticed_at: float
+    """When the control plane noticed it."""
+    attempt: int | None = None
+    """The attempt that recovers, once started."""
+    started_at: float | None = None
+    """When that attempt's workers were created."""
+    bound_at: float | None = None
+    """When the last of them was bound to a node."""
+
+
+class RecoveryHistory(Status):
+    """Every recovery's phases as cumulative histogram buckets (``telemetry.recovery``)."""
+
+    count: int = 0
+    """Recoveries so far."""
+    sums: dict[str, float] = {}
+    """Seconds per phase (and ``total``), summed over the recoveries."""
+    buckets: dict[str, list[int]] = {}
+    """Per phase (and ``total``): recoveries at or under each bucket bound."""
+
+
 class JobStatus(Status):
     """Observed state of a PretrainJob."""
 
@@ -212,6 +352,16 @@ class JobStatus(Status):
     """Newest valid checkpoint."""
     last_recovery_seconds: float | None = None
     """Time from the last worker loss to training progressing again."""
+    last_recovery: RecoveryStatus | None = None
+    """The last recovery, phase by phase."""
+    recovering: RecoveringStatus | None = None
+    """A recovery under way."""
+    recoveries: RecoveryHistory = RecoveryHistory()
+    """Every recovery's phases, as histograms."""
+    usage: TrainerUsage | None = None
+    """What the current attempt's trainer has reported so far."""
+    goodput: GoodputStatus | None = None
+    """Where the job's wall time went."""
 
 
 def set_condition(

@@ -15,6 +15,8 @@ One :class:`~pretrain_operator.plan.Worker` per slot:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 from pretrain_trainer.contract import FailureReport, StageReport, parse_report
@@ -91,17 +93,61 @@ def _lost_because(pod: Mapping[str, Any], nodes: Mapping[str, bool]) -> str | No
     return None
 
 
+def _time(value: object) -> float | None:
+    """A Kubernetes timestamp (RFC 3339) as Unix time; None when absent or unreadable."""
+    if not isinstance(value, str):
+        return value.timestamp() if isinstance(value, datetime) else None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def bound_at(pod: Mapping[str, Any]) -> float | None:
+    """When the scheduler bound the pod to its node (its PodScheduled condition)."""
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "True":
+            return _time(condition.get("lastTransitionTime"))
+    return None
+
+
+def ended_at(pod: Mapping[str, Any]) -> float | None:
+    """When the pod's worker ended, as far as the cluster says: its container's end, or the
+    moment its deletion was asked for (the deadline less the grace period)."""
+    finished = _time(_terminated(pod).get("finishedAt"))
+    if finished is not None:
+        return finished
+    metadata = pod["metadata"]
+    deadline = _time(metadata.get("deletionTimestamp"))
+    if deadline is not None:
+        return deadline - float(metadata.get("deletionGracePeriodSeconds") or 0)
+    return None
+
+
 def _worker(pod: Mapping[str, Any], slot: int, nodes: Mapping[str, bool]) -> Worker:
     attempt, stage = _int_label(pod, ATTEMPT), _int_label(pod, STAGE)
     lost = _lost_because(pod, nodes)
     if lost is not None:
-        return Worker(slot=slot, state=WorkerState.LOST, attempt=attempt, stage=stage, reason=lost)
+        return Worker(
+            slot=slot,
+            state=WorkerState.LOST,
+            attempt=attempt,
+            stage=stage,
+            reason=lost,
+            ended_at=ended_at(pod),
+        )
     phase = PodPhase.of(pod) or PodPhase.PENDING
     if phase == PodPhase.RUNNING:
-        return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
+        return Worker(
+            slot=slot,
+            state=WorkerState.RUNNING,
+            attempt=attempt,
+            stage=stage,
+            bound_at=bound_at(pod),
+        )
     if phase in FINISHED:
         code = _terminated(pod).get("exitCode")
-        return exited(
+        worker = exited(
             slot=slot,
             attempt=attempt,
             stage=stage,
@@ -109,7 +155,10 @@ def _worker(pod: Mapping[str, Any], slot: int, nodes: Mapping[str, bool]) -> Wor
             exit_code=code if isinstance(code, int) else None,
             report=termination_report(pod),
         )
-    return Worker(slot=slot, state=WorkerState.PENDING, attempt=attempt, stage=stage)
+        return replace(worker, ended_at=ended_at(pod))
+    return Worker(
+        slot=slot, state=WorkerState.PENDING, attempt=attempt, stage=stage, bound_at=bound_at(pod)
+    )
 
 
 def observe(

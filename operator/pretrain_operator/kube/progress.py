@@ -16,28 +16,72 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..api import TrainerUsage
 from ..telemetry.progress import TrainerProgress
 from .objects import ATTEMPT, RANK, ROLE, WORKER
 
 TIMEOUT = 2.0
 
 
+PREFIX = "pretrainjob_"
+
+
 def parse(text: str) -> TrainerProgress | None:
-    """Progress from a trainer's Prometheus exposition; None before it has any."""
+    """Progress and usage from a trainer's Prometheus exposition; None before it has any."""
     values: dict[str, float] = {}
+    startup: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            values[sample.name] = sample.value
-    if "pretrainjob_step" not in values:
+            name = sample.name.removeprefix(PREFIX)
+            if name == "startup_timestamp_seconds":
+                startup[sample.labels.get("event", "")] = sample.value
+            else:
+                values[name] = sample.value
+    if "step" not in values:
         return None
-    count = values.get("pretrainjob_step_seconds_count", 0.0)
-    loss = values.get("pretrainjob_loss")
+    count = values.get("step_seconds_count", 0.0)
+    loss = values.get("loss")
     return TrainerProgress(
         stage=None,
-        step=int(values["pretrainjob_step"]),
-        tokens=int(values.get("pretrainjob_stage_tokens", 0.0)),
+        step=int(values["step"]),
+        tokens=int(values.get("stage_tokens", 0.0)),
         loss=loss if loss is not None and loss == loss else None,  # NaN: no step yet
-        seconds_per_step=values["pretrainjob_step_seconds_sum"] / count if count else None,
+        seconds_per_step=values["step_seconds_sum"] / count if count else None,
+        usage=_usage(values, startup),
+    )
+
+
+def _usage(values: dict[str, float], startup: dict[str, float]) -> TrainerUsage | None:
+    """The attempt's cumulative usage, from a trainer that exports it (``attempt``)."""
+    if "attempt" not in values:
+        return None
+    steps = int(values.get("step_seconds_count", 0.0))
+    checkpoint_seconds = values.get("checkpoint_step_seconds", 0.0)
+    checkpoint_step = int(values.get("last_checkpoint_step", 0.0))
+    resumed = int(values.get("resumed_step", 0.0))
+    written = checkpoint_seconds > 0 and checkpoint_step > resumed  # by this attempt
+
+    def moment(name: str, event: str) -> float | None:
+        value = startup.get(event) or values.get(name)
+        return value if value else None
+
+    return TrainerUsage(
+        attempt=int(values["attempt"]),
+        resumed_step=resumed,
+        step=int(values["step"]),
+        steps=steps,
+        step_seconds=values.get("step_seconds_sum", 0.0),
+        restore_seconds=values.get("checkpoint_restore_seconds", 0.0),
+        blocking_seconds=values.get("checkpoint_save_blocking_seconds_sum", 0.0),
+        checkpoint_step=checkpoint_step if written else None,
+        checkpoint_step_seconds=checkpoint_seconds if written else 0.0,
+        checkpoint_time=moment("last_checkpoint_timestamp_seconds", "") if written else None,
+        last_step_time=moment("last_step_timestamp_seconds", "") if steps else None,
+        launcher_time=moment("", "launcher"),
+        group_time=moment("", "group"),
+        engine_time=moment("", "engine"),
+        restored_time=moment("", "restored"),
+        first_step_time=moment("", "first_step"),
     )
 
 

@@ -34,6 +34,7 @@ from ..api import (
     set_condition,
 )
 from ..plan import Event, plan
+from ..telemetry.accounting import accounted
 from ..telemetry.progress import TrainerProgress, with_progress
 from .actions import Action, Create, Delete, Replace, actions, useful_slots
 from .client import KubeClient
@@ -137,10 +138,15 @@ def reconcile(
     todo = actions(job, result, pods, nodes=readiness, options=options or Options())
     applied = apply(client, todo, namespace=job.metadata.namespace or "default")
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
+    usage = None
     if progress is not None and status.phase == Phase.RUNNING:
         read = progress(pods, status.attempt)
         if read is not None:
             status = with_progress(status, job.spec, read, now=now)
+            usage = read.usage
+    status = accounted(
+        old, status, events=result.events, observed=observed, usage=usage, now=now.timestamp()
+    )
     if status != job.status:  # the one status write of the pass
         client.patch_job_status(namespace, name, _dump(status))
     for event in result.events:

@@ -19,7 +19,8 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pretrain_trainer import contract
@@ -39,6 +40,15 @@ class _Process:
     stage: int
     report: Path
     stopping: bool = False
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    """When it was first seen gone (or killed here)."""
+
+    def poll(self) -> int | None:
+        code = self.popen.poll()
+        if code is not None and self.ended is None:
+            self.ended = time.time()
+        return code
 
 
 def read_capacity(run_dir: Path) -> tuple[int, set[int]]:
@@ -76,6 +86,7 @@ class LocalBackend:
                 if process is not None and process.popen.poll() is None:
                     signal_tree(process.popen.pid, signal.SIGKILL)  # the "node" went away
                     process.popen.wait()
+                    process.ended = time.time()
                 continue  # the slot is gone: its worker, if any, is lost
             workers.append(self._worker(slot, process))
         return Observed(tuple(workers))
@@ -93,10 +104,16 @@ class LocalBackend:
             )
         if process is None:
             return Worker(slot=slot, state=WorkerState.IDLE)
-        code = process.popen.poll()
+        code = process.poll()
         attempt, stage = process.attempt, process.stage
         if code is None:
-            return Worker(slot=slot, state=WorkerState.RUNNING, attempt=attempt, stage=stage)
+            return Worker(
+                slot=slot,
+                state=WorkerState.RUNNING,
+                attempt=attempt,
+                stage=stage,
+                bound_at=process.started,
+            )
         if process.stopping or attempt < self.attempt:
             return Worker(slot=slot, state=WorkerState.IDLE)  # stopped on purpose, or history
         if code < 0:
@@ -106,8 +123,9 @@ class LocalBackend:
                 attempt=attempt,
                 stage=stage,
                 reason=f"killed by signal {-code}",
+                ended_at=process.ended,
             )
-        return exited(
+        worker = exited(
             slot=slot,
             attempt=attempt,
             stage=stage,
@@ -115,6 +133,7 @@ class LocalBackend:
             exit_code=code,
             report=contract.read_report(process.report),
         )
+        return replace(worker, ended_at=process.ended)
 
     # -- apply -------------------------------------------------------------------------------
     def apply(self, result: Plan) -> None:

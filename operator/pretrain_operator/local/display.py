@@ -15,6 +15,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..api import JobStatus, PretrainJob
+from ..telemetry.goodput import goodput
+from ..telemetry.recovery import PHASES, TOTAL
 from .journal import StepLog
 from .runner import Update
 
@@ -90,5 +92,26 @@ def results_table(job: PretrainJob, status: JobStatus) -> Table:
             record.checkpoint or "-",
         )
     restarts = ", ".join(f"{k} {v}" for k, v in status.restarts.by_reason.items()) or "none"
-    table.caption = f"restarts: {restarts}"
+    caption = f"restarts: {restarts}"
+    figures = goodput(status, now=time.time())
+    if figures is not None and figures.wall > 0:
+        lost = ", ".join(f"{k} {v:.1f}s" for k, v in figures.badput.items() if v >= 0.05)
+        caption += f"\ngoodput {figures.ratio:.1%} of {figures.wall:.0f}s"
+        caption += f" (badput: {lost or 'none'})"
+    table.caption = caption
+    return table
+
+
+def recovery_table(status: JobStatus) -> Table | None:
+    """Every recovery's phases: the last one, and the mean over all of them."""
+    history, last = status.recoveries, status.last_recovery
+    if last is None or not history.count:
+        return None
+    table = Table(title="recoveries (seconds)")
+    for column in ("", *PHASES, TOTAL):
+        table.add_column(column.replace("_", " "), justify="right")
+    seconds = last.phases.model_dump()
+    table.add_row("last", *(f"{seconds[p]:.2f}" for p in PHASES), f"{last.total_seconds:.2f}")
+    mean = [history.sums.get(p, 0.0) / history.count for p in (*PHASES, TOTAL)]
+    table.add_row(f"mean of {history.count}", *(f"{m:.2f}" for m in mean))
     return table

@@ -1,11 +1,11 @@
 """What a local run remembers besides its status: the trainer's step log as it grows, and the
-control plane's timeline (``events.jsonl``: every event with its time). From the two come the
-status' progress (step, tokens, loss, ETA) and the job's goodput.
+control plane's timeline (``events.jsonl``: every event with its time). From the step log come
+the status' progress (step, tokens, loss, ETA) and the running attempt's usage, which goodput
+and recoveries are accounted from as on Kubernetes (``telemetry.accounting``).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -14,20 +14,57 @@ from pathlib import Path
 from pretrain_trainer.contract import StepRecord, parse_step
 from pydantic import BaseModel, ConfigDict
 
-from ..api import JobStatus, Phase, PretrainJobSpec, Reason
-from ..plan import FAILURES, Event
-from ..telemetry.goodput import Attempt, Goodput, account
+from ..api import JobStatus, Phase, PretrainJobSpec, Reason, TrainerUsage
+from ..plan import Event
 from ..telemetry.progress import TrainerProgress, with_progress
 
 EVENTS = "events.jsonl"
 PROGRESS_EVERY = 5.0  # seconds between two progress updates of the status
-STARTS = {
-    Reason.CREATED: "startup",
-    Reason.RESTARTED: "restart",
-    Reason.RESIZED: "restart",
-    Reason.RESUMED: "restart",
-    Reason.STAGE_COMPLETED: "stage_transition",
-}
+
+
+class UsageFold:
+    """The running attempt's :class:`TrainerUsage`, folded from its step records as they come:
+    what rank 0's ``/metrics`` says on Kubernetes, here at every step."""
+
+    def __init__(self) -> None:
+        self.usage: TrainerUsage | None = None
+        self._seconds_at: dict[int, float] = {}  # step seconds of the attempt at each step
+
+    def add(self, record: StepRecord) -> None:
+        if record.attempt is None:
+            return
+        usage = self.usage
+        if usage is None or usage.attempt != record.attempt:
+            start = record.startup
+            usage = TrainerUsage(
+                attempt=record.attempt,
+                resumed_step=record.step - 1,
+                launcher_time=start.launcher if start else None,
+                group_time=start.group if start else None,
+                engine_time=start.engine if start else None,
+                restored_time=start.restored if start else None,
+                first_step_time=record.time,
+            )
+            self._seconds_at = {}
+        seconds = usage.step_seconds + record.seconds
+        self._seconds_at[record.step] = seconds
+        update: dict[str, object] = {
+            "step": record.step,
+            "steps": usage.steps + 1,
+            "step_seconds": seconds,
+            "restore_seconds": usage.restore_seconds + (record.restore_seconds or 0.0),
+            "blocking_seconds": usage.blocking_seconds + (record.checkpoint_blocking or 0.0),
+            "last_step_time": record.time,
+        }
+        durable = record.checkpointed
+        if durable is not None and durable in self._seconds_at:
+            update |= {
+                "checkpoint_step": durable,
+                "checkpoint_step_seconds": self._seconds_at[durable],
+                "checkpoint_time": record.time,
+            }
+            self._seconds_at = {k: v for k, v in self._seconds_at.items() if k > durable}
+        self.usage = usage.model_copy(update=update)
 
 
 class StepLog:
@@ -37,6 +74,7 @@ class StepLog:
         self.path, self.offset = path, 0
         self.last: StepRecord | None = None
         self.records: list[StepRecord] = []  # every step, less its per-expert detail
+        self.usage = UsageFold()
 
     def poll(self) -> StepRecord | None:
         try:
@@ -50,6 +88,7 @@ class StepLog:
                     if record is not None:
                         self.last = record
                         self.records.append(record.slim())
+                        self.usage.add(record)
         except OSError:
             pass
         return self.last
@@ -117,45 +156,10 @@ class Journal:
             self._progressed = now
         return updated
 
-    def goodput(self, *, now: float | None = None) -> Goodput | None:
+    def usage(self) -> TrainerUsage | None:
+        """The running attempt's usage, as of its newest step record."""
         self.steps.poll()
-        if not self.timeline:
-            return None
-        now = time.time() if now is None else now
-        attempts, waiting, suspended = [], [], []
-        lost_at: float | None = None
-        wait_from: float | None = None
-        pause_from: float | None = None
-        for entry in self.timeline:
-            at, reason = entry.time, entry.reason
-            if reason in FAILURES and lost_at is None:
-                lost_at = at
-            elif reason == Reason.WAITING_FOR_WORKERS and wait_from is None:
-                wait_from = at
-            elif reason == Reason.SUSPENDED and pause_from is None:
-                pause_from = at
-            if reason in STARTS and not entry.message.startswith("job "):
-                cause = STARTS[Reason(reason)]
-                attempts.append(Attempt(at, cause, lost_at if cause == "restart" else None))
-                lost_at = None
-                if wait_from is not None:
-                    waiting.append((wait_from, at))
-                    wait_from = None
-                if pause_from is not None:
-                    suspended.append((pause_from, at))
-                    pause_from = None
-        if wait_from is not None:
-            waiting.append((wait_from, now))
-        if pause_from is not None:
-            suspended.append((pause_from, now))
-        return account(
-            started=self.timeline[0].time,
-            now=now,
-            steps=self.steps.records,
-            attempts=attempts,
-            waiting=waiting,
-            suspended=suspended,
-        )
+        return self.steps.usage.usage
 
 
 def _utc(timestamp: float) -> datetime:

@@ -22,6 +22,7 @@ from pretrain_trainer.fsio import write_json_atomic
 
 from ..api import JobStatus, Phase, PretrainJob
 from ..plan import Event, Plan, plan
+from ..telemetry.accounting import accounted
 from ..telemetry.metrics import JobSnapshot, OperatorMetrics
 from .backend import LocalBackend, read_capacity, write_capacity
 from .journal import Journal
@@ -106,24 +107,26 @@ def run(
     metrics = OperatorMetrics() if metrics_port else None
     server = _serve(metrics, metrics_port) if metrics is not None and metrics_port else None
     spec = job.spec
-    counted = 0.0  # when goodput was last computed
     try:
         while True:
             started = time.perf_counter()
-            result = plan(spec=spec, status=status, observed=backend.observe(), now=clock())
+            observed = backend.observe()
+            result = plan(spec=spec, status=status, observed=observed, now=clock())
             backend.apply(result)
             journal.note(result.events, result.status, now=time.time())
-            status = journal.progress(result.status, spec, now=time.time())
+            planned = journal.progress(result.status, spec, now=time.time())
+            status = accounted(
+                status,
+                planned,
+                events=result.events,
+                observed=observed,
+                usage=journal.usage(),
+                now=time.time(),
+            )
             write_json_atomic(run_dir / STATUS, _dump(status), durable=False)
             if metrics is not None:
                 metrics.reconcile_seconds.observe(time.perf_counter() - started)
-                previous = metrics.jobs.get(("local", job.name))
-                fresh = previous is None or result.events or time.monotonic() - counted > 5.0
-                # Goodput walks every step record: recount on events, else every 5 s at most.
-                if fresh:
-                    counted = time.monotonic()
-                goodput = journal.goodput() if fresh or previous is None else previous.goodput
-                metrics.jobs[("local", job.name)] = JobSnapshot("local", job.name, status, goodput)
+                metrics.jobs[("local", job.name)] = JobSnapshot("local", job.name, status)
             on_update(Update(status, result.events, result))
             if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
                 return status

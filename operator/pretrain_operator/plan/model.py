@@ -37,6 +37,10 @@ class Worker:
     reason: str | None = None  # why it was lost or failed, in the backend's words
     report: StageReport | None = None
     """The trainer's report of a finished stage (its termination message)."""
+    bound_at: float | None = None
+    """When it was placed where it runs (its pod bound to a node, its process started)."""
+    ended_at: float | None = None
+    """When it was lost or exited, as far as the backend knows (Unix time)."""
 
 
 def exited(

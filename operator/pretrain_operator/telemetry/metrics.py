@@ -1,8 +1,8 @@
 """The control plane's Prometheus series (docs/design.md, "Observability"), for the operator
 and the local runner alike.
 
-Job series are derived at scrape time from each job's latest status (and, where the step
-records are at hand, its goodput), so they survive an operator restart the way the status does:
+Job series are derived at scrape time from each job's latest status (its goodput ledger and
+recovery histograms included), so they survive an operator restart the way the status does:
 a counter here is a count the status keeps. Labels stay bounded: namespace, job, and a closed
 set of phases, reasons and worker states; never a step, a pod or an attempt.
 """
@@ -22,11 +22,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ..api import JobStatus, Phase
-from .goodput import REASONS, Goodput
+from ..api import JobStatus, Phase, RecoveryHistory
+from .goodput import REASONS, goodput
+from .recovery import BUCKETS, PHASES, TOTAL
 
 PREFIX = "pretrainjob_"
-RECOVERY_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -35,7 +35,6 @@ class JobSnapshot:
     namespace: str
     name: str
     status: JobStatus
-    goodput: Goodput | None = None
 
 
 class JobsCollector(Collector):
@@ -70,7 +69,7 @@ class JobsCollector(Collector):
             "Estimated seconds until the current stage ends.",
             labels=labels,
         )
-        goodput = GaugeMetricFamily(
+        goodput_ratio = GaugeMetricFamily(
             PREFIX + "goodput_ratio",
             "Productive training time / wall time since the job started (suspensions excluded).",
             labels=labels,
@@ -83,6 +82,28 @@ class JobsCollector(Collector):
         recovery = HistogramMetricFamily(
             PREFIX + "recovery_seconds",
             "From a worker loss to the first training step of the attempt that followed.",
+            labels=labels,
+        )
+        recovery_phases = HistogramMetricFamily(
+            PREFIX + "recovery_phase_seconds",
+            "Each recovery's phases: detect, backoff, schedule, start, rendezvous, init, "
+            "restore, first_step.",
+            labels=[*labels, "phase"],
+        )
+        last_recovery = GaugeMetricFamily(
+            PREFIX + "last_recovery_phase_seconds",
+            "The last recovery's phases (status.lastRecovery), for budgets and stacked panels.",
+            labels=[*labels, "phase"],
+        )
+        checkpoint_age = GaugeMetricFamily(
+            PREFIX + "newest_checkpoint_age_seconds",
+            "Seconds since the newest durable checkpoint (status.lastCheckpoint): the work a "
+            "preemption would lose.",
+            labels=labels,
+        )
+        checkpoint_step = GaugeMetricFamily(
+            PREFIX + "newest_checkpoint_step",
+            "Step of the newest durable checkpoint, in its stage (status.lastCheckpoint).",
             labels=labels,
         )
         now = datetime.now(UTC)
@@ -101,17 +122,36 @@ class JobsCollector(Collector):
                 stage.add_metric(key, float(status.stage.index))
             if status.eta is not None and status.phase == Phase.RUNNING:
                 eta.add_metric(key, max((status.eta - now).total_seconds(), 0.0))
-            if job.goodput is not None:
-                goodput.add_metric(key, job.goodput.ratio)
+            figures = goodput(status, now=now.timestamp())
+            if figures is not None:
+                goodput_ratio.add_metric(key, figures.ratio)
                 for reason in REASONS:
-                    badput.add_metric([*key, reason], job.goodput.badput.get(reason, 0.0))
-                seen = job.goodput.recoveries
-                buckets = [
-                    (str(b), float(sum(1 for s in seen if s <= b))) for b in RECOVERY_BUCKETS
-                ]
-                buckets.append(("+Inf", float(len(seen))))
-                recovery.add_metric(key, buckets, sum_value=float(sum(seen)))
-        yield from (phase, restarts, transitions, workers, stage, eta, goodput, badput, recovery)
+                    badput.add_metric([*key, reason], figures.badput.get(reason, 0.0))
+            history = status.recoveries
+            _histogram(recovery, key, history, TOTAL)
+            for name in PHASES:
+                _histogram(recovery_phases, [*key, name], history, name)
+            if status.last_recovery is not None:
+                for name, seconds in status.last_recovery.phases.model_dump().items():
+                    last_recovery.add_metric([*key, name], seconds)
+            newest = status.last_checkpoint
+            if newest is not None:
+                checkpoint_step.add_metric(key, float(newest.step))
+                if newest.saved_at is not None:
+                    age = (now - newest.saved_at).total_seconds()
+                    checkpoint_age.add_metric(key, max(age, 0.0))
+        yield from (phase, restarts, transitions, workers, stage, eta, goodput_ratio, badput)
+        yield from (recovery, recovery_phases, last_recovery, checkpoint_age, checkpoint_step)
+
+
+def _histogram(
+    family: HistogramMetricFamily, labels: list[str], history: RecoveryHistory, key: str
+) -> None:
+    """One series of ``family`` from the status' cumulative buckets of ``key``."""
+    counts = history.buckets.get(key) or [0] * len(BUCKETS)
+    buckets = [(str(b), float(c)) for b, c in zip(BUCKETS, counts, strict=True)]
+    buckets.append(("+Inf", float(history.count)))
+    family.add_metric(labels, buckets, sum_value=history.sums.get(key, 0.0))
 
 
 class OperatorMetrics:

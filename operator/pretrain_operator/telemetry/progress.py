@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from ..api import JobStatus, Phase, PretrainJobSpec
+from ..api import JobStatus, Phase, PretrainJobSpec, TrainerUsage
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class TrainerProgress:
     loss: float | None
     seconds_per_step: float | None
     """Recent wall time per step; None before two steps are known."""
+    usage: TrainerUsage | None = None
+    """The attempt's cumulative usage, where the source reports it."""
 
 
 def with_progress(

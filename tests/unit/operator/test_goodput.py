@@ -1,83 +1,246 @@
-"""Goodput accounting on hand-made timelines: every second lands in one bucket."""
+"""Goodput accounting over hand-made passes: the statuses a planner writes and the usage a
+trainer reports. Every second lands in one bucket, lost work is charged as restart, and the
+figures live in the status (recomputed from it alone) and never go down."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pytest
-from pretrain_operator.telemetry.goodput import Attempt, account
-from pretrain_trainer.contract import StepRecord
+from pretrain_operator.api import (
+    Condition,
+    JobStatus,
+    Phase,
+    Reason,
+    StageStatus,
+    TrainerUsage,
+)
+from pretrain_operator.telemetry.goodput import REASONS, Goodput, account, goodput
 
 
-def step(
-    stage: int, number: int, *, end: float, seconds: float = 1.0, **extra: float
-) -> StepRecord:
-    return StepRecord(
-        stage=stage, step=number, tokens=0, lr=0.0, seconds=seconds, time=end, world_size=1, **extra
+def at(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def running(attempt: int, *, started: float, stage: int = 0) -> JobStatus:
+    return JobStatus(
+        phase=Phase.RUNNING,
+        attempt=attempt,
+        attempt_started_at=at(started),
+        stage=StageStatus(index=stage, name=f"s{stage}"),
     )
 
 
-def test_a_failure_charges_lost_work_restart_and_restore_and_every_second_is_counted() -> None:
-    steps = [
-        step(0, 1, end=5),
-        step(0, 2, end=6),
-        step(0, 3, end=7),  # checkpoint after step 3
-        step(0, 4, end=8.6, checkpoint_blocking=0.5),  # began at 7.6: 0.5 s blocked, 0.1 other
-        # a loss at 9; the attempt after it starts at 10 and restores step 3 in 2 s
-        step(0, 4, end=14, restore_seconds=2.0),  # step 4 again: the first run was lost
-    ]
-    attempts = [
-        Attempt(started=0, cause="startup"),
-        Attempt(started=10, cause="restart", lost_at=9),
-    ]
-    result = account(started=0, now=15, steps=steps, attempts=attempts)
-    assert result.wall == 14  # the second after the last step is not known yet
-    assert result.productive == pytest.approx(4)
-    assert result.badput == pytest.approx(
+def waiting(attempt: int, *, stage: int = 0) -> JobStatus:
+    condition = Condition(
+        type="Restarting", status="True", reason=Reason.WAITING_FOR_WORKERS, message="waiting"
+    )
+    return JobStatus(
+        phase=Phase.RESTARTING,
+        attempt=attempt,
+        stage=StageStatus(index=stage, name=f"s{stage}"),
+        conditions=[condition],
+    )
+
+
+def usage(attempt: int, **fields: float) -> TrainerUsage:
+    return TrainerUsage(attempt=attempt, **fields)
+
+
+@dataclass
+class Passes:
+    """Runs passes through ``account`` the way a backend does, keeping only the status."""
+
+    status: JobStatus = field(default_factory=JobStatus)
+
+    def run(self, now: float, planned: JobStatus, read: TrainerUsage | None = None) -> Goodput:
+        carried = planned.model_copy(
+            update={
+                "goodput": self.status.goodput,
+                "usage": self.status.usage,
+            }
+        )
+        self.status = account(self.status, carried, usage=read, now=now)
+        # Only what the status says: a restarted operator reading it back gets the same.
+        again = JobStatus.model_validate(self.status.model_dump(mode="json", by_alias=True))
+        figures = goodput(again, now=now)
+        assert figures is not None
+        assert figures == goodput(self.status, now=now)
+        return figures
+
+
+def assert_every_second_counted(figures: Goodput) -> None:
+    assert figures.productive + sum(figures.badput.values()) == pytest.approx(figures.wall)
+
+
+def test_a_failure_charges_lost_work_as_restart_with_the_gap_and_the_next_start_up() -> None:
+    passes = Passes()
+    passes.run(0.0, running(1, started=0.0))
+    # 4 s of start-up, then 5 steps of 1 s and a 0.5 s blocking save; durable at step 3.
+    first = usage(
+        1,
+        restored_time=4.0,
+        steps=5,
+        step=5,
+        step_seconds=5.0,
+        blocking_seconds=0.5,
+        checkpoint_step=3,
+        checkpoint_step_seconds=3.0,
+        last_step_time=10.0,
+    )
+    seen = passes.run(10.0, running(1, started=0.0), first)
+    assert seen.productive == 5.0  # provisional until the attempt ends
+    assert seen.badput["restart"] == 0.0
+    # The loss is noticed; a back-off: nothing more is known of the time until the next start.
+    passes.run(
+        11.0, JobStatus(phase=Phase.RESTARTING, attempt=1, stage=StageStatus(index=0, name="s0"))
+    )
+    passes.run(13.0, running(2, started=13.0))
+    # The next attempt resumes from step 3: 1 s to its restore, which takes 2 s.
+    second = usage(
+        2,
+        resumed_step=3,
+        restored_time=16.0,
+        restore_seconds=2.0,
+        steps=3,
+        step=6,
+        step_seconds=3.0,
+        last_step_time=20.0,
+    )
+    figures = passes.run(20.0, running(2, started=13.0), second)
+    assert figures.wall == pytest.approx(20.0)
+    assert figures.productive == pytest.approx(3.0 + 3.0)
+    assert figures.badput == pytest.approx(
         {
-            "startup": 4,
+            "startup": 4.0,
+            "restart": 2.0 + 3.0 + 1.0,  # steps 4-5 lost, the gap, the start-up before restore
+            "restore": 2.0,
             "checkpoint_blocking": 0.5,
-            "restore": 2,
-            "restart": 2.4 + 1,
-            "other": 0.1,
-            "stage_transition": 0,
-            "waiting_for_workers": 0,
+            "other": 0.5 + 1.0,
+            "stage_transition": 0.0,
+            "waiting_for_workers": 0.0,
         }
     )
-    assert result.productive + sum(result.badput.values()) == pytest.approx(result.wall)
-    assert result.recoveries == pytest.approx((5,))
-    assert result.ratio == pytest.approx(4 / 14)
+    assert_every_second_counted(figures)
+    assert figures.ratio == pytest.approx(6.0 / 20.0)
 
 
-def test_stage_transitions_waits_for_workers_and_suspensions() -> None:
-    steps = [step(0, 1, end=2), step(1, 1, end=10, restore_seconds=1.0)]
-    attempts = [Attempt(0, "startup"), Attempt(4, "stage_transition")]
-    result = account(
-        started=0, now=20, steps=steps, attempts=attempts, waiting=[(3, 5)], suspended=[(6, 7)]
+def test_an_attempt_that_wrote_no_checkpoint_loses_every_step_it_ran() -> None:
+    passes = Passes()
+    passes.run(0.0, running(1, started=0.0))
+    passes.run(
+        5.0,
+        running(1, started=0.0),
+        usage(1, restored_time=1.0, steps=4, step=4, step_seconds=4.0, last_step_time=5.0),
     )
-    assert result.wall == 10 - 1  # up to the last step, less the suspension
-    assert result.productive == 2
-    assert result.badput["startup"] == 1
-    assert result.badput["waiting_for_workers"] == 2
-    assert result.badput["restore"] == 1
-    assert result.badput["stage_transition"] == pytest.approx(7 - 2 - 1 - 1)
-    assert result.badput["other"] == 0  # after the last step nothing is charged yet
-    assert result.productive + sum(result.badput.values()) == pytest.approx(result.wall)
+    figures = passes.run(6.0, running(2, started=6.0))
+    assert figures.productive == 0.0
+    assert figures.badput["restart"] == pytest.approx(4.0 + 1.0)
+    assert_every_second_counted(figures)
 
 
-def test_no_bucket_ever_shrinks_as_the_run_goes_on() -> None:
-    steps = [step(0, 1, end=2), step(0, 2, end=3), step(0, 2, end=12, restore_seconds=2.0)]
-    attempts = [Attempt(0, "startup"), Attempt(6, "restart", lost_at=4)]
-    seen = [
-        account(
-            started=0,
-            now=now,
-            steps=[r for r in steps if r.time <= now],
-            attempts=[a for a in attempts if a.started <= now],
-        )
-        for now in range(1, 14)
+def test_stage_transition_waiting_and_suspension_each_land_in_their_bucket() -> None:
+    passes = Passes()
+    passes.run(0.0, running(1, started=0.0))
+    passes.run(
+        3.0,
+        running(1, started=0.0),
+        usage(1, restored_time=1.0, steps=2, step=2, step_seconds=2.0, last_step_time=3.0),
+    )
+    # The stage's last step at 3 s; the next stage waits for workers from 4 to 6 s, is
+    # suspended from 6 to 9 s, and starts at 10 s.
+    passes.run(4.0, waiting(1, stage=1))
+    passes.run(
+        6.0, JobStatus(phase=Phase.SUSPENDED, attempt=1, stage=StageStatus(index=1, name="s1"))
+    )
+    shown = passes.run(
+        9.0, JobStatus(phase=Phase.PENDING, attempt=1, stage=StageStatus(index=1, name="s1"))
+    )
+    assert shown.badput["waiting_for_workers"] == pytest.approx(2.0)  # known as it happens
+    passes.run(10.0, running(2, started=10.0, stage=1))
+    figures = passes.run(
+        13.0,
+        running(2, started=10.0, stage=1),
+        usage(
+            2,
+            restored_time=11.0,
+            restore_seconds=0.5,
+            steps=2,
+            step=2,
+            step_seconds=2.0,
+            last_step_time=13.0,
+        ),
+    )
+    assert figures.wall == pytest.approx(13.0 - 3.0)  # less the suspension
+    assert figures.productive == pytest.approx(2.0 + 2.0)  # a finished stage loses nothing
+    assert figures.badput["startup"] == pytest.approx(1.0)
+    assert figures.badput["waiting_for_workers"] == pytest.approx(2.0)
+    # 3 -> 10 s less the wait and the suspension, and the next start-up before its restore
+    assert figures.badput["stage_transition"] == pytest.approx(7.0 - 2.0 - 3.0 + 0.5)
+    assert figures.badput["restore"] == pytest.approx(0.5)
+    assert figures.badput["restart"] == 0.0
+    assert_every_second_counted(figures)
+
+
+def test_no_bucket_ever_shrinks_and_the_figures_survive_a_restart_from_status() -> None:
+    passes = Passes()
+    timeline: list[tuple[float, JobStatus, TrainerUsage | None]] = [
+        (0.0, running(1, started=0.0), None)
     ]
+    for t in range(2, 9):  # a step a second from 2 s, durable every 3 steps
+        step = t - 1
+        durable = (step // 3) * 3
+        timeline.append(
+            (
+                float(t),
+                running(1, started=0.0),
+                usage(
+                    1,
+                    restored_time=1.0,
+                    steps=step,
+                    step=step,
+                    step_seconds=float(step),
+                    checkpoint_step=durable or None,
+                    checkpoint_step_seconds=float(durable),
+                    last_step_time=float(t),
+                ),
+            )
+        )
+    timeline += [(9.0, waiting(1), None), (12.0, running(2, started=12.0), None)]
+    timeline.append(
+        (
+            15.0,
+            running(2, started=12.0),
+            usage(
+                2,
+                resumed_step=6,
+                restored_time=13.0,
+                restore_seconds=0.5,
+                steps=2,
+                step=8,
+                step_seconds=2.0,
+                last_step_time=15.0,
+            ),
+        )
+    )
+    seen = [passes.run(now, planned, read) for now, planned, read in timeline]
     for before, after in itertools.pairwise(seen):
-        assert after.productive >= before.productive
-        for reason, seconds in before.badput.items():
-            assert after.badput[reason] >= seconds - 1e-9, (reason, before, after)
+        assert after.wall >= before.wall
+        for reason in REASONS:
+            assert after.badput[reason] >= before.badput[reason] - 1e-9, reason
+    # step 7 lost, 8 -> 12 s less the 3 s wait, the start-up before the restore
+    assert seen[-1].badput["restart"] == pytest.approx(1.0 + 1.0 + 0.5)
+    assert seen[-1].badput["waiting_for_workers"] == pytest.approx(3.0)
+    assert_every_second_counted(seen[-1])
+
+
+def test_a_pass_that_reads_nothing_keeps_the_attempts_last_usage() -> None:
+    passes = Passes()
+    passes.run(0.0, running(1, started=0.0))
+    read = usage(1, restored_time=1.0, steps=1, step=1, step_seconds=1.0, last_step_time=2.0)
+    before = passes.run(2.0, running(1, started=0.0), read)
+    after = passes.run(30.0, running(1, started=0.0), None)
+    assert after == before
+    assert passes.status.usage == read

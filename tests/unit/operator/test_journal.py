@@ -1,29 +1,29 @@
 """A local run's memory (``local.journal``): the timeline it writes and reads back, the step
-log it follows, and the attempts, waits and suspensions goodput is computed from."""
+log it follows, and the running attempt's usage folded from it."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-import pytest
 from pretrain_operator.api import (
     Condition,
     JobStatus,
     Phase,
     Reason,
     StageStatus,
+    TrainerUsage,
     parse_job,
 )
 from pretrain_operator.local.journal import Journal
 from pretrain_operator.plan import Event
-from pretrain_operator.telemetry.goodput import Attempt, account
-from pretrain_trainer.contract import StepRecord, append_step
+from pretrain_trainer.contract import Startup, StepRecord, append_step
 
 from tests.conftest import minimal_job
 
 
-def step(number: int, *, end: float, **extra: float) -> StepRecord:
+def step(number: int, *, end: float, **extra: Any) -> StepRecord:
     return StepRecord(
         stage=0,
         step=number,
@@ -60,25 +60,42 @@ def test_the_timeline_is_written_as_it_happens_and_read_back_by_the_next_run(
     assert again.timeline == journal.timeline
 
 
-def test_goodput_sees_each_attempt_its_cause_and_the_loss_before_it(tmp_path: Path) -> None:
+def test_usage_folds_the_running_attempts_records_as_rank_0_metrics_would_say(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "steps.jsonl"
+    start = Startup(launcher=1.0, group=2.0, engine=3.0, restored=4.0)
+    append_step(log, step(5, end=9.0, attempt=1, startup=start, restore_seconds=0.5))
+    append_step(log, step(6, end=10.0, attempt=1, checkpoint_blocking=0.25))
+    append_step(log, step(7, end=11.0, attempt=1, checkpointed=6))
     journal = Journal(tmp_path)
-    journal.note([Event(Reason.CREATED, "starting stage s")], JobStatus(), now=0.0)
-    steps = [step(1, end=3), step(2, end=4), step(3, end=5)]
-    journal.note([Event(Reason.WORKER_LOST, "worker 1 lost", warning=True)], JobStatus(), now=6.0)
-    journal.note([], WAITING, now=6.5)
-    journal.note([Event(Reason.RESTARTED, "starting stage s")], JobStatus(), now=8.0)
-    steps.append(step(3, end=11, restore_seconds=1.5))
-    for record in steps:
-        append_step(tmp_path / "steps.jsonl", record)
-    expected = account(
-        started=0.0,
-        now=12.0,
-        steps=steps,
-        attempts=[Attempt(0.0, "startup"), Attempt(8.0, "restart", lost_at=6.0)],
-        waiting=[(6.5, 8.0)],
+    assert journal.usage() == TrainerUsage(
+        attempt=1,
+        resumed_step=4,
+        step=7,
+        steps=3,
+        step_seconds=3.0,
+        restore_seconds=0.5,
+        blocking_seconds=0.25,
+        checkpoint_step=6,
+        checkpoint_step_seconds=2.0,  # steps 5 and 6
+        checkpoint_time=11.0,
+        last_step_time=11.0,
+        launcher_time=1.0,
+        group_time=2.0,
+        engine_time=3.0,
+        restored_time=4.0,
+        first_step_time=9.0,
     )
-    assert journal.goodput(now=12.0) == expected
-    assert expected.recoveries == pytest.approx((5.0,))  # the loss to the first step after it
+    append_step(log, step(5, end=20.0, attempt=2))  # the next attempt starts afresh
+    fresh = journal.usage()
+    assert fresh is not None
+    assert (fresh.attempt, fresh.resumed_step, fresh.steps, fresh.checkpoint_step) == (
+        2,
+        4,
+        1,
+        None,
+    )
 
 
 def test_progress_shows_the_newest_step_and_an_eta_at_the_recent_step_time(

@@ -4,6 +4,7 @@ operator's own writes (``kube.cache``): pure, table-driven."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -48,6 +49,7 @@ def pod(
 
 
 READY = {"n0": True, "n1": False}
+DELETED = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 REPORT = {"finished": True, "stage": 0, "step": 40, "tokens": 9, "loss": 2.5, "checkpoint": "/c"}
 
 
@@ -57,7 +59,10 @@ REPORT = {"finished": True, "stage": 0, "step": 40, "tokens": 9, "loss": 2.5, "c
         ([pod("w", phase="Pending", node=None)], Worker(0, S.PENDING, attempt=1, stage=0)),
         ([pod("w")], Worker(0, S.RUNNING, attempt=1, stage=0)),
         ([pod("w", node="n1")], Worker(0, S.LOST, attempt=1, stage=0, reason="node n1 not ready")),
-        ([pod("w", deleting=True)], Worker(0, S.LOST, attempt=1, stage=0, reason="deleted")),
+        (
+            [pod("w", deleting=True)],
+            Worker(0, S.LOST, attempt=1, stage=0, reason="deleted", ended_at=DELETED),
+        ),
         (
             [
                 pod(
@@ -121,6 +126,25 @@ def test_the_current_attempts_pod_reads_as_its_worker(
 ) -> None:
     observed = observe(pods, READY, attempt=1, group_slots=[0])
     assert observed.workers == (expected,)
+
+
+def test_a_worker_carries_when_it_was_bound_and_when_it_ended() -> None:
+    scheduled = {
+        "type": "PodScheduled",
+        "status": "True",
+        "lastTransitionTime": "2026-01-01T00:00:05Z",
+    }
+    bound = observe([pod("w", conditions=[scheduled])], READY, attempt=1, group_slots=[0])
+    assert bound.workers[0].bound_at == DELETED + 5
+    finished = {"exitCode": 137, "finishedAt": "2026-01-01T00:00:09Z"}
+    ended = observe(
+        [pod("w", phase="Failed", terminated=finished)], READY, attempt=1, group_slots=[0]
+    )
+    assert ended.workers[0].ended_at == DELETED + 9
+    leaving = pod("w", deleting=True)
+    leaving["metadata"]["deletionGracePeriodSeconds"] = 30  # asked 30 s before the deadline
+    gone = observe([leaving], READY, attempt=1, group_slots=[0])
+    assert gone.workers[0].ended_at == DELETED - 30
 
 
 @pytest.mark.parametrize(
