@@ -195,11 +195,35 @@ def overview() -> board.Dashboard:
     dash = dash.with_panel(
         _series(
             "Goodput",
-            _query(f"pretrainjob_goodput_ratio{{{JOB}}}", "goodput (control plane)"),
+            _query(f"pretrainjob_goodput_ratio{{{JOB}}}", "goodput"),
             _query(f"pretrainjob:step_time_ratio:rate5m{{{JOB}}}", "in training steps, 5m"),
             unit="percentunit",
-            description="The control plane's goodput (local runs), and the share of the last 5 "
-            "minutes the trainers spent inside steps (everywhere; redone steps included).",
+            description="The control plane's goodput since the job started (steps whose result "
+            "survived, over wall time; on a cluster and locally alike), and the share of the "
+            "last 5 minutes the trainers spent inside steps (redone steps included).",
+        )
+    )
+    dash = dash.with_panel(
+        _series(
+            "Recovery phases (last recovery)",
+            _query(f"pretrainjob_last_recovery_phase_seconds{{{JOB}}}", "{{phase}}"),
+            unit="s",
+            stacked=True,
+            description="Where the last recovery's time went, from the worker's loss to the "
+            "first step after it: detect, backoff, schedule, start, rendezvous, init, restore, "
+            "first_step (status.lastRecovery). Each recovery is a new stack.",
+        )
+    )
+    dash = dash.with_panel(
+        _series(
+            "Recovery phases (mean over all)",
+            _query(
+                f"pretrainjob_recovery_phase_seconds_sum{{{JOB}}} / "
+                f"pretrainjob_recovery_phase_seconds_count{{{JOB}}}",
+                "{{phase}}",
+            ),
+            unit="s",
+            stacked=True,
         )
     )
     dash = dash.with_panel(
@@ -236,6 +260,7 @@ def overview() -> board.Dashboard:
                 f"max(pretrainjob_step{{{JOB}}}) - max(pretrainjob_last_checkpoint_step{{{JOB}}})",
                 "steps since",
             ),
+            _query(f"pretrainjob_newest_checkpoint_age_seconds{{{JOB}}}", "age (job status)"),
             unit="s",
         )
     )

@@ -68,6 +68,7 @@ def test_the_prometheus_rule_carries_exactly_the_plain_rules() -> None:
         "PretrainJobSlowRestore",
         "PretrainJobCheckpointStale",
         "PretrainJobLowGoodput",
+        "PretrainJobRecoveryPhaseOverBudget",
     }
 
 
@@ -77,4 +78,4 @@ def test_promtool_accepts_the_rules() -> None:
         ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 7 rules found" in done.stdout
+    assert "SUCCESS: 8 rules found" in done.stdout

@@ -11,20 +11,27 @@ forbidden fails the test.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tests.conftest import ROOT
 from tests.support.controlplane import ControlPlane, unavailable
 from tests.support.kubelet import Kubelet, eventually
+from tests.support.running import RunningKubelet
+
+K = TypeVar("K", bound=Kubelet)
 
 CHART = ROOT / "charts" / "pretrain-operator"
 HELM = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
@@ -115,10 +122,36 @@ def kube(
     controlplane: ControlPlane, operator_identity: Identity, request: pytest.FixtureRequest
 ) -> Iterator[Kubelet]:
     """A restricted namespace of its own and a test kubelet with two nodes of 8 GPUs."""
+    with kubelet_in_namespace(controlplane, operator_identity, request, Kubelet) as kubelet:
+        yield kubelet
+
+
+@pytest.fixture
+def running_kube(
+    controlplane: ControlPlane,
+    operator_identity: Identity,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> Iterator[RunningKubelet]:
+    """The same, with a kubelet that runs its pods' processes (``tests/support/running.py``)."""
+    make = functools.partial(RunningKubelet, workdir=tmp_path)
+    with kubelet_in_namespace(controlplane, operator_identity, request, make) as kubelet:
+        yield kubelet
+
+
+@contextlib.contextmanager
+def kubelet_in_namespace(
+    controlplane: ControlPlane,
+    operator_identity: Identity,
+    request: pytest.FixtureRequest,
+    make: Callable[..., K],
+) -> Iterator[K]:
+    """A test's kubelet (``make(plane, namespace, nodes=0)``) with two nodes in a restricted
+    namespace of its own; afterwards, no request of the operator was refused by RBAC."""
     namespace = namespace_for(request)
     with controlplane.recording() as requests:
         restricted_namespace(controlplane, namespace)
-        kubelet = Kubelet(controlplane, namespace, nodes=0)
+        kubelet = make(controlplane, namespace, nodes=0)
         for _ in range(2):
             kubelet.add_node()
         with kubelet:

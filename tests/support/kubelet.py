@@ -230,11 +230,7 @@ class Kubelet:
         phase = (pod.get("status") or {}).get("phase")
         self.bound_at.setdefault(meta["uid"], time.monotonic())
         if meta.get("deletionTimestamp"):
-            # The container exits at once on SIGTERM; the kubelet confirms the deletion.
-            body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
-            self._call(
-                lambda: self._core.delete_namespaced_pod(meta["name"], self.namespace, body=body)
-            )
+            self._call(lambda: self._terminate(pod))
         elif phase == "Pending" and meta["uid"] not in self._running:
             self._running.add(meta["uid"])
             status = {
@@ -256,8 +252,18 @@ class Kubelet:
             def run() -> None:
                 self._status(meta["name"], status)
                 self.running_at[meta["uid"]] = time.monotonic()
+                self._start(pod)
 
             self._call(run)
+
+    def _start(self, pod: dict[str, Any]) -> None:
+        """The pod's containers start (here: nothing runs in them)."""
+
+    def _terminate(self, pod: dict[str, Any]) -> None:
+        """A pod being deleted: its container exits at once on SIGTERM; confirm the deletion."""
+        meta = pod["metadata"]
+        body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
+        self._core.delete_namespaced_pod(meta["name"], self.namespace, body=body)
 
     def _call(self, action: Callable[[], Any]) -> None:
         def run() -> None:

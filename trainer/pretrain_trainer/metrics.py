@@ -8,6 +8,7 @@ collectives of local rank 0 too); labels are bounded (namespace, job, stage).
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -136,8 +137,12 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def serve(*, port: int, metrics: TrainerMetrics, health: Health) -> WSGIServer:
-    """Serve /metrics and /healthz on ``port`` (0 picks a free one) from a daemon thread."""
+def serve(
+    *, port: int, metrics: TrainerMetrics, health: Health, patience: float = 30.0
+) -> WSGIServer:
+    """Serve /metrics and /healthz on ``port`` (0 picks a free one) from a daemon thread. A
+    port still held (the previous attempt's trainer on this host, saving on its way out) is
+    tried again for up to ``patience`` seconds."""
     metrics_app = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -150,6 +155,14 @@ def serve(*, port: int, metrics: TrainerMetrics, health: Health) -> WSGIServer:
             return [body.encode()]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-    server = make_server("0.0.0.0", port, app, handler_class=_QuietHandler)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            server = make_server("0.0.0.0", port, app, handler_class=_QuietHandler)
+            break
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -172,6 +172,8 @@ class Trainer:
         """Save a checkpoint of the current step: now (``force``: on preemption, in
         benchmarks), or only when the checkpoint manager says one is due (after each step of
         :meth:`train`). Returns its directory, None when no save was due."""
+        # Before the save: its writer may finish (and report it durable) before it returns.
+        self._seconds_at[self.progress.step] = self._step_seconds
         blocking = self.checkpoints.save(
             self.engine,
             step=self.progress.step,
@@ -182,10 +184,10 @@ class Trainer:
             force=force,
         )
         if blocking is None:
+            self._seconds_at.pop(self.progress.step, None)
             return None
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
         self._unreported_blocking += blocking
-        self._seconds_at[self.progress.step] = self._step_seconds
         self._saved_at = time.monotonic()
         self.last_checkpoint = self.checkpoints.path_of(self.progress.step)
         log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
@@ -199,8 +201,8 @@ class Trainer:
         self.metrics.last_checkpoint_step.set(saved.manifest.step)
         step = saved.manifest.step
         self.metrics.checkpoint_step_seconds.set(self._seconds_at.get(step, 0.0))
-        for older in [s for s in self._seconds_at if s <= step]:
-            del self._seconds_at[older]
+        for older in [s for s in list(self._seconds_at) if s <= step]:
+            self._seconds_at.pop(older, None)
         self._unreported_checkpoint = step
         gigabytes = saved.manifest.total_bytes / 1e9
         log0(f"saved {saved.directory} ({gigabytes:.3f} GB) in {saved.seconds:.2f}s")

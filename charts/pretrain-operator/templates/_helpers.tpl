@@ -38,7 +38,7 @@ the owner's finalizers, which the OwnerReferencesPermissionEnforcement admission
   verbs: [update]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch, create, delete, patch]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [create, patch]

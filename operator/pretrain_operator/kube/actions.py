@@ -1,9 +1,10 @@
 """What a pass must do to a job's objects so they say what the plan says. Pure.
 
 :func:`actions` turns a :class:`~pretrain_operator.plan.Plan`, the job's pods and the nodes'
-readiness into an ordered list of :class:`Create`, :class:`Replace` and :class:`Delete`
-actions; ``reconcile.apply`` carries them out one by one and decides nothing. The policies
-that are not the planner's (it knows slots, not pods) live here, where they are tested as data:
+readiness into an ordered list of :class:`Create`, :class:`Replace`, :class:`Annotate` and
+:class:`Delete` actions; ``reconcile.apply`` carries them out one by one and decides nothing.
+The policies that are not the planner's (it knows slots, not pods) live here, where they are
+tested as data:
 
 - terminal phases (Succeeded, Failed, Suspended) delete every pod; checkpoints stay on their
   volume;
@@ -14,6 +15,9 @@ that are not the planner's (it knows slots, not pods) live here, where they are 
 - a new attempt first rewrites the run config (the spec may have changed) and, for a gang
   scheduler, creates its PodGroup (and deletes the previous attempt's);
 - a worker's standby goes *after* the worker is created: a pass that dies in between keeps it;
+- the current attempt's workers carry the newest durable checkpoint's time and step as
+  annotations (``pretrain.dev/last-checkpoint-time``, ``-step``), so a scheduler choosing
+  victims can prefer the pods whose loss costs the least work;
 - standbys probe for spare capacity on every slot the stage can use and no worker holds. While
   the group's pods wait for the scheduler, an unscheduled standby would compete with them for
   the nodes just freed: it goes, and comes back once the whole group is placed. A standby that
@@ -26,15 +30,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
-from ..api import Phase, PretrainJob
+from ..api import JobStatus, Phase, PretrainJob
 from ..plan import Group, Plan
 from .cache import DELETING
 from .objects import (
     ALIVE,
     ATTEMPT,
     FINISHED,
+    PREFIX,
     ROLE,
     SLOT,
     WORKER,
@@ -66,6 +72,14 @@ class Replace:
 
 
 @dataclass(frozen=True)
+class Annotate:
+    """Set a pod's annotations (a merge patch of those named; the others stay)."""
+
+    name: str
+    annotations: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Delete:
     """Delete an object; one already gone is fine."""
 
@@ -79,7 +93,9 @@ class Delete:
     """The pod as last seen, for the watch cache's expectations."""
 
 
-Action = Create | Replace | Delete
+Action = Create | Replace | Annotate | Delete
+CHECKPOINT_TIME = f"{PREFIX}/last-checkpoint-time"
+CHECKPOINT_STEP = f"{PREFIX}/last-checkpoint-step"
 
 
 def _label(pod: Mapping[str, Any], key: str) -> str | None:
@@ -145,7 +161,34 @@ def actions(
         *_stale_workers(result, pods, nodes=nodes),
         *_group(job, result.group, by_name, nodes=nodes, options=options),
         *_standbys(job, result, pods, by_name=by_name, nodes=nodes, options=options),
+        *_checkpoint_annotations(result, pods),
     ]
+
+
+def checkpoint_annotations(status: JobStatus) -> dict[str, str]:
+    """What the current attempt's workers say of the newest durable checkpoint."""
+    newest = status.last_checkpoint
+    if newest is None or newest.saved_at is None:
+        return {}
+    saved = newest.saved_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {CHECKPOINT_TIME: saved, CHECKPOINT_STEP: f"{newest.stage}/{newest.step}"}
+
+
+def _checkpoint_annotations(result: Plan, pods: Sequence[Mapping[str, Any]]) -> list[Action]:
+    wanted = checkpoint_annotations(result.status)
+    if not wanted or result.group is None:
+        return []
+    found: list[Action] = []
+    for pod in pods:
+        metadata = pod["metadata"]
+        if _label(pod, ROLE) != WORKER or _label(pod, ATTEMPT) != str(result.group.attempt):
+            continue
+        if PodPhase.of(pod) != PodPhase.RUNNING or metadata.get("deletionTimestamp"):
+            continue
+        have = metadata.get("annotations") or {}
+        if any(have.get(k) != v for k, v in wanted.items()):
+            found.append(Annotate(metadata["name"], wanted))
+    return found
 
 
 def _rendezvous(

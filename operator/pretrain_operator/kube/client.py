@@ -11,6 +11,7 @@ operator branches on typed: :class:`NotFoundError`, :class:`ForbiddenError` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import urllib.parse
@@ -171,6 +172,13 @@ class KubeClient:
             self.request("PATCH", path, body=obj, content_type="application/merge-patch+json")
         except NotFoundError:
             self.create(obj, namespace=namespace)
+
+    def annotate_pod(self, name: str, annotations: Mapping[str, str], *, namespace: str) -> None:
+        """Set some of a pod's annotations; a pod already gone is fine."""
+        path = f"/api/v1/namespaces/{namespace}/pods/{name}"
+        body = {"metadata": {"annotations": dict(annotations)}}
+        with contextlib.suppress(NotFoundError):
+            self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     def delete(
         self,

@@ -261,7 +261,7 @@ def run(settings: OperatorSettings) -> None:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
-    metrics = OperatorMetrics()
+    metrics = OperatorMetrics(budgets=settings.recovery_budgets)
     register(registry, settings=settings, make_client=default_client, metrics=metrics)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, registry=metrics.registry)

@@ -36,7 +36,7 @@ from ..api import (
 from ..plan import Event, plan
 from ..telemetry.accounting import accounted
 from ..telemetry.progress import TrainerProgress, with_progress
-from .actions import Action, Create, Delete, Replace, actions, useful_slots
+from .actions import Action, Annotate, Create, Delete, Replace, actions, useful_slots
 from .client import KubeClient
 from .objects import Options, selector
 from .observe import observe, ready_nodes
@@ -212,6 +212,8 @@ def _do(client: KubeClient, action: Action, *, namespace: str, applied: Applied)
             applied.created.append(created)
     elif isinstance(action, Replace):
         client.replace_or_create(action.obj, namespace=namespace)
+    elif isinstance(action, Annotate):
+        client.annotate_pod(action.name, action.annotations, namespace=namespace)
     else:
         gone = client.delete(
             action.kind,

@@ -7,8 +7,16 @@ from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pretrain_trainer.contract import DEFAULT_METRICS_PORT
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
 
+from ..telemetry.recovery import PHASES
 from .objects import Gang, Options
 
 PREFIX = "PRETRAIN_OPERATOR_"
@@ -22,6 +30,23 @@ def _comma_separated(value: object) -> object:
     """``a, b`` as the environment spells a list."""
     if isinstance(value, str):
         return tuple(n.strip() for n in value.split(",") if n.strip())
+    return value
+
+
+def _pairs(value: object) -> object:
+    """``detect=60, restore=180`` as the environment spells a mapping."""
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError("expected name=seconds pairs, separated by commas")
+        return {k.strip(): v.strip() for k, v in pairs}
+    return value
+
+
+def _known_phases(value: dict[str, float]) -> dict[str, float]:
+    unknown = sorted(set(value) - set(PHASES))
+    if unknown:
+        raise ValueError(f"unknown recovery phase(s) {unknown}; known: {', '.join(PHASES)}")
     return value
 
 
@@ -50,6 +75,13 @@ class OperatorSettings(BaseModel):
     """Least time between two progress updates (step, tokens, loss, ETA) of a job's status."""
     watch_nodes: bool = True
     """Watch nodes so a NotReady node's workers count as lost at once (needs read on nodes)."""
+    recovery_budgets: Annotated[
+        dict[str, Annotated[float, Field(gt=0)]],
+        BeforeValidator(_pairs),
+        AfterValidator(_known_phases),
+    ] = {}
+    """Seconds each recovery phase may take (over it, an alert fires); unnamed phases keep
+    their defaults (``telemetry.recovery.DEFAULT_BUDGETS``)."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> OperatorSettings:

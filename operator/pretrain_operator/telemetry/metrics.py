@@ -9,11 +9,11 @@ set of phases, reasons and worker states; never a step, a pod or an attempt.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from ..api import JobStatus, Phase, RecoveryHistory
 from .goodput import REASONS, goodput
-from .recovery import BUCKETS, PHASES, TOTAL
+from .recovery import BUCKETS, DEFAULT_BUDGETS, PHASES, TOTAL
 
 PREFIX = "pretrainjob_"
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -95,6 +95,11 @@ class JobsCollector(Collector):
             "The last recovery's phases (status.lastRecovery), for budgets and stacked panels.",
             labels=[*labels, "phase"],
         )
+        recovered = GaugeMetricFamily(
+            PREFIX + "last_recovery_timestamp_seconds",
+            "When the last recovery ended (its first step), Unix time.",
+            labels=labels,
+        )
         checkpoint_age = GaugeMetricFamily(
             PREFIX + "newest_checkpoint_age_seconds",
             "Seconds since the newest durable checkpoint (status.lastCheckpoint): the work a "
@@ -131,9 +136,11 @@ class JobsCollector(Collector):
             _histogram(recovery, key, history, TOTAL)
             for name in PHASES:
                 _histogram(recovery_phases, [*key, name], history, name)
-            if status.last_recovery is not None:
-                for name, seconds in status.last_recovery.phases.model_dump().items():
+            last = status.last_recovery
+            if last is not None:
+                for name, seconds in last.phases.model_dump().items():
                     last_recovery.add_metric([*key, name], seconds)
+                recovered.add_metric(key, last.lost_at.timestamp() + last.total_seconds)
             newest = status.last_checkpoint
             if newest is not None:
                 checkpoint_step.add_metric(key, float(newest.step))
@@ -141,7 +148,8 @@ class JobsCollector(Collector):
                     age = (now - newest.saved_at).total_seconds()
                     checkpoint_age.add_metric(key, max(age, 0.0))
         yield from (phase, restarts, transitions, workers, stage, eta, goodput_ratio, badput)
-        yield from (recovery, recovery_phases, last_recovery, checkpoint_age, checkpoint_step)
+        yield from (recovery, recovery_phases, last_recovery, recovered)
+        yield from (checkpoint_age, checkpoint_step)
 
 
 def _histogram(
@@ -158,9 +166,17 @@ class OperatorMetrics:
     """The control loop's own series, plus those of the jobs in ``jobs`` (kept up to date by
     the control loop; see :class:`JobsCollector`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, budgets: Mapping[str, float] = DEFAULT_BUDGETS) -> None:
         self.jobs: dict[tuple[str, str], JobSnapshot] = {}
         self.registry = CollectorRegistry()
+        budget = Gauge(
+            PREFIX + "recovery_phase_budget_seconds",
+            "Seconds each recovery phase may take (the chart's recoveryBudgets).",
+            ["phase"],
+            registry=self.registry,
+        )
+        for phase, seconds in {**DEFAULT_BUDGETS, **budgets}.items():
+            budget.labels(phase).set(seconds)
         self.reconcile_seconds = Histogram(
             PREFIX + "reconcile_seconds",
             "Time of one reconcile of a job (read, plan, apply, status).",

@@ -35,6 +35,18 @@ PHASES = tuple(RecoveryPhases.model_fields)
 BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 """Histogram bounds (seconds) for every phase and the total."""
 TOTAL = "total"
+DEFAULT_BUDGETS = {
+    "detect": 60.0,  # a node's loss: the node lifecycle controller's 40 s grace, and a pass
+    "backoff": 60.0,
+    "schedule": 120.0,
+    "start": 120.0,  # image already on the node; a pull on a cold node costs more
+    "rendezvous": 120.0,
+    "init": 120.0,
+    "restore": 180.0,
+    "first_step": 60.0,
+}
+"""Seconds each phase may take before ``PretrainJobRecoveryPhaseOverBudget`` fires; together
+well under the five minutes a restore is promised to take (the chart's ``recoveryBudgets``)."""
 
 
 def phases(recovering: RecoveringStatus, usage: TrainerUsage) -> RecoveryPhases:

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import copy
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import kubernetes
 import pytest
-from pretrain_operator.api import JobStatus, Phase, StageStatus, WorkersStatus, parse_job
-from pretrain_operator.kube.actions import Action, Create, Delete, Replace, actions
+from pretrain_operator.api import (
+    CheckpointStatus,
+    JobStatus,
+    Phase,
+    StageStatus,
+    WorkersStatus,
+    parse_job,
+)
+from pretrain_operator.kube.actions import Action, Annotate, Create, Delete, Replace, actions
 from pretrain_operator.kube.client import KubeClient, TemporaryApiError
 from pretrain_operator.kube.objects import (
     Gang,
@@ -288,3 +296,25 @@ def test_apply_sends_a_run_of_pod_writes_at_once_and_stops_after_a_failed_run() 
         apply(refusing, todo, namespace="ml", in_flight=4)
     assert len([s for s in refusing.sent if s[0] == "create"]) == 6  # the run went out whole
     assert [s for s in refusing.sent if s[0] == "delete"] == []  # nothing after it did
+
+
+def test_the_running_workers_carry_the_newest_checkpoint_once() -> None:
+    saved = datetime(2026, 12, 1, 8, 30, tzinfo=UTC)
+    newest = CheckpointStatus(stage=0, step=40, path="stage-0/step-40", saved_at=saved)
+    plan = running(1)
+    plan = Plan(group=plan.group, status=plan.status.model_copy(update={"last_checkpoint": newest}))
+    pods = [RENDEZVOUS, worker(1, 0), worker(1, 1, phase="Pending"), worker(0, 1, phase="Failed")]
+    todo = [
+        a
+        for a in actions(JOB, plan, pods, nodes=READY, options=Options())
+        if isinstance(a, Annotate)
+    ]
+    wanted = {
+        "pretrain.dev/last-checkpoint-time": "2026-12-01T08:30:00Z",
+        "pretrain.dev/last-checkpoint-step": "0/40",
+    }
+    assert todo == [Annotate(worker(1, 0)["metadata"]["name"], wanted)]  # running, this attempt
+    annotated = worker(1, 0)
+    annotated["metadata"]["annotations"] = wanted
+    again = actions(JOB, plan, [RENDEZVOUS, annotated], nodes=READY, options=Options())
+    assert not [a for a in again if isinstance(a, Annotate)]  # already said: no write

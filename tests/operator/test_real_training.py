@@ -1,0 +1,206 @@
+"""A job that really trains on the real control plane: its pods run the trainer under torchrun
+(``tests/support/running.py``) while the node of rank 0 dies and comes back. The status then
+holds goodput with restart and restore badput and the recovery in its eight phases, the
+operator's metrics say the same, and a local run of the same job through the same trouble
+gives goodput within 5 points."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pretrain_operator.api import JobStatus, Phase
+from pretrain_operator.local.backend import read_capacity, write_capacity
+from pretrain_operator.local.runner import run
+from pretrain_operator.manifests import load_job
+from pretrain_operator.telemetry.goodput import Goodput, goodput
+from pretrain_operator.telemetry.metrics import JobSnapshot, OperatorMetrics
+from pretrain_operator.telemetry.recovery import PHASES, TOTAL
+from pretrain_trainer.data import build_stdlib_corpus
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT
+from tests.operator.conftest import GROUP, PLURAL, VERSION, running_operator
+from tests.support.controlplane import ControlPlane
+from tests.support.fixtures import Identity
+from tests.support.running import RunningKubelet
+
+pytestmark = pytest.mark.slow
+LOSE, BACK = (0, 25), (0, 45)  # (stage, step): after the checkpoint of step 20, and later
+
+
+def tiny_job(tmp_path: Path) -> dict[str, Any]:
+    """examples/tiny-cpu.yaml, two shorter stages, its paths absolute, a node per worker (a
+    local run keeps its checkpoints in its own directory)."""
+    body = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    spec = body["spec"]
+    spec["stages"] = spec["stages"][:2]
+    spec["stages"][0]["budget"] = {"steps": 60}
+    spec["stages"][1]["budget"] = {"steps": 20}
+    for source in spec["data"]["sources"]:
+        source["path"] = str(tmp_path / "data" / source["path"].removeprefix("data/"))
+    spec["checkpoint"] = {"path": str(tmp_path / "checkpoints"), "intervalSteps": 10}
+    spec["resources"] = {"limits": {"nvidia.com/gpu": 8}}
+    body["metadata"] = {"name": "tiny-cpu"}
+    return body
+
+
+def last_step(log: Path) -> tuple[int, int]:
+    try:
+        record = json.loads(log.read_text().splitlines()[-1])
+        return int(record["stage"]), int(record["step"])
+    except (OSError, ValueError, IndexError):
+        return -1, 0
+
+
+def on_steps(
+    log: Path, script: list[tuple[tuple[int, int], Callable[[], None]]], stop: threading.Event
+) -> threading.Thread:
+    """Runs each action once the step log reaches its (stage, step)."""
+
+    def follow() -> None:
+        for at, action in script:
+            while not stop.is_set() and last_step(log) < at:
+                time.sleep(0.05)
+            if stop.is_set():
+                return
+            action()
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    return thread
+
+
+def rank0_node(kube: RunningKubelet) -> str:
+    pods = [
+        p
+        for p in kube.pods("worker")
+        if p["metadata"]["labels"].get("pretrain.dev/rank") == "0"
+        and p.get("status", {}).get("phase") == "Running"
+        and not p["metadata"].get("deletionTimestamp")
+    ]
+    return str(pods[-1]["spec"]["nodeName"])
+
+
+def on_the_cluster(
+    kube: RunningKubelet, plane: ControlPlane, identity: Identity, body: dict[str, Any]
+) -> JobStatus:
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{kube.namespace}/{PLURAL}"
+    lost: list[str] = []
+
+    def lose() -> None:
+        lost.append(rank0_node(kube))
+        kube.node_not_ready(lost[0])
+
+    stop = threading.Event()
+    settings = {"trainer_metrics_port": kube.metrics_port, "progress_seconds": 1.0}
+    with running_operator(plane, identity, kube.namespace, **settings):
+        body["metadata"]["namespace"] = kube.namespace
+        kube.client.request("POST", path, body=body)
+        chaos = on_steps(
+            kube.step_log, [(LOSE, lose), (BACK, lambda: kube.node_back(lost[0]))], stop
+        )
+        try:
+            done = kube.eventually(
+                lambda: (
+                    (kube.client.get_job(kube.namespace, "tiny-cpu") or {})
+                    .get("status", {})
+                    .get("phase")
+                    in ("Succeeded", "Failed")
+                ),
+                timeout=420,
+                what="the job to end",
+            )
+            assert done
+        finally:
+            stop.set()
+            chaos.join()
+    found = kube.client.get_job(kube.namespace, "tiny-cpu") or {}
+    return JobStatus.model_validate(found.get("status") or {})
+
+
+def on_this_machine(tmp_path: Path, body: dict[str, Any]) -> JobStatus:
+    run_dir = tmp_path / "local"
+    job_file = tmp_path / "local.yaml"
+    job_file.write_text(yaml.safe_dump(body))
+
+    def slot0(down: bool) -> Callable[[], None]:
+        def act() -> None:
+            capacity, gone = read_capacity(run_dir)
+            write_capacity(run_dir, capacity, gone | {0} if down else gone - {0})
+
+        return act
+
+    stop = threading.Event()
+    chaos = on_steps(run_dir / "steps.jsonl", [(LOSE, slot0(True)), (BACK, slot0(False))], stop)
+    try:
+        return run(load_job(job_file), run_dir, workers=2)
+    finally:
+        stop.set()
+        chaos.join()
+
+
+def figures_of(status: JobStatus) -> Goodput:
+    figures = goodput(status, now=time.time())
+    assert figures is not None
+    return figures
+
+
+def test_a_lost_node_costs_restart_and_restore_badput_and_a_local_run_agrees(
+    running_kube: RunningKubelet,
+    controlplane: ControlPlane,
+    operator_identity: Identity,
+    tmp_path: Path,
+) -> None:
+    build_stdlib_corpus(tmp_path / "data")
+    job = tiny_job(tmp_path)
+    cluster = on_the_cluster(running_kube, controlplane, operator_identity, job)
+    (tmp_path / "cluster-status.json").write_text(cluster.model_dump_json(by_alias=True))
+    assert cluster.phase == Phase.SUCCEEDED, running_kube.describe()
+    assert cluster.restarts.by_reason.get("WorkerLost") == 1
+    assert cluster.restarts.by_reason.get("Resized") == 1
+    on_kube = figures_of(cluster)
+    assert 0 < on_kube.ratio < 1
+    assert on_kube.badput["restart"] > 0
+    assert on_kube.badput["restore"] > 0
+    assert on_kube.badput["stage_transition"] > 0
+    assert on_kube.productive + sum(on_kube.badput.values()) == pytest.approx(on_kube.wall)
+    # The recovery, phase by phase: its eight phases add up to its total.
+    last = cluster.last_recovery
+    assert last is not None
+    assert cluster.recoveries.count == 1
+    phases = last.phases.model_dump()
+    assert sum(phases.values()) == pytest.approx(last.total_seconds, abs=0.1)
+    assert sum(cluster.recoveries.sums[p] for p in PHASES) == pytest.approx(
+        cluster.recoveries.sums[TOTAL], abs=0.1
+    )
+    for phase in ("rendezvous", "init", "first_step"):
+        assert phases[phase] > 0, phases
+    killed = min(running_kube.killed_at.values())
+    # Lost at the node's death as the cluster says it (seconds resolution), noticed after it.
+    assert last.lost_at.timestamp() == pytest.approx(killed, abs=2.0)
+    assert cluster.last_checkpoint is not None
+    assert cluster.last_checkpoint.stage == 1
+    # The operator's series come from that status alone (an operator restart loses nothing).
+    metrics = OperatorMetrics()
+    metrics.jobs[("ns", "tiny-cpu")] = JobSnapshot("ns", "tiny-cpu", cluster)
+    samples = {
+        (s.name, s.labels.get("phase")): s.value
+        for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+        for s in family.samples
+    }
+    assert samples[("pretrainjob_goodput_ratio", None)] == pytest.approx(on_kube.ratio, abs=0.01)
+    assert samples[("pretrainjob_recovery_phase_seconds_count", "restore")] == 1
+    assert samples[("pretrainjob_last_recovery_phase_seconds", "restore")] == phases["restore"]
+
+    local = on_this_machine(tmp_path, tiny_job(tmp_path))
+    assert local.phase == Phase.SUCCEEDED
+    here = figures_of(local)
+    assert abs(here.ratio - on_kube.ratio) <= 0.05, (here, on_kube)

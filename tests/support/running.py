@@ -1,0 +1,164 @@
+"""A test kubelet whose pods really run: the rendezvous store and the trainers under torchrun,
+as processes on this machine, started from each pod's own command and environment.
+
+What a node would provide is mapped onto this machine: the pod's run config comes from its
+ConfigMap (written to a file), the rendezvous service's address is the local store's, the
+termination message is a file read when the container exits, and rank 0 serves its metrics on
+the port the operator scrapes at the pod's IP (127.0.0.1); other ranks pick a free port. A
+pod that is deleted gets SIGTERM, then SIGKILL after its grace period, and its deletion is
+confirmed once its processes are gone. A node that stops answering takes its pods' processes
+with it (SIGKILL), as a machine that dies does, while its pods stay as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain_operator.kube.objects import RANK, ROLE
+from pretrain_trainer import contract
+
+from tests.support.controlplane import ControlPlane
+from tests.support.kubelet import Kubelet
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RunningKubelet(Kubelet):
+    def __init__(self, plane: ControlPlane, namespace: str, *, workdir: Path, **kw: Any) -> None:
+        self.workdir = workdir
+        self.rendezvous_port = free_port()
+        self.metrics_port = free_port()  # rank 0's, where the operator reads it
+        self.step_log = workdir / "steps.jsonl"  # for the test: not read by the operator
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}  # pod name -> its container
+        self.nodes_of: dict[str, str] = {}  # pod name -> node
+        self.killed_at: dict[str, float] = {}  # pod name -> when its node took it down
+        self._leaving: set[str] = set()
+        super().__init__(plane, namespace, **kw)
+
+    # -- containers --------------------------------------------------------------------------
+    def _start(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        role, name = meta["labels"].get(ROLE), meta["name"]
+        container = pod["spec"]["containers"][0]
+        env = {e["name"]: e.get("value", "") for e in container.get("env") or []}
+        if role == "rendezvous":
+            command = [sys.executable, "-m", "pretrain_trainer.rendezvous"]
+            command.append(f"--port={self.rendezvous_port}")
+        elif role == "worker":
+            command = [sys.executable, "-m", "torch.distributed.run", *self._args(container)]
+            folder = self.workdir / "pods" / name
+            folder.mkdir(parents=True, exist_ok=True)
+            config = folder / "run.yaml"
+            config.write_text(self._run_config(pod))
+            env |= {
+                contract.ENV_RUN_CONFIG: str(config),
+                contract.ENV_REPORT_PATH: str(folder / "report.json"),
+                contract.ENV_STEP_LOG: str(self.step_log),
+                contract.ENV_METRICS_PORT: str(
+                    self.metrics_port if meta["labels"].get(RANK) == "0" else 0
+                ),
+            }
+        else:
+            return  # a standby sleeps: nothing to run
+        log = (self.workdir / f"{name}.log").open("ab")
+        popen = subprocess.Popen(
+            command,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        with self.lock:
+            self.processes[name] = popen
+            self.nodes_of[name] = pod["spec"]["nodeName"]
+        threading.Thread(target=self._exited, args=(name, popen), daemon=True).start()
+
+    def _args(self, container: dict[str, Any]) -> list[str]:
+        endpoint = f"--rdzv-endpoint=127.0.0.1:{self.rendezvous_port}"
+        args = container["command"][1:]  # after "torchrun"
+        return [endpoint if a.startswith("--rdzv-endpoint=") else a for a in args]
+
+    def _run_config(self, pod: dict[str, Any]) -> str:
+        """The run config the pod mounts, from its ConfigMap volume."""
+        volume = next(v for v in pod["spec"]["volumes"] if "configMap" in v)
+        path = f"/api/v1/namespaces/{self.namespace}/configmaps/{volume['configMap']['name']}"
+        data: dict[str, str] = self.client.request("GET", path)["data"]
+        return data["run.yaml"]
+
+    def _exited(self, name: str, popen: subprocess.Popen[bytes]) -> None:
+        """When the container's process ends by itself, the pod ends: Succeeded or Failed,
+        with the trainer's report as its termination message."""
+        code = popen.wait()
+        with self.lock:
+            if name in self._leaving or name in self.killed_at:
+                return  # deleted, or its node is gone: no kubelet reports it
+        report = contract.read_report(self.workdir / "pods" / name / "report.json")
+        exit_code = code if code >= 0 else 128 - code
+        payload = report.model_dump(mode="json", by_alias=True) if report else None
+        with contextlib.suppress(Exception):
+            self.finish(name, exit_code=exit_code, report=payload)
+
+    def _terminate(self, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        with self.lock:
+            if name in self._leaving:
+                return
+            self._leaving.add(name)
+            popen = self.processes.get(name)
+        if popen is not None and popen.poll() is None:
+            _signal(popen, signal.SIGTERM)
+            grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+            try:
+                popen.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                _signal(popen, signal.SIGKILL)
+                popen.wait()
+        super()._terminate(pod)
+
+    # -- nodes and processes going away ------------------------------------------------------
+    def node_not_ready(self, name: str) -> None:
+        """The machine dies: its pods' processes with it; the node stops answering."""
+        with self.lock:
+            doomed = [(p, self.processes[p]) for p, n in self.nodes_of.items() if n == name]
+        for pod, popen in doomed:
+            self.killed_at[pod] = time.time()
+            _signal(popen, signal.SIGKILL)
+        super().node_not_ready(name)
+
+    def kill(self, pod: str) -> float:
+        """SIGKILL a pod's processes (its trainer crashed); returns when."""
+        with self.lock:
+            popen = self.processes[pod]
+        when = time.time()
+        _signal(popen, signal.SIGKILL)
+        return when
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self.lock:
+            running = list(self.processes.values())
+        for popen in running:
+            _signal(popen, signal.SIGKILL)
+        for popen in running:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=10)
+        super().__exit__(*exc_info)
+
+
+def _signal(popen: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, sig)
