@@ -1,5 +1,6 @@
-"""The trainer's usage, the input of goodput on both backends, says the same through both of
-its outlets: the step log a local run folds, and the ``/metrics`` rank 0 serves on a cluster."""
+"""The trainer's usage, the input of goodput on both backends, says the same through each of
+its outlets: the step log a local run folds, the ``/metrics`` rank 0 serves on a cluster, and
+the usage a finished stage's report carries."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ for _ in range(13):
         trainer.checkpoints.wait()
 with open(sys.argv[1], "wb") as out:
     out.write(generate_latest(trainer.metrics.registry))
+with open(sys.argv[2], "w") as out:
+    out.write(trainer.usage().to_json())
 """
 
 
@@ -54,7 +57,13 @@ def test_the_step_log_and_the_metrics_report_the_same_usage(tmp_path: Path) -> N
         "OMP_NUM_THREADS": "1",
     }
     done = subprocess.run(
-        [sys.executable, "-c", TRAIN_13_STEPS, str(tmp_path / "metrics.txt")],
+        [
+            sys.executable,
+            "-c",
+            TRAIN_13_STEPS,
+            str(tmp_path / "metrics.txt"),
+            str(tmp_path / "usage.json"),
+        ],
         env=environ,
         cwd=tmp_path,
         capture_output=True,
@@ -77,6 +86,11 @@ def test_the_step_log_and_the_metrics_report_the_same_usage(tmp_path: Path) -> N
     for seconds in ("step_seconds", "blocking_seconds", "checkpoint_step_seconds"):
         assert getattr(scraped, seconds) == pytest.approx(getattr(folded, seconds), abs=1e-6)
     assert 0 < scraped.checkpoint_step_seconds < scraped.step_seconds
+    reported = contract.Usage.parse((tmp_path / "usage.json").read_text())
+    assert reported is not None
+    assert {f: getattr(reported, f) for f in exact} == {f: getattr(scraped, f) for f in exact}
+    for field in ("step_seconds", "checkpoint_step_seconds", "launcher_time", "restored_time"):
+        assert getattr(reported, field) == pytest.approx(getattr(scraped, field), abs=1e-6)
     moments = ("launcher_time", "group_time", "engine_time", "restored_time")
     assert [getattr(scraped, m) for m in moments] == [getattr(folded, m) for m in moments]
     times = [getattr(scraped, m) for m in moments]

@@ -164,6 +164,54 @@ class _Record(BaseModel):
             return None
 
 
+class Usage(_Record):
+    """What rank 0 of an attempt has spent, cumulative since its process started: the trainer's
+    half of goodput. The control plane reads it from the step log locally and from
+    ``/metrics`` on Kubernetes, and a finished stage's report carries it whole; the status
+    keeps the running attempt's (``status.usage``)."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="ignore",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+    )
+
+    attempt: int
+    """The attempt it trains for."""
+    resumed_step: int = 0
+    """The step the attempt started from (0 at a stage's start)."""
+    step: int = 0
+    """Its newest step."""
+    steps: int = 0
+    """Steps this attempt ran."""
+    step_seconds: float = 0.0
+    """Seconds inside those steps."""
+    restore_seconds: float = 0.0
+    """Seconds its restore took."""
+    blocking_seconds: float = 0.0
+    """Seconds checkpoint saves blocked training."""
+    checkpoint_step: int | None = None
+    """Step of the newest checkpoint it made durable."""
+    checkpoint_step_seconds: float = 0.0
+    """Seconds inside steps up to that checkpoint's step (what a failure would not redo)."""
+    checkpoint_time: float | None = None
+    """When that checkpoint became durable (Unix time)."""
+    last_step_time: float | None = None
+    """When its newest step ended (Unix time)."""
+    launcher_time: float | None = None
+    """When its launcher started (Unix time; see the trainer's ``Startup``)."""
+    group_time: float | None = None
+    """When its process group was up."""
+    engine_time: float | None = None
+    """When its engine was built."""
+    restored_time: float | None = None
+    """When its restore was done."""
+    first_step_time: float | None = None
+    """When its first step ended."""
+
+
 class StageReport(_Record):
     """A stage's budget was reached and its final checkpoint saved (exit code 0)."""
 
@@ -179,6 +227,9 @@ class StageReport(_Record):
     stage_name: str | None = None
     skipped_steps: int = 0
     world_size: int | None = None
+    usage: Usage | None = None
+    """What the attempt spent, to its last step (goodput, where ``/metrics`` was last read a
+    moment before the end)."""
 
 
 class FailureReport(_Record):

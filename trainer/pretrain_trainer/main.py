@@ -150,13 +150,14 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     )
     checkpoints.attach(engine, on_saved=trainer.on_saved)
     trainer.resume(checkpoints.load(engine, optimizer=optimizer, data=data, metrics=metrics))
-    trainer.startup = Startup(
-        launcher=launcher, group=group, engine=engine_ready, restored=time.time()
+    trainer.begin(
+        Startup(launcher=launcher, group=group, engine=engine_ready, restored=time.time())
     )
     metrics.attempt.set(env.attempt)
     metrics.resumed_step.set(trainer.progress.step)
-    for event, timestamp in trainer.startup.model_dump().items():
-        metrics.startup(event, timestamp)
+    if trainer.startup is not None:
+        for event, timestamp in trainer.startup.model_dump().items():
+            metrics.startup(event, timestamp)
     log0(
         f"stage {env.stage} {stage.name}: {trainer.total_steps} steps, world size {world_size}, "
         f"micro-batches per rank {_split_text(trainer.split)}, "
@@ -241,6 +242,7 @@ def run(env: TrainerEnv, config: RunConfig) -> int:
             skipped_steps=trainer.optimizer.skipped_steps,
             checkpoint=str(final),
             world_size=trainer.world_size,
+            usage=trainer.usage(),
         )
         write_report(env.report_path, report)
     dist.barrier()

@@ -9,6 +9,7 @@ stops cleanly when preempted.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -135,6 +136,9 @@ class Trainer:
     _step_seconds: float = 0.0  # inside steps, since this process started
     _steps: int = 0
     _seconds_at: dict[int, float] = field(default_factory=dict)  # at each save's step
+    _spent: contract.Usage | None = None  # what this process spent (``usage()``)
+    _spending: threading.Lock = field(default_factory=threading.Lock)  # the writer thread too
+    _blocked: float = 0.0
     split: BatchSplit = field(init=False)
     """How each global batch splits over the ranks of this world (``config.split``)."""
 
@@ -155,6 +159,7 @@ class Trainer:
         if restored is None:
             return
         self.unreported_restore = restored.seconds
+        self._spend(restore_seconds=restored.seconds)
         if not restored.plan.full:
             return  # a new stage from the last one's weights: its progress starts at zero
         manifest = restored.manifest
@@ -188,6 +193,8 @@ class Trainer:
             return None
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
         self._unreported_blocking += blocking
+        self._blocked += blocking
+        self._spend(blocking_seconds=self._blocked)
         self._saved_at = time.monotonic()
         self.last_checkpoint = self.checkpoints.path_of(self.progress.step)
         log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
@@ -200,7 +207,11 @@ class Trainer:
         self.metrics.last_checkpoint_timestamp.set(time.time())
         self.metrics.last_checkpoint_step.set(saved.manifest.step)
         step = saved.manifest.step
-        self.metrics.checkpoint_step_seconds.set(self._seconds_at.get(step, 0.0))
+        seconds = self._seconds_at.get(step, 0.0)
+        self.metrics.checkpoint_step_seconds.set(seconds)
+        self._spend(
+            checkpoint_step=step, checkpoint_step_seconds=seconds, checkpoint_time=time.time()
+        )
         for older in [s for s in list(self._seconds_at) if s <= step]:
             self._seconds_at.pop(older, None)
         self._unreported_checkpoint = step
@@ -270,6 +281,27 @@ class Trainer:
         self._log_step(loss=loss, lr=lr, seconds=seconds, load=expert_load)
         self._log_progress(loss=loss, lr=lr, tokens_per_step=tokens_per_step)
         return loss
+
+    def begin(self, startup: contract.Startup) -> None:
+        """The attempt's start is over (``startup``): the first step record and the usage
+        say when it reached each point, and where training resumes."""
+        self.startup = startup
+        self._spend(
+            resumed_step=self.progress.step,
+            step=self.progress.step,
+            launcher_time=startup.launcher,
+            group_time=startup.group,
+            engine_time=startup.engine,
+            restored_time=startup.restored,
+        )
+
+    def usage(self) -> contract.Usage:
+        """What this process spent so far (a finished stage's report carries it)."""
+        return self._spent or contract.Usage(attempt=self.attempt)
+
+    def _spend(self, **fields: float | int) -> None:
+        with self._spending:
+            self._spent = self.usage().model_copy(update=fields)
 
     def _padding(self, batches: list[MicroBatch]) -> list[MicroBatch]:
         """The dummy micro-batches this rank runs before its own: up to the longest rank's
@@ -349,8 +381,16 @@ class Trainer:
         m.step_seconds.observe(seconds)
         self._step_seconds += seconds
         self._steps += 1
+        now = time.time()
         if self._steps == 1:
-            m.startup("first_step", time.time())
+            m.startup("first_step", now)
+            self._spend(first_step_time=now)
+        self._spend(
+            step=self.progress.step,
+            steps=self._steps,
+            step_seconds=self._step_seconds,
+            last_step_time=now,
+        )
         m.learning_rate.set(lr)
         m.grad_norm.set(self.optimizer.last_grad_norm)
         if self.optimizer.last_skipped:

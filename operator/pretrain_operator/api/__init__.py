@@ -3,6 +3,8 @@
 Pure: imports pydantic and the trainer's config types, never kopf, kubernetes or torch.
 """
 
+from pretrain_trainer.contract import Usage as TrainerUsage
+
 from .job import (
     API_VERSION,
     GROUP,
@@ -40,7 +42,6 @@ from .status import (
     RestartsStatus,
     StageRecord,
     StageStatus,
-    TrainerUsage,
     WorkersStatus,
     set_condition,
 )

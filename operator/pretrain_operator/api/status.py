@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pretrain_trainer.config import BatchSplit
 from pretrain_trainer.contract import Loss
+from pretrain_trainer.contract import Usage as TrainerUsage
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -165,44 +166,6 @@ class CheckpointStatus(Status):
     """Whether its manifest and checksums were verified."""
 
 
-class TrainerUsage(Status):
-    """What rank 0 of the current attempt has reported, cumulative since its process started
-    (its step log locally, its ``/metrics`` on Kubernetes): the trainer's half of goodput."""
-
-    attempt: int
-    """The attempt it trains for."""
-    resumed_step: int = 0
-    """The step the attempt started from (0 at a stage's start)."""
-    step: int = 0
-    """Its newest step."""
-    steps: int = 0
-    """Steps this attempt ran."""
-    step_seconds: float = 0.0
-    """Seconds inside those steps."""
-    restore_seconds: float = 0.0
-    """Seconds its restore took."""
-    blocking_seconds: float = 0.0
-    """Seconds checkpoint saves blocked training."""
-    checkpoint_step: int | None = None
-    """Step of the newest checkpoint it made durable."""
-    checkpoint_step_seconds: float = 0.0
-    """Seconds inside steps up to that checkpoint's step (what a failure would not redo)."""
-    checkpoint_time: float | None = None
-    """When that checkpoint became durable (Unix time)."""
-    last_step_time: float | None = None
-    """When its newest step ended (Unix time)."""
-    launcher_time: float | None = None
-    """When its launcher started (Unix time; see the trainer's ``Startup``)."""
-    group_time: float | None = None
-    """When its process group was up."""
-    engine_time: float | None = None
-    """When its engine was built."""
-    restored_time: float | None = None
-    """When its restore was done."""
-    first_step_time: float | None = None
-    """When its first step ended."""
-
-
 class GoodputStatus(Status):
     """Where the job's wall time went (``telemetry.goodput``), as the attempts already over and
     the time between them left it; the running attempt's share comes from ``usage``. Kept in
@@ -229,6 +192,13 @@ class GoodputStatus(Status):
     """When it started (Unix time)."""
     gap_from: float = 0.0
     """Where the time not yet charged begins: the end of the last attempt's known work."""
+    pending: TrainerUsage | None = None
+    """The last attempt a failure or resize ended, until the next one says where it resumed:
+    which of its steps survived."""
+    pending_stage: int = 0
+    """Its stage."""
+    pending_seconds: float = 0.0
+    """Its seconds inside steps, productive or lost once settled."""
     gap_waiting_seconds: float = 0.0
     """Waiting for workers since ``gapFrom``."""
     gap_suspended_seconds: float = 0.0

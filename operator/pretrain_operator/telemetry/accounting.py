@@ -25,24 +25,41 @@ def accounted(
 ) -> JobStatus:
     """``status`` (the planner's, from ``previous``) with this pass's accounting: ``usage``
     is what was read of the trainer this pass (None: nothing new)."""
-    status = account(previous, status, usage=usage, now=now)
+    finished = [
+        w.report.usage
+        for w in observed.of_attempt(previous.attempt)
+        if w.report is not None and w.report.usage is not None
+    ]
+    reported = finished[0] if finished else None
+    status = account(previous, status, usage=usage, now=now, reported=reported)
     status = track(previous, status, events=events, observed=observed, now=now)
     return with_checkpoint(status)
 
 
 def with_checkpoint(status: JobStatus) -> JobStatus:
-    """``status.lastCheckpoint`` following the newest checkpoint the trainer made durable."""
+    """``status.lastCheckpoint`` following the newest checkpoint made durable: the one rank 0
+    reports, or a finished stage's final one (its report says so, even when the stage ended
+    before rank 0 was read again)."""
+    found = [status.last_checkpoint] if status.last_checkpoint is not None else []
     usage, stage = status.usage, status.stage
-    if usage is None or usage.checkpoint_step is None or stage is None:
+    if usage is not None and usage.checkpoint_step is not None and stage is not None:
+        saved = usage.checkpoint_time
+        found.append(
+            CheckpointStatus(
+                stage=stage.index,
+                step=usage.checkpoint_step,
+                path=checkpoint_name(stage=stage.index, step=usage.checkpoint_step),
+                saved_at=datetime.fromtimestamp(saved, UTC) if saved is not None else None,
+            )
+        )
+    found += [
+        CheckpointStatus(stage=r.index, step=r.step, path=r.checkpoint, saved_at=r.finished_at)
+        for r in status.stages
+        if r.checkpoint is not None and r.step is not None
+    ]
+    if not found:
         return status
-    current, step = status.last_checkpoint, usage.checkpoint_step
-    if current is not None and (current.stage, current.step) == (stage.index, step):
+    newest = max(found, key=lambda c: (c.stage, c.step))
+    if newest == status.last_checkpoint:
         return status
-    saved = usage.checkpoint_time
-    newest = CheckpointStatus(
-        stage=stage.index,
-        step=usage.checkpoint_step,
-        path=checkpoint_name(stage=stage.index, step=usage.checkpoint_step),
-        saved_at=datetime.fromtimestamp(saved, UTC) if saved is not None else None,
-    )
     return status.model_copy(update={"last_checkpoint": newest})

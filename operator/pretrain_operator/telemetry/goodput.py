@@ -23,7 +23,9 @@ Every second since the job's first pass (suspensions excluded) lands in one buck
 - ``other``: the rest of an attempt's training loop (data, logging between steps).
 
 A running attempt's steps count as productive until it ends; if it ends by a failure or a
-resize, those after its newest durable checkpoint move to ``restart``. The wall time ends at
+resize, those the next attempt does not resume from (after the checkpoint it restores) move
+to ``restart`` once it says where it resumed (or, if none does, those after the ended
+attempt's own newest durable checkpoint). The wall time ends at
 the last moment whose use is known (the running attempt's newest step, or the last start or
 wait): the time after it is charged once the next report says how it was spent, so no bucket
 ever shrinks (they are Prometheus counters).
@@ -31,6 +33,7 @@ ever shrinks (they are Prometheus counters).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from ..api import GoodputStatus, JobStatus, Phase, Reason, TrainerUsage
@@ -59,19 +62,15 @@ class Goodput:
 
 @dataclass(frozen=True)
 class _Share:
-    """How one attempt used ``[started, end]``."""
+    """How one attempt used ``[started, end]``: its steps, and the rest by reason."""
 
     end: float
-    productive: float
+    steps: float
     badput: dict[str, float]
 
 
-def attempt_share(
-    usage: TrainerUsage | None, *, started: float, cause: str, ended: bool, completed: bool
-) -> _Share:
-    """The use of an attempt's time from its start to its newest step. ``ended``: it is over,
-    so the steps after its newest durable checkpoint are lost work, unless it ``completed``
-    its stage (the final checkpoint keeps every step)."""
+def attempt_share(usage: TrainerUsage | None, *, started: float, cause: str) -> _Share:
+    """The use of an attempt's time from its start to its newest step."""
     badput = dict.fromkeys(REASONS, 0.0)
     if usage is None or usage.last_step_time is None:
         return _Share(started, 0.0, badput)
@@ -85,12 +84,42 @@ def attempt_share(
     blocking = min(usage.blocking_seconds, loop - steps)
     badput["checkpoint_blocking"] += blocking
     badput["other"] += loop - steps - blocking
-    kept = steps
-    if ended and not completed:
-        durable = usage.checkpoint_step is not None and usage.checkpoint_step > usage.resumed_step
-        kept = min(usage.checkpoint_step_seconds, steps) if durable else 0.0
-    badput["restart"] += steps - kept
-    return _Share(end, kept, badput)
+    return _Share(end, steps, badput)
+
+
+def kept_seconds(usage: TrainerUsage, *, resumed: int | None, counted: float) -> float:
+    """Of an ended attempt's ``counted`` step seconds, those whose result survived: the steps
+    up to where the next attempt ``resumed`` (None: up to its own newest durable checkpoint).
+    Between the points it reported (its start, that checkpoint, its last step) the seconds
+    are spread evenly over the steps."""
+    points = [(usage.resumed_step, 0.0)]
+    checkpoint = usage.checkpoint_step
+    if checkpoint is not None and usage.resumed_step < checkpoint <= usage.step:
+        points.append((checkpoint, usage.checkpoint_step_seconds))
+    points.append((usage.step, usage.step_seconds))
+    target = resumed if resumed is not None else points[-2][0]
+    if target <= points[0][0]:
+        return 0.0
+    for (a, seconds_a), (b, seconds_b) in itertools.pairwise(points):
+        if target <= b:
+            return min(seconds_a + (seconds_b - seconds_a) * (target - a) / (b - a), counted)
+    return counted  # resumed at or past its last step: every step survived
+
+
+def _settle(ledger: GoodputStatus, *, resumed: int | None) -> GoodputStatus:
+    """The pending attempt's steps, split into productive and ``restart``."""
+    if ledger.pending is None:
+        return ledger
+    counted = ledger.pending_seconds
+    kept = kept_seconds(ledger.pending, resumed=resumed, counted=counted)
+    return ledger.model_copy(
+        update={
+            "productive_seconds": ledger.productive_seconds + kept,
+            "badput_seconds": _add(ledger.badput_seconds, {"restart": counted - kept}),
+            "pending": None,
+            "pending_seconds": 0.0,
+        }
+    )
 
 
 def _add(totals: dict[str, float], more: dict[str, float]) -> dict[str, float]:
@@ -120,35 +149,43 @@ def _usage_of(attempt: int, *candidates: TrainerUsage | None) -> TrainerUsage | 
 
 
 def account(
-    previous: JobStatus, status: JobStatus, *, usage: TrainerUsage | None, now: float
+    previous: JobStatus,
+    status: JobStatus,
+    *,
+    usage: TrainerUsage | None,
+    now: float,
+    reported: TrainerUsage | None = None,
 ) -> JobStatus:
     """``status`` (what the planner just decided from ``previous``) with the goodput ledger and
-    the running attempt's ``usage`` (None: nothing new was read) carried one pass on."""
+    the running attempt's ``usage`` (None: nothing new was read) carried one pass on.
+    ``reported``: the usage a finished stage's report carries (whole, to its last step)."""
     ledger = previous.goodput or GoodputStatus(started=now, gap_from=now)
     update: dict[str, object] = {}
     terminal = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
-    # The attempt accounted so far is over: fold its share, lost work included.
+    # The attempt accounted so far is over: fold its share. A completed stage keeps every
+    # step; after a failure or a resize, which steps survived is known once the next attempt
+    # says where it resumed: until then they are pending.
     if ledger.attempt and (status.attempt != ledger.attempt or terminal):
-        last = _usage_of(ledger.attempt, usage, previous.usage)
-        finished = status.phase == Phase.SUCCEEDED or _stage(status) > ledger.attempt_stage
-        share = attempt_share(
-            last,
-            started=ledger.attempt_started or ledger.gap_from,
-            cause=ledger.attempt_cause,
-            ended=True,
-            completed=finished,
-        )
-        span = share.end - (ledger.attempt_started or ledger.gap_from)
+        last = _usage_of(ledger.attempt, reported, usage, previous.usage)
+        started = ledger.attempt_started or ledger.gap_from
+        share = attempt_share(last, started=started, cause=ledger.attempt_cause)
+        completed = status.phase == Phase.SUCCEEDED or _stage(status) > ledger.attempt_stage
+        ledger = _settle(ledger, resumed=None)  # an older one nobody resumed from
         ledger = ledger.model_copy(
             update={
-                "wall_seconds": ledger.wall_seconds + span,
-                "productive_seconds": ledger.productive_seconds + share.productive,
+                "wall_seconds": ledger.wall_seconds + share.end - started,
+                "productive_seconds": ledger.productive_seconds + (share.steps if completed else 0),
                 "badput_seconds": _add(ledger.badput_seconds, share.badput),
+                "pending": None if completed else last,
+                "pending_stage": ledger.attempt_stage,
+                "pending_seconds": 0.0 if completed else share.steps,
                 "attempt": 0,
                 "attempt_started": None,
                 "gap_from": share.end,
             }
         )
+    if terminal:
+        ledger = _settle(ledger, resumed=None)
     # Waits and suspensions between attempts, as they begin and end.
     for flag, since, total in (
         (_waiting(status), "waiting_from", "gap_waiting_seconds"),
@@ -181,8 +218,12 @@ def account(
                 "gap_suspended_seconds": 0.0,
             }
         )
+    current = _usage_of(ledger.attempt, usage, previous.usage) if ledger.attempt else None
+    if ledger.pending is not None and current is not None and current.restored_time is not None:
+        same = ledger.attempt_stage == ledger.pending_stage
+        ledger = _settle(ledger, resumed=current.resumed_step if same else None)
     update["goodput"] = ledger
-    update["usage"] = _usage_of(ledger.attempt, usage, previous.usage) if ledger.attempt else None
+    update["usage"] = current
     return status.model_copy(update=update)
 
 
@@ -192,18 +233,14 @@ def goodput(status: JobStatus, *, now: float) -> Goodput | None:
     ledger = status.goodput
     if ledger is None:
         return None
-    wall, productive = ledger.wall_seconds, ledger.productive_seconds
+    wall, productive = ledger.wall_seconds, ledger.productive_seconds + ledger.pending_seconds
     badput = _add(ledger.badput_seconds, {})
     if ledger.attempt and ledger.attempt_started is not None:
         share = attempt_share(
-            status.usage,
-            started=ledger.attempt_started,
-            cause=ledger.attempt_cause,
-            ended=False,
-            completed=False,
+            status.usage, started=ledger.attempt_started, cause=ledger.attempt_cause
         )
         wall += share.end - ledger.attempt_started
-        productive += share.productive
+        productive += share.steps
         badput = _add(badput, share.badput)
     waited = ledger.gap_waiting_seconds
     if ledger.waiting_from is not None:

@@ -127,7 +127,7 @@ def test_a_failure_charges_lost_work_as_restart_with_the_gap_and_the_next_start_
     assert figures.ratio == pytest.approx(6.0 / 20.0)
 
 
-def test_an_attempt_that_wrote_no_checkpoint_loses_every_step_it_ran() -> None:
+def test_an_attempt_that_wrote_no_checkpoint_loses_every_step_once_the_next_resumes() -> None:
     passes = Passes()
     passes.run(0.0, running(1, started=0.0))
     passes.run(
@@ -135,9 +135,40 @@ def test_an_attempt_that_wrote_no_checkpoint_loses_every_step_it_ran() -> None:
         running(1, started=0.0),
         usage(1, restored_time=1.0, steps=4, step=4, step_seconds=4.0, last_step_time=5.0),
     )
-    figures = passes.run(6.0, running(2, started=6.0))
-    assert figures.productive == 0.0
-    assert figures.badput["restart"] == pytest.approx(4.0 + 1.0)
+    ended = passes.run(6.0, running(2, started=6.0))
+    assert ended.productive == 4.0  # until the next attempt says where it resumed
+    resumed = passes.run(9.0, running(2, started=6.0), usage(2, resumed_step=0, restored_time=8.0))
+    assert resumed.productive == 0.0
+    assert resumed.badput["restart"] == pytest.approx(4.0 + 1.0)
+    assert_every_second_counted(resumed)
+
+
+def test_steps_up_to_a_save_nobody_reported_survive_where_the_next_attempt_resumes() -> None:
+    passes = Passes()
+    passes.run(0.0, running(1, started=0.0))
+    # 10 steps of 1 s from step 20; durable at step 25 as last read; a resize stops it, and
+    # its preemption save of step 28 is never read: the next attempt resumes from step 28.
+    passes.run(
+        11.0,
+        running(1, started=0.0),
+        usage(
+            1,
+            resumed_step=20,
+            restored_time=1.0,
+            steps=10,
+            step=30,
+            step_seconds=10.0,
+            checkpoint_step=25,
+            checkpoint_step_seconds=5.0,
+            last_step_time=11.0,
+        ),
+    )
+    passes.run(12.0, running(2, started=12.0))
+    figures = passes.run(
+        14.0, running(2, started=12.0), usage(2, resumed_step=28, restored_time=13.5)
+    )
+    assert figures.productive == pytest.approx(8.0)  # steps 21-28
+    assert figures.badput["restart"] == pytest.approx(2.0 + 1.0)  # steps 29-30, the gap
     assert_every_second_counted(figures)
 
 
