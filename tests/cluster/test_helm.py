@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from pretrain_operator.kube.actions import CHECKPOINT_STEP
 from pretrain_operator.kube.settings import OperatorSettings
 
 from tests.operator.conftest import GROUP, PLURAL, VERSION, job, running_operator
@@ -118,8 +119,9 @@ def test_a_namespaced_release_grants_its_namespaces_and_nothing_elsewhere(
 def test_the_operator_as_a_namespaced_release_deploys_it_runs_a_job_through_its_life(
     controlplane: ControlPlane, team: Release
 ) -> None:
-    """Every request of a job's whole life (start, a failed worker, suspend, delete) is granted
-    by the namespaced Role, enforced by the API server."""
+    """Every request of a job's whole life (start, a failed worker, a stage's end and its
+    checkpoint on the next stage's workers, suspend, delete) is granted by the namespaced
+    Role, enforced by the API server."""
     settings = deployed_settings(controlplane, team.name, team.home)
     assert settings.namespaces == team.served
     served = team.served[0]
@@ -146,7 +148,20 @@ def test_the_operator_as_a_namespaced_release_deploys_it_runs_a_job_through_its_
 
                 first = kube.eventually(lambda: len(group()) == 2 and group(), what="2 workers")
                 kube.finish(first[0], exit_code=1)
-                kube.eventually(lambda: "-a2-" in " ".join(group()), what="attempt 2")
+                second = kube.eventually(
+                    lambda: len(group()) == 2 and "-a2-" in group()[0] and group(),
+                    what="attempt 2",
+                )
+                done = {"finished": True, "stage": 0, "step": 10, "tokens": 640, "checkpoint": "/c"}
+                for name in second:  # stage 0 ends; stage 1's workers carry its checkpoint
+                    kube.finish(name, exit_code=0, report=done)
+
+                def annotated() -> bool:
+                    pods = [kube.pod(n) for n in group() if "-a3-" in n]
+                    notes = [(p["metadata"].get("annotations") or {}) for p in pods]
+                    return bool(pods) and all(CHECKPOINT_STEP in n for n in notes)
+
+                kube.eventually(annotated, what="stage 1's workers annotated")
                 kube.client.request(
                     "PATCH",
                     f"{jobs}/demo",

@@ -146,7 +146,11 @@ class _Record(BaseModel):
     """A record on the way back: frozen, camelCase, tolerant of keys it does not know."""
 
     model_config = ConfigDict(
-        frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
+        frozen=True,
+        extra="ignore",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,  # a record the status keeps documents its CRD fields
     )
 
     def to_json(self) -> str:
@@ -169,14 +173,6 @@ class Usage(_Record):
     half of goodput. The control plane reads it from the step log locally and from
     ``/metrics`` on Kubernetes, and a finished stage's report carries it whole; the status
     keeps the running attempt's (``status.usage``)."""
-
-    model_config = ConfigDict(
-        frozen=True,
-        extra="ignore",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        use_attribute_docstrings=True,
-    )
 
     attempt: int
     """The attempt it trains for."""
