@@ -190,6 +190,8 @@ class GoodputStatus(Status):
     """What its start-up is charged to: startup, restart or stage_transition."""
     attempt_started: float | None = None
     """When it started (Unix time)."""
+    attempt_stopped: float | None = None
+    """When the planner saw it fail or stopped it (Unix time), while that is unfolded."""
     gap_from: float = 0.0
     """Where the time not yet charged begins: the end of the last attempt's known work."""
     pending: TrainerUsage | None = None

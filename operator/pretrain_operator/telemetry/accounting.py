@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 
 from pretrain_trainer.ckpt.layout import checkpoint_name
 
-from ..api import CheckpointStatus, JobStatus, TrainerUsage
-from ..plan import Event, Observed
+from ..api import CheckpointStatus, JobStatus, Reason, TrainerUsage
+from ..plan import FAILURES, Event, Observed
 from .goodput import account
 from .recovery import track
 
@@ -31,7 +31,8 @@ def accounted(
         if w.report is not None and w.report.usage is not None
     ]
     reported = finished[0] if finished else None
-    status = account(previous, status, usage=usage, now=now, reported=reported)
+    stopped = any(e.reason in (*FAILURES, Reason.SUSPENDED) for e in events)
+    status = account(previous, status, usage=usage, now=now, reported=reported, stopped=stopped)
     status = track(previous, status, events=events, observed=observed, now=now)
     return with_checkpoint(status)
 

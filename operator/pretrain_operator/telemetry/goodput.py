@@ -155,20 +155,29 @@ def account(
     usage: TrainerUsage | None,
     now: float,
     reported: TrainerUsage | None = None,
+    stopped: bool = False,
 ) -> JobStatus:
     """``status`` (what the planner just decided from ``previous``) with the goodput ledger and
     the running attempt's ``usage`` (None: nothing new was read) carried one pass on.
-    ``reported``: the usage a finished stage's report carries (whole, to its last step)."""
+    ``reported``: the usage a finished stage's report carries (whole, to its last step);
+    ``stopped``: this pass saw the running attempt fail, or stopped it."""
     ledger = previous.goodput or GoodputStatus(started=now, gap_from=now)
     update: dict[str, object] = {}
     terminal = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
     # The attempt accounted so far is over: fold its share. A completed stage keeps every
     # step; after a failure or a resize, which steps survived is known once the next attempt
     # says where it resumed: until then they are pending.
+    if ledger.attempt and stopped and ledger.attempt_stopped is None:
+        ledger = ledger.model_copy(update={"attempt_stopped": now})
     if ledger.attempt and (status.attempt != ledger.attempt or terminal):
         last = _usage_of(ledger.attempt, reported, usage, previous.usage)
         started = ledger.attempt_started or ledger.gap_from
         share = attempt_share(last, started=started, cause=ledger.attempt_cause)
+        if share.end == started and ledger.attempt_stopped is not None:
+            # It never reached a step: its time until it was stopped was its start-up.
+            end = max(ledger.attempt_stopped, started)
+            charged = _add(share.badput, {ledger.attempt_cause: end - started})
+            share = _Share(end, 0.0, charged)
         completed = status.phase == Phase.SUCCEEDED or _stage(status) > ledger.attempt_stage
         ledger = _settle(ledger, resumed=None)  # an older one nobody resumed from
         ledger = ledger.model_copy(
@@ -181,6 +190,7 @@ def account(
                 "pending_seconds": 0.0 if completed else share.steps,
                 "attempt": 0,
                 "attempt_started": None,
+                "attempt_stopped": None,
                 "gap_from": share.end,
             }
         )

@@ -55,14 +55,21 @@ class Passes:
 
     status: JobStatus = field(default_factory=JobStatus)
 
-    def run(self, now: float, planned: JobStatus, read: TrainerUsage | None = None) -> Goodput:
+    def run(
+        self,
+        now: float,
+        planned: JobStatus,
+        read: TrainerUsage | None = None,
+        *,
+        stopped: bool = False,
+    ) -> Goodput:
         carried = planned.model_copy(
             update={
                 "goodput": self.status.goodput,
                 "usage": self.status.usage,
             }
         )
-        self.status = account(self.status, carried, usage=read, now=now)
+        self.status = account(self.status, carried, usage=read, now=now, stopped=stopped)
         # Only what the status says: a restarted operator reading it back gets the same.
         again = JobStatus.model_validate(self.status.model_dump(mode="json", by_alias=True))
         figures = goodput(again, now=now)
@@ -275,3 +282,20 @@ def test_a_pass_that_reads_nothing_keeps_the_attempts_last_usage() -> None:
     after = passes.run(30.0, running(1, started=0.0), None)
     assert after == before
     assert passes.status.usage == read
+
+
+def test_a_first_attempt_lost_before_its_first_step_was_start_up_until_the_loss() -> None:
+    passes = Passes()
+    passes.run(0.0, running(1, started=0.0))
+    restarting = JobStatus(phase=Phase.RESTARTING, attempt=1, stage=StageStatus(index=0, name="s0"))
+    passes.run(8.0, restarting, stopped=True)  # lost at 8 s, still starting
+    passes.run(9.0, running(2, started=9.0))
+    figures = passes.run(
+        12.0,
+        running(2, started=9.0),
+        usage(2, restored_time=11.0, steps=1, step=1, step_seconds=1.0, last_step_time=12.0),
+    )
+    assert figures.badput["startup"] == pytest.approx(8.0)
+    assert figures.badput["restart"] == pytest.approx(1.0 + 2.0)  # the back-off, the restart
+    assert figures.productive == pytest.approx(1.0)
+    assert_every_second_counted(figures)
