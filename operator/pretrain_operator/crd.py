@@ -144,6 +144,7 @@ PRINTER_COLUMNS = [
     {"name": "Desired", "type": "integer", "jsonPath": ".status.workers.desired", "priority": 1},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts.total", "priority": 1},
+    {"name": "Goodput", "type": "number", "jsonPath": ".status.goodput.ratio", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

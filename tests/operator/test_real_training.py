@@ -168,6 +168,8 @@ def test_a_lost_node_costs_restart_and_restore_badput_and_a_local_run_agrees(
     assert cluster.restarts.by_reason.get("Resized") == 1
     on_kube = figures_of(cluster)
     assert 0 < on_kube.ratio < 1
+    assert cluster.goodput is not None  # what `kubectl get ptj -o wide` shows
+    assert cluster.goodput.ratio == pytest.approx(on_kube.ratio, abs=0.001)
     assert on_kube.badput["restart"] > 0
     assert on_kube.badput["restore"] > 0
     assert on_kube.badput["stage_transition"] > 0

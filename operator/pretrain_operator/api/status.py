@@ -173,6 +173,9 @@ class GoodputStatus(Status):
 
     started: float
     """When accounting began: the job's first pass (Unix time)."""
+    ratio: float | None = None
+    """Goodput as of the last status write: productive time over wall time (``kubectl get ptj
+    -o wide``; the series ``pretrainjob_goodput_ratio`` is computed at each scrape)."""
     wall_seconds: float = 0.0
     """Wall time accounted (suspensions excluded)."""
     productive_seconds: float = 0.0

@@ -10,7 +10,7 @@ from pretrain_trainer.ckpt.layout import checkpoint_name
 
 from ..api import CheckpointStatus, JobStatus, Reason, TrainerUsage
 from ..plan import FAILURES, Event, Observed
-from .goodput import account
+from .goodput import account, goodput
 from .recovery import track
 
 
@@ -34,7 +34,19 @@ def accounted(
     stopped = any(e.reason in (*FAILURES, Reason.SUSPENDED) for e in events)
     status = account(previous, status, usage=usage, now=now, reported=reported, stopped=stopped)
     status = track(previous, status, events=events, observed=observed, now=now)
-    return with_checkpoint(status)
+    return with_checkpoint(with_ratio(status, now=now))
+
+
+def with_ratio(status: JobStatus, *, now: float) -> JobStatus:
+    """``status.goodput.ratio`` as of ``now``, to three places (a status write per change of
+    a tenth of a percent at most)."""
+    figures, ledger = goodput(status, now=now), status.goodput
+    if figures is None or ledger is None or figures.wall <= 0:
+        return status
+    ratio = round(figures.ratio, 3)
+    if ratio == ledger.ratio:
+        return status
+    return status.model_copy(update={"goodput": ledger.model_copy(update={"ratio": ratio})})
 
 
 def with_checkpoint(status: JobStatus) -> JobStatus:
