@@ -243,10 +243,16 @@ def test_suspend_removes_every_pod_and_resume_starts_a_new_attempt(
         kube.eventually(lambda: kube.pods() == [], what="no pods while suspended")
         assert "demo-config" in names(kube.objects("configmaps"))
         patch_spec(kube, "demo", {"suspend": False})
-        kube.eventually(lambda: attempt(kube, 2), what="resumed")
+        # A new attempt runs: at once on both nodes, or (when the standbys asking for them
+        # come up slower than the scale-up cool-down, as on a busy machine) on one, then two.
+        kube.eventually(
+            lambda: [n for n in workers(kube, phase="Running") if "-a1-" not in n],
+            what="resumed",
+        )
     assert "Suspended" in reasons(kube)
     assert "Resumed" in reasons(kube)
-    assert status(kube)["restarts"]["total"] == 0  # a suspension is not a failure
+    # A suspension is not a failure (a resize after a one-worker resume may follow).
+    assert set(status(kube)["restarts"].get("byReason", {})) <= {"Resized"}
 
 
 def test_deleting_the_job_deletes_everything_it_owns(kube: Kubelet, operator: Operator) -> None:

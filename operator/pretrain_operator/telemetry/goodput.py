@@ -164,11 +164,11 @@ def account(
     ledger = previous.goodput or GoodputStatus(started=now, gap_from=now)
     update: dict[str, object] = {}
     terminal = status.phase in (Phase.SUCCEEDED, Phase.FAILED)
+    if ledger.attempt and stopped and ledger.attempt_stopped is None:
+        ledger = ledger.model_copy(update={"attempt_stopped": now})
     # The attempt accounted so far is over: fold its share. A completed stage keeps every
     # step; after a failure or a resize, which steps survived is known once the next attempt
     # says where it resumed: until then they are pending.
-    if ledger.attempt and stopped and ledger.attempt_stopped is None:
-        ledger = ledger.model_copy(update={"attempt_stopped": now})
     if ledger.attempt and (status.attempt != ledger.attempt or terminal):
         last = _usage_of(ledger.attempt, reported, usage, previous.usage)
         started = ledger.attempt_started or ledger.gap_from
