@@ -103,15 +103,15 @@ def results_table(job: PretrainJob, status: JobStatus) -> Table:
 
 
 def recovery_table(status: JobStatus) -> Table | None:
-    """Every recovery's phases: the last one, and the mean over all of them."""
+    """Every recovery's phases in seconds: the last one, and the mean over all of them."""
     history, last = status.recoveries, status.last_recovery
     if last is None or not history.count:
         return None
-    table = Table(title="recoveries (seconds)")
-    for column in ("", *PHASES, TOTAL):
-        table.add_column(column.replace("_", " "), justify="right")
-    seconds = last.phases.model_dump()
-    table.add_row("last", *(f"{seconds[p]:.2f}" for p in PHASES), f"{last.total_seconds:.2f}")
-    mean = [history.sums.get(p, 0.0) / history.count for p in (*PHASES, TOTAL)]
-    table.add_row(f"mean of {history.count}", *(f"{m:.2f}" for m in mean))
+    table = Table(title="recoveries")
+    for column in ("phase", "last (s)", f"mean of {history.count} (s)"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    seconds = {**last.phases.model_dump(), TOTAL: last.total_seconds}
+    for phase in (*PHASES, TOTAL):
+        mean = history.sums.get(phase, 0.0) / history.count
+        table.add_row(phase.replace("_", " "), f"{seconds[phase]:.2f}", f"{mean:.2f}")
     return table

@@ -13,8 +13,10 @@ from pretrain_operator.api import (
     StageStatus,
     TrainerUsage,
 )
+from pretrain_operator.local.display import recovery_table
 from pretrain_operator.plan import Event, Observed, Worker, WorkerState
 from pretrain_operator.telemetry.recovery import BUCKETS, PHASES, phases, track
+from rich.console import Console
 
 STAGE = StageStatus(index=0, name="s")
 
@@ -136,3 +138,33 @@ def test_a_suspension_ends_a_recovery_unmeasured() -> None:
     recovering = RecoveringStatus(reason="Preempted", lost_at=1.0, noticed_at=2.0)
     suspended = JobStatus(phase=Phase.SUSPENDED, attempt=1, recovering=recovering)
     assert track(suspended, suspended, events=(), observed=Observed(), now=3.0).recovering is None
+
+
+def test_the_run_summary_lists_every_phase_of_the_last_recovery_and_the_mean() -> None:
+    recovering = RecoveringStatus(
+        reason="WorkerLost", lost_at=0.0, noticed_at=1.0, attempt=2, started_at=2.0
+    )
+    read = usage(
+        2,
+        launcher_time=3.0,
+        group_time=7.0,
+        engine_time=9.0,
+        restored_time=9.5,
+        first_step_time=10.0,
+    )
+    done = track(
+        JobStatus(attempt=2, recovering=recovering),
+        running(2, started=2.0, read=read).model_copy(update={"recovering": recovering}),
+        events=(),
+        observed=Observed(),
+        now=11.0,
+    )
+    console = Console(record=True, width=80)
+    table = recovery_table(done)
+    assert table is not None
+    console.print(table)
+    lines = console.export_text().splitlines()
+    rows = {line.split("│")[1].strip(): line for line in lines if line.count("│") == 4}
+    assert list(rows) == [*(p.replace("_", " ") for p in PHASES), "total"]
+    assert "10.00" in rows["total"]  # the loss at 0 s to the first step at 10 s
+    assert recovery_table(JobStatus()) is None  # no recovery: no table
