@@ -153,11 +153,6 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     trainer.begin(
         Startup(launcher=launcher, group=group, engine=engine_ready, restored=time.time())
     )
-    metrics.attempt.set(env.attempt)
-    metrics.resumed_step.set(trainer.progress.step)
-    if trainer.startup is not None:
-        for event, timestamp in trainer.startup.model_dump().items():
-            metrics.startup(event, timestamp)
     log0(
         f"stage {env.stage} {stage.name}: {trainer.total_steps} steps, world size {world_size}, "
         f"micro-batches per rank {_split_text(trainer.split)}, "

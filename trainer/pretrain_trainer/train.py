@@ -133,12 +133,9 @@ class Trainer:
     unreported_restore: float = 0.0
     _unreported_blocking: float = 0.0
     _unreported_checkpoint: int | None = None
-    _step_seconds: float = 0.0  # inside steps, since this process started
-    _steps: int = 0
-    _seconds_at: dict[int, float] = field(default_factory=dict)  # at each save's step
+    _seconds_at: dict[int, float] = field(default_factory=dict)  # step seconds at each save
     _spent: contract.Usage | None = None  # what this process spent (``usage()``)
     _spending: threading.Lock = field(default_factory=threading.Lock)  # the writer thread too
-    _blocked: float = 0.0
     split: BatchSplit = field(init=False)
     """How each global batch splits over the ranks of this world (``config.split``)."""
 
@@ -178,7 +175,7 @@ class Trainer:
         benchmarks), or only when the checkpoint manager says one is due (after each step of
         :meth:`train`). Returns its directory, None when no save was due."""
         # Before the save: its writer may finish (and report it durable) before it returns.
-        self._seconds_at[self.progress.step] = self._step_seconds
+        self._seconds_at[self.progress.step] = self.usage().step_seconds
         blocking = self.checkpoints.save(
             self.engine,
             step=self.progress.step,
@@ -193,8 +190,7 @@ class Trainer:
             return None
         self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
         self._unreported_blocking += blocking
-        self._blocked += blocking
-        self._spend(blocking_seconds=self._blocked)
+        self._spend(blocking_seconds=self.usage().blocking_seconds + blocking)
         self._saved_at = time.monotonic()
         self.last_checkpoint = self.checkpoints.path_of(self.progress.step)
         log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
@@ -283,9 +279,13 @@ class Trainer:
         return loss
 
     def begin(self, startup: contract.Startup) -> None:
-        """The attempt's start is over (``startup``): the first step record and the usage
-        say when it reached each point, and where training resumes."""
+        """The attempt's start is over (``startup``): the first step record, the usage and
+        the metrics say when it reached each point, and where training resumes."""
         self.startup = startup
+        self.metrics.attempt.set(self.attempt)
+        self.metrics.resumed_step.set(self.progress.step)
+        for event, timestamp in startup.model_dump().items():
+            self.metrics.startup(event, timestamp)
         self._spend(
             resumed_step=self.progress.step,
             step=self.progress.step,
@@ -299,7 +299,7 @@ class Trainer:
         """What this process spent so far (a finished stage's report carries it)."""
         return self._spent or contract.Usage(attempt=self.attempt)
 
-    def _spend(self, **fields: float | int) -> None:
+    def _spend(self, **fields: float | int | None) -> None:
         with self._spending:
             self._spent = self.usage().model_copy(update=fields)
 
@@ -379,17 +379,16 @@ class Trainer:
         m.stage_tokens.set(self.progress.tokens)
         m.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
         m.step_seconds.observe(seconds)
-        self._step_seconds += seconds
-        self._steps += 1
-        now = time.time()
-        if self._steps == 1:
+        spent, now = self.usage(), time.time()
+        if not spent.steps:
             m.startup("first_step", now)
-            self._spend(first_step_time=now)
+        # Only this thread changes these fields (the writer thread, the checkpoint's).
         self._spend(
             step=self.progress.step,
-            steps=self._steps,
-            step_seconds=self._step_seconds,
+            steps=spent.steps + 1,
+            step_seconds=spent.step_seconds + seconds,
             last_step_time=now,
+            first_step_time=spent.first_step_time or now,
         )
         m.learning_rate.set(lr)
         m.grad_norm.set(self.optimizer.last_grad_norm)

@@ -61,9 +61,8 @@ def _usage(values: dict[str, float], startup: dict[str, float]) -> TrainerUsage 
     resumed = int(values.get("resumed_step", 0.0))
     written = checkpoint_seconds > 0 and checkpoint_step > resumed  # by this attempt
 
-    def moment(name: str, event: str) -> float | None:
-        value = startup.get(event) or values.get(name)
-        return value if value else None
+    def positive(value: float | None) -> float | None:
+        return value if value else None  # absent, or a gauge never set (0)
 
     return TrainerUsage(
         attempt=int(values["attempt"]),
@@ -75,13 +74,15 @@ def _usage(values: dict[str, float], startup: dict[str, float]) -> TrainerUsage 
         blocking_seconds=values.get("checkpoint_save_blocking_seconds_sum", 0.0),
         checkpoint_step=checkpoint_step if written else None,
         checkpoint_step_seconds=checkpoint_seconds if written else 0.0,
-        checkpoint_time=moment("last_checkpoint_timestamp_seconds", "") if written else None,
-        last_step_time=moment("last_step_timestamp_seconds", "") if steps else None,
-        launcher_time=moment("", "launcher"),
-        group_time=moment("", "group"),
-        engine_time=moment("", "engine"),
-        restored_time=moment("", "restored"),
-        first_step_time=moment("", "first_step"),
+        checkpoint_time=positive(values.get("last_checkpoint_timestamp_seconds"))
+        if written
+        else None,
+        last_step_time=positive(values.get("last_step_timestamp_seconds")) if steps else None,
+        launcher_time=positive(startup.get("launcher")),
+        group_time=positive(startup.get("group")),
+        engine_time=positive(startup.get("engine")),
+        restored_time=positive(startup.get("restored")),
+        first_step_time=positive(startup.get("first_step")),
     )
 
 
