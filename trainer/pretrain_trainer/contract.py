@@ -34,6 +34,12 @@ ENV_CHECKPOINT_ROOT = "PRETRAIN_CHECKPOINT_ROOT"  # overrides RunConfig.checkpoi
 ENV_METRICS_PORT = "PRETRAIN_METRICS_PORT"  # Prometheus metrics and /healthz
 ENV_REPORT_PATH = "PRETRAIN_REPORT_PATH"  # final stage report (a termination-message path)
 ENV_STEP_LOG = "PRETRAIN_STEP_LOG"  # optional JSON-lines file, one record per step (rank 0)
+ENV_MEMORY_ROOT = "PRETRAIN_MEMORY_ROOT"  # this worker's in-memory checkpoint tier (a tmpfs)
+# Set by the worker agent for each trainer process it starts (instead of torchrun's rendezvous):
+ENV_STORE = "PRETRAIN_STORE"  # host:port of the job's store; the group meets under a prefix
+ENV_STORE_PREFIX = "PRETRAIN_STORE_PREFIX"  # the attempt's key prefix in that store
+ENV_LAUNCHED_AT = "PRETRAIN_LAUNCHED_AT"  # when the agent was told to start the attempt (Unix)
+AGENT_PORT = 9401  # the worker agent's HTTP port in pods
 
 # Where the operator mounts things inside a worker pod.
 RUN_CONFIG_PATH = "/etc/pretrain/run.yaml"
@@ -100,6 +106,7 @@ class TrainerEnv:
     metrics_port: int | None
     report_path: str | None
     step_log: str | None = None
+    memory_root: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> TrainerEnv:
@@ -128,6 +135,7 @@ class TrainerEnv:
             metrics_port=integer(ENV_METRICS_PORT, None),
             report_path=environ.get(ENV_REPORT_PATH) or None,
             step_log=environ.get(ENV_STEP_LOG) or None,
+            memory_root=environ.get(ENV_MEMORY_ROOT) or None,
         )
 
 
@@ -262,6 +270,37 @@ def read_report(path: Path) -> StageReport | FailureReport | None:
 
 STARTUP_EVENTS = ("launcher", "group", "engine", "restored")
 """The moments of an attempt's start the trainer reports, in order (:class:`Startup`)."""
+
+
+class AttemptOrder(_Record):
+    """What a worker agent is told to run (``PUT /attempt``): its worker's share of one
+    attempt. The same order again changes nothing; a newer attempt replaces the running one."""
+
+    attempt: int
+    stage: int
+    rank: int
+    """The worker's place in the group (its node rank): ranks ``rank * nproc ...``."""
+    workers: int
+    """Workers in the group."""
+    store: str
+    """``host:port`` of the job's long-lived store, where the group meets."""
+
+
+class AgentState(_Record):
+    """What a worker agent reports (``GET /``): its identity and its latest attempt."""
+
+    agent: str
+    """Changes whenever the agent (re)starts: a different value is a different agent."""
+    attempt: int | None = None
+    stage: int | None = None
+    running: bool = False
+    exit_code: int | None = None
+    """Once every process of the attempt exited: the first failure's code (a signal s as
+    128 + s), else 0."""
+    started_at: float | None = None
+    ended_at: float | None = None
+    report: str | None = None
+    """The attempt's report (:func:`parse_report`), once rank 0 of this worker wrote one."""
 
 
 class Startup(_Record):

@@ -8,6 +8,7 @@ or environment), with a report saying which.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from . import contract
 from .ckpt.store import check_writable
 from .config import BatchSplit, RunConfig, SpecError, Stage
 from .contract import ExitCode, FailureReport, StageReport, Startup, TrainerEnv, write_report
@@ -77,6 +79,20 @@ def init_distributed(*, timeout_seconds: float) -> None:
     # Never used in training, and JIT-compiling it costs ~40 s at every start on CPU.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    endpoint = os.environ.get(contract.ENV_STORE)
+    if endpoint:  # started by a worker agent: the group meets in the job's store, no rendezvous
+        import torch.distributed as dist
+
+        host, _, port = endpoint.rpartition(":")
+        timeout = timedelta(seconds=timeout_seconds)
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)  # type: ignore[attr-defined]
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(os.environ.get(contract.ENV_STORE_PREFIX, ""), store),  # type: ignore[attr-defined]
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+        )
     deepspeed.init_distributed(
         dist_backend=backend, timeout=timedelta(seconds=timeout_seconds), verbose=False
     )
@@ -96,8 +112,10 @@ def started_at(pid: int) -> float | None:
 
 
 def launcher_started() -> float:
-    """When this worker's launcher started: torchrun's agent (our parent) under torchrun, else
-    this process."""
+    """When this worker's launcher started: the moment a worker agent was told to start the
+    attempt, torchrun's agent (our parent) under torchrun, else this process."""
+    with contextlib.suppress(KeyError, ValueError):
+        return float(os.environ[contract.ENV_LAUNCHED_AT])
     under_launcher = "TORCHELASTIC_RUN_ID" in os.environ
     found = started_at(os.getppid() if under_launcher else os.getpid())
     return found if found is not None else time.time()
@@ -111,6 +129,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     import torch.distributed as dist
 
     from .ckpt.manager import CheckpointManager
+    from .ckpt.memory import MemoryTier
     from .data.loader import DataLoader
     from .dsconfig import deepspeed_config
     from .train import Trainer, build_model
@@ -126,8 +145,23 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     group = time.time()
+    memory = None
+    if env.memory_root:
+        memory = MemoryTier.build(
+            Path(env.memory_root) / env.job,
+            storage_root=root,
+            rank=rank,
+            world_size=world_size,
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
     checkpoints = CheckpointManager.for_stage(
-        config, stage_index=env.stage, root=root, job=env.job, rank=rank, world_size=world_size
+        config,
+        stage_index=env.stage,
+        root=root,
+        job=env.job,
+        rank=rank,
+        world_size=world_size,
+        memory=memory,
     )
     model = build_model(config, stage)
     checkpoints.prepare(model, ds_config)  # before DeepSpeed: it may change the engine's config

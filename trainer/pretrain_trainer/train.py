@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +53,7 @@ def forward_backward_step(
     padding: Sequence[MicroBatch] = (),
     label_smoothing: float,
     aux_loss_coef: float,
+    before_update: Callable[[], object] = lambda: None,
 ) -> float:
     """Forward/backward over this rank's micro-batches and one optimizer step; returns the
     sum of their mean losses.
@@ -64,7 +65,8 @@ def forward_backward_step(
     collectives in step where every rank must run as many as the longest
     (``dsconfig.lockstep``), placed first so that the last forward is a real one (what MoE
     statistics read). The accumulation boundary, the last micro-step, is marked here:
-    DeepSpeed's own count assumes an even split.
+    DeepSpeed's own count assumes an even split. ``before_update`` runs just before the
+    optimizer changes the parameters and optimizer state (a save still writing them waits).
     """
     optimizer.begin_step()
     steps = [(b, 0.0) for b in padding] + [(b, weight) for b in batches]
@@ -73,8 +75,11 @@ def forward_backward_step(
         loss = lm_loss(engine(inputs), targets, label_smoothing=label_smoothing)
         if aux_loss_coef:
             loss = loss + aux_loss_coef * engine.module.aux_loss()
-        engine.set_gradient_accumulation_boundary(i == len(steps) - 1)
+        boundary = i == len(steps) - 1
+        engine.set_gradient_accumulation_boundary(boundary)
         engine.backward(loss * scale, scale_wrt_gas=False)
+        if boundary:
+            before_update()
         engine.step()
         if scale:
             total += float(loss.detach())
@@ -132,6 +137,7 @@ class Trainer:
     startup: contract.Startup | None = None
     unreported_restore: float = 0.0
     _unreported_blocking: float = 0.0
+    _unsettled: float | None = None  # the blocking of a save whose state is still written
     _unreported_checkpoint: int | None = None
     _seconds_at: dict[int, float] = field(default_factory=dict)  # step seconds at each save
     _spent: contract.Usage | None = None  # what this process spent (``usage()``)
@@ -176,7 +182,7 @@ class Trainer:
         :meth:`train`). Returns its directory, None when no save was due."""
         # Before the save: its writer may finish (and report it durable) before it returns.
         self._seconds_at[self.progress.step] = self.usage().step_seconds
-        blocking = self.checkpoints.save(
+        started = self.checkpoints.save(
             self.engine,
             step=self.progress.step,
             tokens=self.progress.tokens,
@@ -185,16 +191,32 @@ class Trainer:
             last_step=last_step,
             force=force,
         )
-        if blocking is None:
+        if started is None or not started.storage:
             self._seconds_at.pop(self.progress.step, None)
+        if started is None:
             return None
-        self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
-        self._unreported_blocking += blocking
-        self._spend(blocking_seconds=self.usage().blocking_seconds + blocking)
+        self._block(started.blocking)
+        self._unsettled = started.blocking
+        if not started.storage:
+            return None
         self._saved_at = time.monotonic()
         self.last_checkpoint = self.checkpoints.path_of(self.progress.step)
-        log0(f"checkpoint step {self.progress.step}: training blocked {blocking:.3f}s")
         return self.last_checkpoint
+
+    def _block(self, seconds: float) -> None:
+        self._unreported_blocking += seconds
+        self._spend(blocking_seconds=self.usage().blocking_seconds + seconds)
+
+    def settle(self) -> None:
+        """Before the optimizer step: the last save's state must be written out first; what
+        that waits counts as the save's blocking (the call's own share already did)."""
+        if self._unsettled is None:
+            return
+        waited = self.checkpoints.settle()
+        self._block(waited)
+        blocking, self._unsettled = self._unsettled + waited, None
+        self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
+        log0(f"checkpoint: training blocked {blocking:.3f}s")
 
     def on_saved(self, saved: Saved) -> None:
         """Called on rank 0's writer thread once a checkpoint is complete."""
@@ -227,6 +249,7 @@ class Trainer:
                 self.preempt()  # on the last step, a stop is better served by finishing
             self.save(last_step=self.progress.step == total, force=False)
         self.checkpoints.wait()
+        self.settle()
         if self.last_checkpoint is None:  # the last step's save is always due
             raise RuntimeError(f"stage {self.stage.name} ended without a final checkpoint")
         return self.last_checkpoint
@@ -240,6 +263,7 @@ class Trainer:
         ):
             self.save()
             self.checkpoints.wait()
+            self.settle()
             log0(f"preempted: saved step {self.progress.step}, exiting to be restarted")
         else:
             log0(f"preempted: newest checkpoint is {age:.0f}s old, exiting without saving")
@@ -260,6 +284,7 @@ class Trainer:
             padding=self._padding(batches),
             label_smoothing=stage.label_smoothing,
             aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
+            before_update=self.settle,
         )
         # One all-reduce carries the loss and whether any rank was asked to stop, so every
         # rank leaves (and saves) after the same step.

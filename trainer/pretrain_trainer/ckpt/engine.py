@@ -1,12 +1,20 @@
-"""A DeepSpeed checkpoint engine that blocks training only while state is copied to host memory.
+"""A DeepSpeed checkpoint engine under which training barely waits for a save.
 
 DeepSpeed hands every state dict it saves (module, ZeRO partitions) to ``save``; this engine
-snapshots it (tensors copied to host memory, other leaves deep-copied) and returns, and one
-background thread per process serialises the snapshots to storage, hashing the bytes as they
-are written. ``commit`` queues the completion: the process writes its rank marker; rank 0 waits
-for every marker, writes the manifest (the checkpoint now exists), moves ``latest`` and applies
-retention. No collective runs on the background thread: it would race the training thread's
-collectives on the same process group. The next save waits for the previous one to finish.
+keeps the tensors by reference (other leaves are copied) and returns at once. One background
+thread per process serialises them, hashing the bytes as they are written, while training runs
+the next step's forward and backward: parameters and optimizer state change only at the
+optimizer step, and the trainer calls :meth:`AsyncCheckpointEngine.settle` before it, which
+waits for whatever is still unwritten. So there are no host buffers to allocate or copy into,
+the first save included.
+
+The files go to the worker's in-memory tier when there is one (:mod:`.memory`: the snapshot
+is committed there and copied to a neighbour) and, when the save is a storage save, are then
+copied to storage; without a tier they go to storage directly. ``commit`` queues the storage
+completion: the process writes its rank marker; rank 0 waits for every marker, writes the
+manifest (the checkpoint now exists), moves ``latest`` and applies retention. No collective
+of the training group runs on the background thread: it would race the training thread's
+collectives (the tier uses a group of its own). The next save waits for the previous one.
 
 Loading memory-maps each file (``torch.load(mmap=True)``), so restoring costs about a read of
 the bytes plus one copy into the engine's tensors.
@@ -35,6 +43,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
 from .catalog import prune
 from .hashing import HashingFile
 from .manifest import FileRecord, Manifest, utc_now, write_manifest
+from .memory import MemoryTier
 from .store import (
     StorageError,
     collect_rank_markers,
@@ -45,41 +54,25 @@ from .store import (
 )
 
 
-class Snapshots:
-    """Copies state into host buffers kept from one save to the next.
-
-    Fresh host memory costs far more to touch than to copy into (page faults, zeroing), so the
-    first save allocates and every later save of the same shapes only copies: that copy is all
-    the training loop waits for. Safe because a save starts only after the previous one has been
-    written out entirely.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def take(self, value: Any, key: tuple[Any, ...] = ()) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._copy(value.detach(), key)
-        if isinstance(value, OrderedDict):
-            return OrderedDict((k, self.take(v, (*key, k))) for k, v in value.items())
-        if isinstance(value, dict):
-            return {k: self.take(v, (*key, k)) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.take(v, (*key, i)) for i, v in enumerate(value)]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(self.take(v, (*key, i)) for i, v in enumerate(value))
-        try:
-            return copy.deepcopy(value)
-        except Exception:  # an opaque object DeepSpeed stores by reference; it is not mutated
-            return value
-
-    def _copy(self, tensor: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
-        buffer = self._buffers.get(key)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-            self._buffers[key] = buffer
-        buffer.copy_(tensor)
-        return buffer
+def freeze(value: Any) -> Any:
+    """The state DeepSpeed hands over, made safe to write later: tensors by reference
+    (detached; parameters and optimizer state change only at the next optimizer step, which
+    first waits for the write: :meth:`AsyncCheckpointEngine.settle`), every other leaf
+    copied now (schedulers and counters change in between)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, OrderedDict):
+        return OrderedDict((k, freeze(v)) for k, v in value.items())
+    if isinstance(value, dict):
+        return {k: freeze(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [freeze(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(freeze(v) for v in value)
+    try:
+        return copy.deepcopy(value)
+    except Exception:  # an opaque object DeepSpeed stores by reference; it is not mutated
+        return value
 
 
 @dataclass(frozen=True)
@@ -94,8 +87,23 @@ class Saved:
 @dataclass
 class _Pending:
     directory: Path
+    """On storage."""
+    first: Path
+    """Where the files are written first: the memory tier's copy, else ``directory``."""
     started: float
     records: list[FileRecord]
+    storage: bool
+    """Whether the save goes on to storage (else it is a memory snapshot only)."""
+
+
+@dataclass(frozen=True)
+class _Always:
+    """A queued job that runs even after a failed one (it releases a waiter)."""
+
+    run: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.run()
 
 
 class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
@@ -108,16 +116,20 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         keep: int,
         marker_timeout: float = 600.0,
         on_saved: Callable[[Saved], None] | None = None,
+        memory: MemoryTier | None = None,
     ) -> None:
         super().__init__(config_params=None)
         self.name = "pretrain-async"
         self.root, self.rank, self.world_size, self.keep = root, rank, world_size, keep
         self.marker_timeout = marker_timeout
-        self.on_saved = on_saved
-        self.manifest_fields: dict[str, Any] = {}  # set before each save by the manager
+        self.on_saved, self.memory = on_saved, memory
+        # Set before each save by the manager:
+        self.manifest_fields: dict[str, Any] = {}
         self.extra_files: dict[str, Any] = {}  # relative path -> object, saved by this rank
+        self.to_storage = True  # False: a memory snapshot only
         self._pending: _Pending | None = None
-        self._snapshots = Snapshots()
+        self._copied = threading.Event()
+        self._copied.set()
         self._queue: queue.Queue[Callable[[], None]] = queue.Queue()
         self._error: BaseException | None = None
         self._failed: Path | None = None  # the checkpoint whose write failed
@@ -127,7 +139,10 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
     def create(self, info: CheckpointCommitInfo) -> None:
         self.wait()
         directory = Path(info.save_dir) / info.tag
-        self._pending = _Pending(directory=directory, started=time.perf_counter(), records=[])
+        first = self.memory.mirror(directory) if self.memory is not None else directory
+        storage = self.to_storage or self.memory is None
+        self._pending = _Pending(directory, first, time.perf_counter(), [], storage)
+        self._copied.clear()
         for relative, value in self.extra_files.items():
             self.save(value, str(directory / relative))
 
@@ -135,8 +150,8 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         pending = self._pending
         if pending is None:
             raise RuntimeError("save() outside create()/commit()")
-        target = Path(path)
-        frozen = self._snapshots.take(state_dict, (str(target.relative_to(pending.directory)),))
+        target = pending.first / Path(path).relative_to(pending.directory)
+        frozen = freeze(state_dict)
         self._queue.put(lambda: self._write(pending, target, frozen))
 
     def load(self, path: str, map_location: Any = None) -> Any:
@@ -147,10 +162,21 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         if pending is None:
             raise RuntimeError("commit() without create()")
         self._pending = None
+        self._queue.put(_Always(self._copied.set))
         self._queue.put(lambda: self._complete(pending, fields))
         return True
 
     # -- ours --------------------------------------------------------------------------------
+    def settle(self) -> float:
+        """Block until the state handed over at the last save is written out of the tensors
+        training is about to change (call before every optimizer step); returns the seconds
+        waited. The rest of the save (exchange with the neighbour, storage) goes on."""
+        if self._copied.is_set():
+            return 0.0
+        started = time.perf_counter()
+        self._copied.wait()
+        return time.perf_counter() - started
+
     def wait(self) -> None:
         """Block until every queued write and completion has finished; re-raise a failure.
 
@@ -176,7 +202,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         while True:
             job = self._queue.get()
             try:
-                if self._error is None:
+                if self._error is None or isinstance(job, _Always):
                     job()
             except BaseException as error:  # reported by the next wait()
                 self._error = error
@@ -184,14 +210,25 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
                 self._queue.task_done()
 
     def _write(self, pending: _Pending, target: Path, value: Any) -> None:
-        self._failed = pending.directory  # until the write below has succeeded
+        self._failed = pending.first  # until the write below has succeeded
         target.parent.mkdir(parents=True, exist_ok=True)
         with HashingFile(target) as out:
             torch.save(value, cast(IO[bytes], out))
-        pending.records.append(out.record(relative_to=pending.directory))
+        pending.records.append(out.record(relative_to=pending.first))
         self._failed = None
 
     def _complete(self, pending: _Pending, fields: dict[str, Any]) -> None:
+        if self.memory is not None:
+            self._failed = pending.first  # until the manifest makes it a snapshot
+            self.memory.complete(pending.first, records=pending.records, fields=fields)
+            self._failed = None
+            if not pending.storage:
+                return
+            self._failed = pending.directory
+            for record in pending.records:  # the same bytes: the records stand
+                target = pending.directory / record.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(pending.first / record.path, target)
         self._failed = pending.directory  # until the manifest makes it a checkpoint
         write_rank_marker(pending.directory, rank=self.rank, files=pending.records)
         if self.rank != 0:

@@ -32,6 +32,10 @@ STEP_PATTERN = re.compile(rf"step-{_INDEX}")
 RANK_MARKER_PATTERN = re.compile(rf"\.rank-{_INDEX}\.json")
 STAGE_GLOB, STEP_GLOB, RANK_MARKER_GLOB = "stage-*", "step-*", ".rank-*.json"
 RANK_FILE_GLOB = "rank-*.pt"  # every rank_file of one folder
+PART_SUFFIX = ".part"  # a file still being received from a peer
+# The files one rank alone reads back at the same world size: DeepSpeed's ZeRO partitions
+# (``zero_pp_rank_<r>_mp_rank_00_*``, ``bf16_zero_pp_rank_<r>_...``) and our rank files.
+_RANK_OWNED = re.compile(rf"(?:^|/|_)zero_pp_rank_{_INDEX}_|(?:^|/)rank-{_INDEX}\.pt$")
 
 
 def stage_name(stage: int) -> str:
@@ -79,6 +83,15 @@ def is_rank_marker(name: str) -> bool:
 def rank_file(folder: str, rank: int) -> str:
     """A per-rank file of a checkpoint (``rng/rank-0.pt``), relative to its directory."""
     return f"{folder}/rank-{rank}.pt"
+
+
+def file_rank(path: str) -> int | None:
+    """The rank that alone reads ``path`` (relative to its checkpoint) back at the world size
+    it was written at; None for a file every rank reads (DeepSpeed's module states)."""
+    found = _RANK_OWNED.search(path)
+    if found is None:
+        return None
+    return int(found[1] if found[1] is not None else found[2])
 
 
 def quarantined(directory: Path) -> Path:

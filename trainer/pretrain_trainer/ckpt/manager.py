@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,8 @@ from ..logging import log0
 from .engine import AsyncCheckpointEngine, Saved
 from .layout import RNG, WEIGHTS, checkpoint_dir, rank_file, stage_dir, step_name
 from .manifest import config_hash
+from .memory import MemoryTier
+from .recall import directory_of, recall
 from .restore import (
     CorruptCheckpoint,
     Restored,
@@ -54,6 +57,14 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointManager", "CorruptCheckpoint", "RestorePlan", "Restored"]
 
 
+@dataclass(frozen=True)
+class SaveStarted:
+    blocking: float
+    """Seconds the call kept training waiting."""
+    storage: bool
+    """A storage save (else a memory snapshot only)."""
+
+
 class CheckpointManager:
     def __init__(
         self,
@@ -68,10 +79,14 @@ class CheckpointManager:
         interval: int,
         zero_stage: int,
         config_hash: str,
+        memory: MemoryTier | None = None,
+        memory_interval: int | None = None,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
         self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
         self.zero_stage, self.config_hash = zero_stage, config_hash
+        self.memory = memory
+        self.memory_interval = memory_interval or interval
         self.writer: AsyncCheckpointEngine | None = None
         self._plan: RestorePlan | None = None
         self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
@@ -86,8 +101,10 @@ class CheckpointManager:
         job: str,
         rank: int,
         world_size: int,
+        memory: MemoryTier | None = None,
     ) -> CheckpointManager:
-        """The manager of one stage of ``config``, at ``world_size`` processes."""
+        """The manager of one stage of ``config``, at ``world_size`` processes, with the
+        worker's in-memory tier if it has one."""
         stage = config.stages[stage_index]
         return cls(
             root=root,
@@ -100,6 +117,8 @@ class CheckpointManager:
             interval=config.checkpoint.interval_steps,
             zero_stage=stage.zero_stage,
             config_hash=config_hash(config),
+            memory=memory,
+            memory_interval=config.checkpoint.memory_interval,
         )
 
     @property
@@ -109,11 +128,33 @@ class CheckpointManager:
 
     # -- before deepspeed.initialize ---------------------------------------------------------
     def select(self) -> RestorePlan | None:
-        """Which checkpoint this attempt starts from (decided on rank 0, shared with all)."""
+        """Which checkpoint this attempt starts from (decided on rank 0, shared with all):
+        the newest snapshot the workers' memory tiers hold whole, when it is at least as new
+        as the newest checkpoint on storage (its files brought to the ranks that read them),
+        else storage's."""
         chosen = None
         if self.rank == 0:
             chosen = choose(self.root, stage=self.stage, world_size=self.world_size)
-        return broadcast(chosen)  # type: ignore[no-any-return]
+        chosen = broadcast(chosen)
+        if self.memory is None:
+            return chosen  # type: ignore[no-any-return]
+        newest = chosen.manifest.step if chosen is not None and chosen.full else None
+        recalled = recall(self.memory, stage=self.stage, at_least=newest)
+        step = recalled.manifest.step if recalled is not None else newest
+        self.memory.discard_after(stage=self.stage, step=step)
+        if recalled is None:
+            return chosen  # type: ignore[no-any-return]
+        return RestorePlan(
+            directory=directory_of(recalled, self.memory),
+            manifest=recalled.manifest,
+            full=True,
+            universal=recalled.universal,
+            verify_seconds=0.0,
+            bytes_verified=0,
+            tier="memory",
+            checks=recalled.reads[self.rank],
+            converts=self.rank in recalled.converters,
+        )
 
     def prepare(self, model: torch.nn.Module, ds_config: dict[str, Any]) -> None:
         """Choose what to restore and do what must happen before DeepSpeed exists: a new
@@ -144,6 +185,7 @@ class CheckpointManager:
             world_size=self.world_size,
             keep=self.keep,
             on_saved=on_saved,
+            memory=self.memory,
         )
         engine.checkpoint_engine = self.writer
 
@@ -201,15 +243,21 @@ class CheckpointManager:
             metrics.last_checkpoint_timestamp.set(saved)
         size = plan.manifest.total_bytes
         log0(
-            f"restored {'everything' if plan.full else 'weights'} from {plan.directory}: "
+            f"restored {'everything' if plan.full else 'weights'} from {plan.directory} "
+            f"({plan.tier}): "
             f"{size / 1e9:.3f} GB in {seconds:.2f}s "
             f"({size / 1e9 / max(seconds, 1e-9):.2f} GB/s; verified "
             f"{plan.bytes_verified / 1e9:.3f} GB in {plan.verify_seconds:.2f}s)"
         )
 
     def due(self, step: int, *, last_step: bool) -> bool:
-        """Whether a save is due after ``step``: at every interval, and at the stage's end."""
+        """Whether a storage save is due after ``step``: at every interval, and at the
+        stage's end."""
         return last_step or step % self.interval == 0
+
+    def snapshot_due(self, step: int) -> bool:
+        """Whether a memory snapshot alone is due after ``step`` (with a tier)."""
+        return self.memory is not None and step % self.memory_interval == 0
 
     def save(
         self,
@@ -221,11 +269,13 @@ class CheckpointManager:
         loss: float | None = None,
         last_step: bool = False,
         force: bool = False,
-    ) -> float | None:
-        """Start saving a checkpoint of ``step`` if one is :meth:`due` (or ``force``); the
-        last step's is the stage's final checkpoint. Returns how long training was blocked
-        (seconds), or None when nothing was due."""
-        if not (force or self.due(step, last_step=last_step)):
+    ) -> SaveStarted | None:
+        """Start saving a checkpoint of ``step`` if one is :meth:`due` (or ``force``), or a
+        memory snapshot if only that is due; the last step's is the stage's final checkpoint.
+        Returns how long the call blocked training and whether it goes to storage, or None
+        when nothing was due. The rest of the blocking is :meth:`settle`'s."""
+        storage = force or self.due(step, last_step=last_step)
+        if not (storage or self.snapshot_due(step)):
             return None
         if self.writer is None:
             raise RuntimeError("attach() the writer before saving")
@@ -253,13 +303,14 @@ class CheckpointManager:
         if last_step:
             extra[rank_file(WEIGHTS, self.rank)] = self._weights_share(engine)
         self.writer.extra_files = extra
+        self.writer.to_storage = storage
         engine.save_checkpoint(
             str(self.directory),
             tag=step_name(step),
             client_state={"step": step, "tokens": tokens, "sampler": sampler},
             save_latest=False,
         )
-        return time.perf_counter() - started
+        return SaveStarted(blocking=time.perf_counter() - started, storage=storage)
 
     def path_of(self, step: int) -> Path:
         """The directory of this stage's checkpoint of ``step``."""
@@ -282,6 +333,10 @@ class CheckpointManager:
             if i % self.world_size == self.rank:
                 share[name] = full.detach().to("cpu", copy=True)
         return share
+
+    def settle(self) -> float:
+        """Before an optimizer step: wait until the last save's state is written (seconds)."""
+        return self.writer.settle() if self.writer is not None else 0.0
 
     def wait(self) -> None:
         """Block until the last save is complete (before exiting)."""

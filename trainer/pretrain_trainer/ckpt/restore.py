@@ -17,9 +17,10 @@ as it should.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import shutil
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,6 +58,13 @@ class RestorePlan:
     universal: bool  # written at another world size: load through the universal format
     verify_seconds: float
     bytes_verified: int
+    tier: str = "storage"
+    """``storage``, or ``memory``: the workers' in-memory tiers (:mod:`.recall`), where each
+    rank's ``directory`` is its own worker's copy."""
+    checks: frozenset[str] | None = None
+    """The files this rank checks as it loads them; None: rank 0 checks every file."""
+    converts: bool | None = None
+    """Whether this rank converts to the universal format; None: rank 0 does."""
 
 
 @dataclass(frozen=True)
@@ -150,30 +158,45 @@ def load_weights(model: torch.nn.Module, plan: RestorePlan) -> float:
 
 
 def convert_to_universal(plan: RestorePlan, *, rank: int) -> float:
-    """Rank 0 converts a checkpoint written at another world size (once; the result is kept
-    beside it); every rank waits. Returns seconds, part of the restore time."""
+    """Rank 0 (or, from memory, each worker's first rank) converts a checkpoint written at
+    another world size (once; the result is kept beside it); every rank waits.
+    Returns seconds, part of the restore time."""
     started = time.perf_counter()
     target = plan.directory / UNIVERSAL
-    if rank == 0 and not target.is_dir():
+    converts = rank == 0 if plan.converts is None else plan.converts
+    if converts and not target.is_dir():
         partial = plan.directory / (UNIVERSAL + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal"]
-        command += ["--input_folder", str(plan.directory), "--output_folder", str(partial)]
-        result = subprocess.run(
-            [*command, "--inject_missing_state"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"converting {plan.directory} to the universal format failed:\n"
-                + result.stderr[-2000:]
-            )
+        _ds_to_universal(plan.directory, partial)
         partial.rename(target)
     if dist.is_initialized():
         dist.barrier()
     return time.perf_counter() - started
+
+
+def _ds_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's converter, in this process (its modules are already imported; a child
+    interpreter would import them again), one worker: no process pool forked from a trainer."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    arguments = argparse.Namespace(
+        input_folder=str(source),
+        output_folder=str(target),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    chatter = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(arguments)
+    except Exception as error:
+        raise RuntimeError(
+            f"converting {source} to the universal format failed: {error}\n"
+            + chatter.getvalue()[-2000:]
+        ) from error
 
 
 def load_checkpoint(
@@ -183,18 +206,26 @@ def load_checkpoint(
     parallel with the load; raises :class:`CorruptCheckpoint` (on every rank) after
     quarantining a checkpoint that fails."""
     started = time.perf_counter()
+    manifest = plan.manifest
+    if plan.checks is not None:
+        manifest = manifest.model_copy(
+            update={"files": [f for f in manifest.files if f.path in plan.checks]}
+        )
     with ThreadPoolExecutor(max_workers=1) as pool:
         checked = (
-            pool.submit(verify, plan.directory, plan.manifest, checksums=True)
-            if rank == 0
+            pool.submit(verify, plan.directory, manifest, checksums=True)
+            if rank == 0 or plan.checks is not None
             else None
         )
         tag = plan.directory.name + (f"/{UNIVERSAL}" if plan.universal else "")
         path, _ = engine.load_checkpoint(str(plan.directory.parent), tag=tag)
         verification = checked.result() if checked is not None else None
-    problems = broadcast(None if verification is None else verification.problems)
+    mine = None if verification is None else verification.problems
+    problems = broadcast(mine) if plan.checks is None else _everyones(mine)
     if problems:
-        if rank == 0:
+        if plan.tier == "memory":
+            shutil.rmtree(plan.directory, ignore_errors=True)  # never trusted again
+        elif rank == 0:
             _quarantine(plan.directory, problems)
         if dist.is_initialized():
             dist.barrier()
@@ -209,6 +240,15 @@ def load_checkpoint(
             torch.cuda.set_rng_state_all(state["cuda"])
     seconds = plan.verify_seconds + extra_seconds + time.perf_counter() - started
     return Restored(plan, seconds)
+
+
+def _everyones(problems: list[str] | None) -> list[str]:
+    """Every rank's problems, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problems or []
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    return [p for share in gathered for p in share or []]
 
 
 def _quarantine(directory: Path, problems: list[str]) -> None:

@@ -287,13 +287,24 @@ class CheckpointConfig(Spec):
     path: Annotated[str, Field(min_length=1, max_length=4096)] = "/checkpoints"
     """Root directory (a shared volume on Kubernetes); checkpoints go under <path>/<job>/."""
     interval_steps: Count = 100
-    """Save every this many optimizer steps (and always at the end of a stage)."""
+    """Save to storage every this many optimizer steps (and always at the end of a stage)."""
+    memory_interval_steps: Count | None = None
+    """Snapshot to the in-memory tier (host memory of each worker, copied to a neighbour
+    worker) every this many steps; at most ``intervalSteps``, default the smaller of 10 and
+    ``intervalSteps``. A lost worker costs at most the steps since its last snapshot."""
     keep: Annotated[int, Field(ge=1, le=10000)] = 3
     """Recent checkpoints kept; each stage's final checkpoint is always kept as well."""
     preemption_grace_seconds: Annotated[float, Field(ge=0, le=3600)] = 25.0
     """After SIGTERM, save a checkpoint only if the last save took less than this."""
     preemption_min_age_seconds: Annotated[float, Field(ge=0, le=86400)] = 60.0
     """After SIGTERM, skip the save when the newest checkpoint is younger than this."""
+
+    @property
+    def memory_interval(self) -> int:
+        """Steps between in-memory snapshots (a storage save is one too)."""
+        if self.memory_interval_steps is None:
+            return min(10, self.interval_steps)
+        return self.memory_interval_steps
 
 
 class TrainerOptions(Spec):
@@ -335,6 +346,12 @@ class RunConfig(Checked):
         for i, source in enumerate(self.data.sources):
             if names[source.name] > 1:
                 yield Problem(("data", "sources", i, "name"), f"duplicate source {source.name!r}")
+        memory = self.checkpoint.memory_interval_steps
+        if memory is not None and memory > self.checkpoint.interval_steps:
+            yield Problem(
+                ("checkpoint", "memoryIntervalSteps"),
+                f"({memory}) exceeds checkpoint.intervalSteps ({self.checkpoint.interval_steps})",
+            )
         first: dict[str, int] = {}
         for i, stage in enumerate(self.stages):
             if stage.name in first:
