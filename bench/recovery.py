@@ -1,20 +1,24 @@
 """Recovery time: from killing a worker to the first training step completed after the
-restore, split into its phases, for the tiny model and a ~100M-parameter model, along the two
-recovery paths torchrun allows.
+restore, split into its phases, for the tiny model and a ~100M-parameter model, along the
+project's path and torchrun's own.
 
     .venv/bin/python bench/recovery.py [--model tiny|100M] [--path attempts|membership|both]
+                                       [--spare]
 
 A two-worker job; once a checkpoint exists, the worker that hosts rank 0 is killed (its whole
-process tree, like a lost node) and the survivor goes on at world size 1 from the checkpoint.
+process tree and its memory, like a lost node) and the survivor goes on at world size 1, or,
+with ``--spare``, the survivor and a warm standby go on at world size 2.
 
-attempts (what the local backend and the operator do): agents run ``--nnodes=N
---max-restarts=0`` under a fresh rendezvous id per attempt; the planner sees the loss, picks the
-new world size and starts a new attempt on the survivors.
+attempts (what the local backend and the operator do): each slot's long-lived worker agent
+holds torch and DeepSpeed imported and the slot's in-memory checkpoint tier (with a copy of
+its neighbour's); the planner sees the loss, picks the new world size and orders a new attempt
+from the survivors' agents, which fork trainers that restore from memory.
 
-membership (torchrun's own elasticity): agents run ``--nnodes=1:2 --max-restarts=3`` under one
-rendezvous id with keep-alive tuned as far as it stays stable (interval 1 s, 3 misses, last
-call 1 s; docs/design.md, "How a job runs"); the surviving agent restarts its workers in a
-new rendezvous round.
+membership (torchrun's own elasticity, the baseline: new processes, restore from storage):
+agents run ``--nnodes=1:2 --max-restarts=3`` under one rendezvous id with keep-alive tuned as
+far as it stays stable (interval 1 s, 3 misses, last call 1 s); the surviving agent restarts
+its workers in a new rendezvous round, which import everything again and read the checkpoint
+from storage.
 
 Phases, from timestamps in the runner's events and the trainers' logs:
 
@@ -83,7 +87,7 @@ def _job(model: str, steps: int) -> dict[str, object]:
                 "restartBackoffSeconds": 0,
                 "scaleUpCooldownSeconds": 86400,
             },
-            "checkpoint": {"intervalSteps": 4, "keep": 2},
+            "checkpoint": {"intervalSteps": 4, "memoryIntervalSteps": 2, "keep": 2},
             "trainer": {"logEverySteps": 1000},
             "stages": [
                 {
@@ -120,6 +124,9 @@ def _after_restore(run_dir: Path, log: Path, since: float) -> tuple[float, float
     return first["time"], first["seconds"], restore
 
 
+SPARE = [False]  # --spare: a third slot holds a warm agent, and the group stays at 2
+
+
 def attempts(job: PretrainJob, run_dir: Path) -> Phases:
     events: list[tuple[float, str]] = []
     killed: list[float] = []
@@ -135,13 +142,18 @@ def attempts(job: PretrainJob, run_dir: Path) -> Phases:
         killed.append(time.time())
 
     threading.Thread(target=chaos, daemon=True).start()
-    status = run(job, run_dir, workers=2, on_update=on_update)
+    status = run(job, run_dir, workers=3 if SPARE[0] else 2, on_update=on_update)
     assert status.phase == "Succeeded", status.conditions
     REPORTED["attempts"] = status.last_recovery
     t_kill = killed[0]
     t_seen = next(t for t, reason in events if t >= t_kill and reason == "WorkerLost")
     t_start = next(t for t, reason in events if t >= t_seen and reason == "Restarted")
-    log = run_dir / "workers" / "1" / f"attempt-{status.attempt}.log"
+    log = next(  # the new attempt's rank 0 logs the restore
+        path
+        for slot in (1, 2)
+        if (path := run_dir / "workers" / str(slot) / f"attempt-{status.attempt}.log").exists()
+        and "restored everything" in path.read_text()
+    )
     t_first, first, restore = _after_restore(run_dir, log, t_start)
     return {
         "detection": t_seen - t_kill,
@@ -216,7 +228,11 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--path", choices=[*PATHS, "both"], default="both")
+    parser.add_argument(
+        "--spare", action="store_true", help="attempts: a warm spare slot; the group stays at 2"
+    )
     args = parser.parse_args()
+    SPARE[0] = args.spare
     job = parse_job(_job(args.model, args.steps))
     chosen = list(PATHS) if args.path == "both" else [args.path]
     results: dict[str, Phases] = {}
@@ -225,9 +241,10 @@ def main() -> int:
             run_dir = Path(tmp) / "run"
             build_stdlib_corpus(run_dir / "data", max_files=300)
             results[name] = PATHS[name](job, run_dir)
+    after = "2 (a warm spare takes the lost worker's place)" if args.spare else "1"
     print(
         f"model {args.model}: {job.spec.model.num_params() / 1e6:.1f}M params, "
-        f"2 workers -> 1 (ZeRO-1 fp32), 2 CPU cores"
+        f"2 workers -> {after} (ZeRO-1 fp32), 2 CPU cores"
     )
     print(f"  {'phase':20}" + "".join(f"{name:>12}" for name in results))
     for phase in next(iter(results.values())):
@@ -242,7 +259,8 @@ def main() -> int:
         print(
             f"  kill -> group training again (without restore and first step): attempts "
             f"{to_train['attempts']:.2f} s, membership {to_train['membership']:.2f} s; "
-            f"total ratio membership/attempts {m['total'] / a['total']:.2f}"
+            f"total ratio attempts (agents, memory tier) / membership (new processes, storage) "
+            f"= {a['total'] / m['total']:.2f}"
         )
     else:
         phases = next(iter(results.values()))

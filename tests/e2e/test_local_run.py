@@ -20,6 +20,7 @@ import yaml
 from pretrain_operator.api import JobStatus, MicroBatchesStatus, Phase
 from pretrain_operator.cli import main
 from pretrain_operator.local.backend import read_capacity, write_capacity
+from pretrain_operator.local.processes import descendants
 from pretrain_operator.local.runner import Update, run
 from pretrain_operator.manifests import load_job
 from pretrain_operator.telemetry.goodput import goodput
@@ -42,16 +43,16 @@ def _last_step(run_dir: Path) -> tuple[int, int]:
 
 
 def _slot_processes(run_dir: Path, slot: int) -> list[int]:
-    """The torchrun agent and trainers of a worker slot: their contract names its folder."""
-    marker = f"PRETRAIN_REPORT_PATH={run_dir.resolve()}/workers/{slot}/".encode()
-    pids = []
+    """The worker agent of a slot (its command line names the slot's folder) and everything
+    under it: its fork server and trainers."""
+    marker = f"--dir={run_dir.resolve()}/workers/{slot}".encode()
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker in (proc / "environ").read_bytes():
-                pids.append(int(proc.name))
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().split(b"\0"):
+                return [int(proc.name), *descendants(int(proc.name))]
         except OSError:
             continue
-    return pids
+    return []
 
 
 def _saving(run_dir: Path, after: tuple[int, int]) -> Path | None:
@@ -124,7 +125,7 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
     assert cut, "the kill did not land during a save"
     assert not cut[0].exists()  # the half-written checkpoint was removed, never restored
     logs = "".join(log.read_text() for log in stormy_dir.glob("workers/*/attempt-*.log"))
-    restored = re.findall(r"restored everything from (\S+):", logs)
+    restored = re.findall(r"restored everything from (\S+) \(\w+\):", logs)
     assert restored  # the survivors resumed from a checkpoint...
     assert str(cut[0]) not in restored  # ...never from the half-written one
     assert stormy.phase == Phase.SUCCEEDED, stormy.conditions

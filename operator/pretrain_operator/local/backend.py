@@ -1,26 +1,29 @@
-"""Observe and apply for a local run: one ``torchrun`` agent per worker slot.
+"""Observe and apply for a local run: one long-lived worker agent per slot.
 
-Each attempt's agents meet at the run's long-lived store under a fresh rendezvous id
-(``--nnodes`` fixed by the plan, ``--max-restarts=0``): a resize or a restart is a new attempt
-at a size the planner chose, never torchrun's own membership changes (docs/design.md, "How a
-job runs"). A slot is a place a worker may run; ``pretrainctl workers kill|add`` takes slots
-away and gives them back, which is how a user watches elasticity happen on one machine.
+Each slot's agent (:mod:`.agents`, ``python -m pretrain_trainer.agent``) starts when the slot
+becomes available and stays: torch and DeepSpeed are imported once, and each attempt's trainer
+processes are forks of its fork server, told their ranks by the attempt's order and meeting
+under the attempt's prefix in the run's long-lived store. A resize or a restart is a new
+attempt at a size the planner chose (docs/design.md, "How a job runs"); only the way it reaches
+a slot is an HTTP call. A slot is a place a worker may run; ``pretrainctl workers kill|add``
+takes slots away and gives them back (a lost node takes its agent and its memory with it),
+which is how a user watches elasticity happen on one machine.
 
 Run directory::
 
     run.yaml  status.json  capacity.json  steps.jsonl  checkpoints/
-    workers/<slot>/attempt-<a>.log  workers/<slot>/report-<a>.json
+    workers/<slot>/agent.log  workers/<slot>/attempt-<a>.log  workers/<slot>/report-<a>.json
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
-import subprocess
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from pretrain_trainer import contract
@@ -28,27 +31,10 @@ from pretrain_trainer.fsio import write_json_atomic
 
 from ..api import PretrainJob
 from ..plan import Group, Observed, Plan, Worker, WorkerState, exited
-from .processes import signal_tree
+from .agents import AgentError, AgentProcess, memory_base
 
 CAPACITY = "capacity.json"
-
-
-@dataclass
-class _Process:
-    popen: subprocess.Popen[bytes]
-    attempt: int
-    stage: int
-    report: Path
-    stopping: bool = False
-    started: float = field(default_factory=time.time)
-    ended: float | None = None
-    """When it was first seen gone (or killed here)."""
-
-    def poll(self) -> int | None:
-        code = self.popen.poll()
-        if code is not None and self.ended is None:
-            self.ended = time.time()
-        return code
+STOP_GRACE = 60.0  # seconds a stopped trainer has to save before it is killed
 
 
 def read_capacity(run_dir: Path) -> tuple[int, set[int]]:
@@ -72,7 +58,12 @@ class LocalBackend:
         """``metrics_port``: slot s's trainer serves its metrics on ``metrics_port + s``."""
         self.job, self.run_dir, self.store_port = job, run_dir, store_port
         self.metrics_port = metrics_port
-        self.processes: dict[int, _Process] = {}
+        self.memory = memory_base(job.name, run_dir)
+        shutil.rmtree(self.memory, ignore_errors=True)  # a crashed run's: no agent holds it
+        self.agents: dict[int, AgentProcess] = {}
+        self.states: dict[int, contract.AgentState] = {}
+        self.stopping: dict[int, int] = {}  # slot -> the attempt asked to stop there
+        self.lost: dict[int, Worker] = {}  # a slot whose agent died, reported once
         self.attempt = 0
         self.group: Group | None = None
 
@@ -80,143 +71,178 @@ class LocalBackend:
     def observe(self) -> Observed:
         capacity, down = read_capacity(self.run_dir)
         workers = []
-        for slot in sorted(set(range(capacity)) | set(self.processes)):
-            process = self.processes.get(slot)
+        for slot in sorted(set(range(capacity)) | set(self.agents)):
+            agent = self.agents.get(slot)
             if slot in down or slot >= capacity:
-                if process is not None and process.popen.poll() is None:
-                    signal_tree(process.popen.pid, signal.SIGKILL)  # the "node" went away
-                    process.popen.wait()
-                    process.ended = time.time()
+                if agent is not None:
+                    agent.kill()  # the "node" went away, with its memory
+                    self._forget(slot, agent, reason="its slot was taken away")
                 continue  # the slot is gone: its worker, if any, is lost
-            workers.append(self._worker(slot, process))
+            if agent is not None and not agent.alive():
+                self._forget(slot, agent, reason=f"agent exited with code {agent.popen.returncode}")
+                agent = None
+            if agent is None:
+                self.agents[slot] = agent = self._agent(slot)
+            workers.append(self._worker(slot, agent))
         return Observed(tuple(workers))
 
-    def _worker(self, slot: int, process: _Process | None) -> Worker:
-        group = self.group
-        waiting = (
-            group is not None
-            and slot in group.slots
-            and (process is None or process.attempt != group.attempt)
+    def _forget(self, slot: int, agent: AgentProcess, *, reason: str) -> None:
+        """A slot's agent is gone: its running attempt's worker is lost (reported once)."""
+        del self.agents[slot]
+        state = self.states.pop(slot, None)
+        if state is not None and state.running and state.attempt is not None:
+            self.lost[slot] = Worker(
+                slot=slot,
+                state=WorkerState.LOST,
+                attempt=state.attempt,
+                stage=state.stage,
+                reason=reason,
+                ended_at=agent.ended,
+            )
+
+    def _agent(self, slot: int) -> AgentProcess:
+        env = worker_env(self.job, self.run_dir)
+        if self.metrics_port is not None:
+            env[contract.ENV_METRICS_PORT] = str(self.metrics_port + slot)
+        return AgentProcess(
+            slot=slot,
+            nproc=self.job.spec.nproc_per_worker,
+            env=env,
+            cwd=self.run_dir,
+            folder=self.run_dir / "workers" / str(slot),
+            memory=self.memory / f"slot-{slot}",
         )
+
+    def _worker(self, slot: int, agent: AgentProcess) -> Worker:
+        lost = self.lost.get(slot)
+        if lost is not None and (lost.attempt or 0) >= self.attempt:
+            return lost
+        self.lost.pop(slot, None)
+        group = self.group
+        try:
+            state = self.states[slot] = agent.state()
+        except AgentError:  # still importing
+            state = self.states.get(slot) or contract.AgentState(agent="")
+        waiting = group is not None and slot in group.slots and state.attempt != group.attempt
         if waiting and group is not None:  # its start waits for the old worker to leave
             return Worker(
                 slot=slot, state=WorkerState.PENDING, attempt=group.attempt, stage=group.stage
             )
-        if process is None:
+        attempt, stage = state.attempt, state.stage
+        if attempt is None:
             return Worker(slot=slot, state=WorkerState.IDLE)
-        code = process.poll()
-        attempt, stage = process.attempt, process.stage
-        if code is None:
+        if state.running:
             return Worker(
                 slot=slot,
                 state=WorkerState.RUNNING,
                 attempt=attempt,
                 stage=stage,
-                bound_at=process.started,
+                bound_at=state.started_at,
             )
-        if process.stopping or attempt < self.attempt:
-            return Worker(slot=slot, state=WorkerState.IDLE)  # stopped on purpose, or history
-        if code < 0:
-            return Worker(
-                slot=slot,
-                state=WorkerState.LOST,
-                attempt=attempt,
-                stage=stage,
-                reason=f"killed by signal {-code}",
-                ended_at=process.ended,
-            )
+        current = group is not None and group.attempt == attempt
+        if self.stopping.get(slot) == attempt or attempt < self.attempt or not current:
+            # Stopped on purpose, or history: the planner has acted on its end already (as a
+            # finished pod of an old attempt is deleted on Kubernetes), so the slot is free.
+            return Worker(slot=slot, state=WorkerState.IDLE)
+        code = state.exit_code if state.exit_code is not None else 1
         worker = exited(
             slot=slot,
             attempt=attempt,
             stage=stage,
             succeeded=code == 0,
             exit_code=code,
-            report=contract.read_report(process.report),
+            report=contract.parse_report(state.report),
         )
-        return replace(worker, ended_at=process.ended)
+        return replace(worker, ended_at=state.ended_at)
 
     # -- apply -------------------------------------------------------------------------------
     def apply(self, result: Plan) -> None:
         self.attempt, self.group = result.status.attempt, result.group
         for slot in result.stop:
             self.stop(slot)
-        if result.group is None:
+        group = result.group
+        if group is None:
             return
-        for slot in result.group.slots:
-            process = self.processes.get(slot)
-            if process is not None and process.attempt == result.group.attempt:
+        for rank, slot in enumerate(group.slots):
+            agent, state = self.agents.get(slot), self.states.get(slot)
+            if agent is None or state is None or not state.agent:
+                continue  # not up yet: the next pass tries again
+            if state.attempt == group.attempt:
                 continue  # already started for this attempt
-            if process is not None and process.popen.poll() is None:
+            if state.running:
                 self.stop(slot)  # the old attempt's worker still leaving: start it next time
                 continue
-            self._start(slot, group=result.group)
+            order = contract.AttemptOrder(
+                attempt=group.attempt,
+                stage=group.stage,
+                rank=rank,
+                workers=group.world,
+                store=f"127.0.0.1:{self.store_port}",
+            )
+            try:
+                self.states[slot] = agent.run(order)
+            except AgentError:
+                continue
 
     def stop(self, slot: int) -> None:
-        """Ask a worker to stop (SIGTERM: torchrun forwards it, the trainer may save)."""
-        process = self.processes.get(slot)
-        if process is not None and process.popen.poll() is None and not process.stopping:
-            process.stopping = True
-            process.popen.send_signal(signal.SIGTERM)
-
-    def kill(self, slot: int) -> None:
-        process = self.processes.get(slot)
-        if process is not None and process.popen.poll() is None:
-            signal_tree(process.popen.pid, signal.SIGKILL)
-            process.popen.wait()
+        """Ask a worker to stop (SIGTERM: the trainer may save; killed after a grace)."""
+        agent, state = self.agents.get(slot), self.states.get(slot)
+        if agent is None or state is None or state.attempt is None:
+            return
+        if self.stopping.get(slot) == state.attempt:
+            return
+        self.stopping[slot] = state.attempt  # an exited one too: its slot is free again
+        if not state.running:
+            return
+        with contextlib.suppress(AgentError):
+            self.states[slot] = agent.stop(state.attempt, grace=STOP_GRACE)
 
     def shutdown(self, *, timeout: float = 60.0) -> None:
-        """Stop every worker, waiting for them (their preemption saves included)."""
-        for slot in list(self.processes):
+        """Stop every worker, waiting for them (their preemption saves included), then the
+        agents; their memory goes with them."""
+        for slot in list(self.agents):
             self.stop(slot)
-        for process in self.processes.values():
-            try:
-                process.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                signal_tree(process.popen.pid, signal.SIGKILL)
-                process.popen.wait()
-
-    def _start(self, slot: int, *, group: Group) -> None:
-        stage, attempt, world = group.stage, group.attempt, group.world
-        folder = self.run_dir / "workers" / str(slot)
-        folder.mkdir(parents=True, exist_ok=True)
-        report = folder / f"report-{attempt}.json"
-        env = worker_env(self.job, self.run_dir, stage=stage, attempt=attempt, report=report)
-        if self.metrics_port is not None:
-            env[contract.ENV_METRICS_PORT] = str(self.metrics_port + slot)
-        command = torchrun_command(
-            self.job,
-            store_port=self.store_port,
-            rdzv_id=f"{self.job.name}-a{attempt}",
-            nnodes=str(world),
-        )
-        with (folder / f"attempt-{attempt}.log").open("ab") as log:
-            popen = subprocess.Popen(
-                command,
-                env=env,
-                cwd=self.run_dir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.processes[slot] = _Process(popen, attempt, stage, report)
+        deadline = time.monotonic() + timeout
+        for agent in list(self.agents.values()):
+            while agent.alive() and time.monotonic() < deadline:
+                try:
+                    if not agent.state().running:
+                        break
+                except AgentError:
+                    break
+                time.sleep(0.1)
+            agent.close(timeout=10)
+        self.agents.clear()
+        shutil.rmtree(self.memory, ignore_errors=True)
 
 
 def worker_env(
-    job: PretrainJob, run_dir: Path, *, stage: int, attempt: int, report: Path
+    job: PretrainJob,
+    run_dir: Path,
+    *,
+    stage: int | None = None,
+    attempt: int | None = None,
+    report: Path | None = None,
 ) -> dict[str, str]:
-    """The trainer contract's environment for one worker of a local run."""
-    return {
+    """The trainer contract's environment for a worker of a local run: the job's part (what
+    an agent gets), and the attempt's when given (what a trainer started directly gets)."""
+    env = {
         **os.environ,
         contract.ENV_JOB: job.name,
         contract.ENV_NAMESPACE: "local",
-        contract.ENV_STAGE: str(stage),
-        contract.ENV_ATTEMPT: str(attempt),
         contract.ENV_RUN_CONFIG: str(run_dir / "run.yaml"),
         contract.ENV_CHECKPOINT_ROOT: str(run_dir / "checkpoints"),
-        contract.ENV_REPORT_PATH: str(report),
         contract.ENV_STEP_LOG: str(run_dir / "steps.jsonl"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
+    for name, value in (
+        (contract.ENV_STAGE, stage),
+        (contract.ENV_ATTEMPT, attempt),
+        (contract.ENV_REPORT_PATH, report),
+    ):
+        if value is not None:
+            env[name] = str(value)
+    return env
 
 
 def torchrun_command(
