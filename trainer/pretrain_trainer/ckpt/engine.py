@@ -162,6 +162,8 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         if pending is None:
             raise RuntimeError("commit() without create()")
         self._pending = None
+        if self.memory is not None:
+            self._queue.put(lambda: self._commit_memory(pending, fields))
         self._queue.put(_Always(self._copied.set))
         self._queue.put(lambda: self._complete(pending, fields))
         return True
@@ -169,8 +171,10 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
     # -- ours --------------------------------------------------------------------------------
     def settle(self) -> float:
         """Block until the state handed over at the last save is written out of the tensors
-        training is about to change (call before every optimizer step); returns the seconds
-        waited. The rest of the save (exchange with the neighbour, storage) goes on."""
+        training is about to change and, with a memory tier, the snapshot is committed there
+        and on the neighbour (call before every optimizer step), so a lost worker never costs
+        more than the steps since the last snapshot; returns the seconds waited. The storage
+        part of the save goes on."""
         if self._copied.is_set():
             return 0.0
         started = time.perf_counter()
@@ -217,11 +221,14 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         pending.records.append(out.record(relative_to=pending.first))
         self._failed = None
 
+    def _commit_memory(self, pending: _Pending, fields: dict[str, Any]) -> None:
+        assert self.memory is not None
+        self._failed = pending.first  # until the manifest makes it a snapshot
+        self.memory.complete(pending.first, records=pending.records, fields=fields)
+        self._failed = None
+
     def _complete(self, pending: _Pending, fields: dict[str, Any]) -> None:
         if self.memory is not None:
-            self._failed = pending.first  # until the manifest makes it a snapshot
-            self.memory.complete(pending.first, records=pending.records, fields=fields)
-            self._failed = None
             if not pending.storage:
                 return
             self._failed = pending.directory
