@@ -110,6 +110,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
     from pretrain_trainer.ckpt.catalog import list_checkpoints
+    from pretrain_trainer.ckpt.restore import broadcast, choose
     from pretrain_trainer.contract import TrainerEnv
     from pretrain_trainer.main import load_run_config, setup
 
@@ -190,20 +191,23 @@ def worker(args: argparse.Namespace) -> None:
         trainer.save()
         manager.wait()
         dist.barrier()
-        restores, raws = [], []
+        restores, raws, recalls = [], [], []
         cold = args.cache == "cold" and _drop_caches(rank)
+        stored = broadcast(
+            choose(manager.root, stage=manager.stage, world_size=manager.world_size)
+            if rank == 0
+            else None
+        )  # storage's copy, whatever the memory tier holds
         for _ in range(args.rounds):
             if cold:
                 _drop_caches(rank)
-            restore_seconds = barrier_timed(lambda: manager.restore(engine, manager.select()))
-            plan = manager.select()
-            assert plan is not None
-            files = [plan.directory / f.path for f in plan.manifest.files]
+            restores.append(barrier_timed(lambda: manager.restore(engine, stored)))
+            files = [stored.directory / f.path for f in stored.manifest.files]
             if cold:
                 _drop_caches(rank)
-            raw = _cat(files) if rank == 0 else 0.0
-            restores.append(restore_seconds)
-            raws.append(raw)
+            raws.append(_cat(files) if rank == 0 else 0.0)
+            if manager.memory is not None:  # the same state, from the workers' memory
+                recalls.append(barrier_timed(lambda: manager.restore(engine, manager.select())))
         plan = manager.select()  # collective: every rank takes part
         if rank == 0:
             assert plan is not None
@@ -218,6 +222,10 @@ def worker(args: argparse.Namespace) -> None:
             print(f"restore (verify + load)  {r:7.3f} s  ({size / 1e9 / r:.2f} GB/s)")
             print(f"raw read (cat)           {w:7.3f} s  ({size / 1e9 / w:.2f} GB/s)")
             print(f"ratio restore/raw = {r / w:.2f}  (goal <= 1.3)")
+            if recalls:
+                m = statistics.median(recalls)
+                print(f"restore from the memory tier {m:7.3f} s  ({size / 1e9 / m:.2f} GB/s)")
+                print(f"ratio memory/storage restore = {m / r:.3f}  (goal <= 0.2)")
             aggregate = args.bandwidth * args.nodes
             print(
                 f"projection, 67B params: {big / 1e9:.0f} GB at this model's bytes/param, "

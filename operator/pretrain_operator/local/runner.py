@@ -130,7 +130,8 @@ def run(
             on_update(Update(status, result.events, result))
             if status.phase in (Phase.SUCCEEDED, Phase.FAILED):
                 return status
-            time.sleep(min(TICK, result.requeue_after or TICK))
+            wait = result.requeue_after
+            time.sleep(TICK if wait is None else min(TICK, max(wait, 0.05)))
     except KeyboardInterrupt:
         backend.shutdown()
         suspended = plan(

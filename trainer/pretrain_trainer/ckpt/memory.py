@@ -13,7 +13,9 @@ and the writer's own process group (never the training group: the two threads wo
 3. each worker writes the manifest beside what it holds. "No manifest, no checkpoint" holds
    here as on storage: a snapshot whose exchange did not finish is never restored from.
 
-A worker keeps its newest :data:`KEEP` snapshots. A storage save is a snapshot first; its files
+A worker keeps its newest committed snapshot and the one being written (:data:`KEEP`): if a
+worker is lost while its neighbour has not committed the newest, the neighbour still holds the
+previous one whole. A storage save is a snapshot first; its files
 are then copied from the tier to storage. :mod:`.recall` is the way back.
 """
 
@@ -30,7 +32,7 @@ from .layout import MANIFEST, STEP_GLOB, stage_dir, step_of
 from .manifest import CheckpointError, FileRecord, Manifest, utc_now, write_manifest
 from .transfer import Incoming, Outgoing, exchange
 
-KEEP = 2  # snapshots per worker: the newest may be incomplete when a worker is lost
+KEEP = 1  # committed snapshots per worker, beside the one being written: two copies at most
 
 
 @dataclass
@@ -123,7 +125,7 @@ class MemoryTier:
             dist.barrier()
 
     def prune(self, stage: int) -> None:
-        """Keep the newest :data:`KEEP` committed snapshots of ``stage``; drop older ones,
+        """Keep the newest :data:`KEEP` committed snapshot(s) of ``stage``; drop older ones,
         uncommitted leftovers below the newest committed one, and every other stage's."""
         for other in self.root.glob("stage-*"):
             if other != stage_dir(self.root, stage):
