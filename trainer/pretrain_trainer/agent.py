@@ -47,7 +47,11 @@ from . import contract
 PRELOAD = ["pretrain_trainer.preload"]
 
 
-def _die_with_parent() -> None:
+AGENT_PID = "PRETRAIN_AGENT_PID"  # tells the fork server's preload who its agent is
+
+
+def die_with_parent() -> None:
+    """Have the kernel kill this process when its parent dies (Linux; elsewhere nothing)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PDEATHSIG
 
@@ -56,7 +60,7 @@ def trainer_process(environ: dict[str, str], log: str) -> None:
     """A trainer rank, in a fork of the fork server: its own session (so it and anything it
     starts are signalled together), its output to the attempt's log, then ``main``."""
     os.setsid()
-    _die_with_parent()
+    die_with_parent()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -124,7 +128,7 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        os.environ["PRETRAIN_AGENT_PID"] = str(os.getpid())  # the fork server's preload reads it
+        os.environ[AGENT_PID] = str(os.getpid())  # the fork server's preload reads it
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(PRELOAD)
         warm = self.context.Process(target=_nothing, name="warm-up")

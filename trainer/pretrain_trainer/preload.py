@@ -5,16 +5,14 @@ starts no thread and initialises no GPU, so forking after it is safe."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import signal
+
+from .agent import AGENT_PID, die_with_parent
 
 # The fork server dies with its agent (and, through the same setting, each trainer with the
 # fork server): a crashed agent leaves no trainer behind holding its GPUs.
-if os.environ.get("PRETRAIN_AGENT_PID") == str(os.getppid()):
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PDEATHSIG
+if os.environ.get(AGENT_PID) == str(os.getppid()):
+    die_with_parent()
 
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without a context
 
