@@ -1,8 +1,9 @@
 """A job that really trains on the real control plane: its pods run the trainer under torchrun
 (``tests/support/running.py``) while the node of rank 0 dies and comes back. The status then
 holds goodput with restart and restore badput and the recovery in its eight phases, the
-operator's metrics say the same, and a local run of the same job through the same trouble
-gives goodput within 5 points."""
+operator's metrics say the same. A local run of the same job through the same trouble, whose
+warm worker agents restore from the survivors' memory (pods still start new processes and read
+storage), accounts the same way and loses less to the restart."""
 
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def figures_of(status: JobStatus) -> Goodput:
     return figures
 
 
-def test_a_lost_node_costs_restart_and_restore_badput_and_a_local_run_agrees(
+def test_a_lost_node_costs_restart_and_restore_badput_and_a_local_run_with_agents_loses_less(
     running_kube: RunningKubelet,
     controlplane: ControlPlane,
     operator_identity: Identity,
@@ -205,4 +206,8 @@ def test_a_lost_node_costs_restart_and_restore_badput_and_a_local_run_agrees(
     local = on_this_machine(tmp_path, tiny_job(tmp_path))
     assert local.phase == Phase.SUCCEEDED
     here = figures_of(local)
-    assert abs(here.ratio - on_kube.ratio) <= 0.05, (here, on_kube)
+    assert here.productive + sum(here.badput.values()) == pytest.approx(here.wall)
+    assert 0 < here.badput["restart"] < on_kube.badput["restart"], (here, on_kube)
+    assert here.ratio > on_kube.ratio, (here, on_kube)
+    assert local.last_recovery is not None
+    assert local.last_recovery.total_seconds < last.total_seconds
