@@ -12,10 +12,20 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+
+
+def copy_durable(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` (parents created) and fsync it: its bytes are on disk
+    when this returns, as a manifest that records them requires."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    with target.open("rb+") as copied:
+        os.fsync(copied.fileno())
 
 
 def fsync_dir(directory: Path) -> None:

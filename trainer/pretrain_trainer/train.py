@@ -137,7 +137,7 @@ class Trainer:
     startup: contract.Startup | None = None
     unreported_restore: float = 0.0
     _unreported_blocking: float = 0.0
-    _unsettled: float | None = None  # the blocking of a save whose state is still written
+    _unsettled: tuple[int, float] | None = None  # a save still writing: its step, blocking
     _unreported_checkpoint: int | None = None
     _seconds_at: dict[int, float] = field(default_factory=dict)  # step seconds at each save
     _spent: contract.Usage | None = None  # what this process spent (``usage()``)
@@ -196,7 +196,7 @@ class Trainer:
         if started is None:
             return None
         self._block(started.blocking)
-        self._unsettled = started.blocking
+        self._unsettled = (self.progress.step, started.blocking)
         if not started.storage:
             return None
         self._saved_at = time.monotonic()
@@ -212,11 +212,11 @@ class Trainer:
         that waits counts as the save's blocking (the call's own share already did)."""
         if self._unsettled is None:
             return
+        (step, called), self._unsettled = self._unsettled, None
         waited = self.checkpoints.settle()
         self._block(waited)
-        blocking, self._unsettled = self._unsettled + waited, None
-        self.metrics.checkpoint_save_blocking_seconds.observe(blocking)
-        log0(f"checkpoint: training blocked {blocking:.3f}s")
+        self.metrics.checkpoint_save_blocking_seconds.observe(called + waited)
+        log0(f"checkpoint step {step}: training blocked {called + waited:.3f}s")
 
     def on_saved(self, saved: Saved) -> None:
         """Called on rank 0's writer thread once a checkpoint is complete."""

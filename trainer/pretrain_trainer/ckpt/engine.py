@@ -40,6 +40,7 @@ from deepspeed.runtime.checkpoint_engine.checkpoint_engine import (
     CheckpointEngine,
 )
 
+from ..fsio import copy_durable
 from .catalog import prune
 from .hashing import HashingFile
 from .manifest import FileRecord, Manifest, utc_now, write_manifest
@@ -128,8 +129,8 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self.extra_files: dict[str, Any] = {}  # relative path -> object, saved by this rank
         self.to_storage = True  # False: a memory snapshot only
         self._pending: _Pending | None = None
-        self._copied = threading.Event()
-        self._copied.set()
+        self._settled = threading.Event()  # the last save no longer needs the live tensors
+        self._settled.set()
         self._queue: queue.Queue[Callable[[], None]] = queue.Queue()
         self._error: BaseException | None = None
         self._failed: Path | None = None  # the checkpoint whose write failed
@@ -142,7 +143,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         first = self.memory.mirror(directory) if self.memory is not None else directory
         storage = self.to_storage or self.memory is None
         self._pending = _Pending(directory, first, time.perf_counter(), [], storage)
-        self._copied.clear()
+        self._settled.clear()
         for relative, value in self.extra_files.items():
             self.save(value, str(directory / relative))
 
@@ -164,7 +165,7 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self._pending = None
         if self.memory is not None:
             self._queue.put(lambda: self._commit_memory(pending, fields))
-        self._queue.put(_Always(self._copied.set))
+        self._queue.put(_Always(self._settled.set))
         self._queue.put(lambda: self._complete(pending, fields))
         return True
 
@@ -175,10 +176,10 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         and on the neighbour (call before every optimizer step), so a lost worker never costs
         more than the steps since the last snapshot; returns the seconds waited. The storage
         part of the save goes on."""
-        if self._copied.is_set():
+        if self._settled.is_set():
             return 0.0
         started = time.perf_counter()
-        self._copied.wait()
+        self._settled.wait()
         return time.perf_counter() - started
 
     def wait(self) -> None:
@@ -228,15 +229,12 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self._failed = None
 
     def _complete(self, pending: _Pending, fields: dict[str, Any]) -> None:
-        if self.memory is not None:
-            if not pending.storage:
-                return
-            self._failed = pending.directory
-            for record in pending.records:  # the same bytes: the records stand
-                target = pending.directory / record.path
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(pending.first / record.path, target)
+        if not pending.storage:
+            return
         self._failed = pending.directory  # until the manifest makes it a checkpoint
+        if self.memory is not None:
+            for record in pending.records:  # the same bytes: the records stand
+                copy_durable(pending.first / record.path, pending.directory / record.path)
         write_rank_marker(pending.directory, rank=self.rank, files=pending.records)
         if self.rank != 0:
             self._failed = None

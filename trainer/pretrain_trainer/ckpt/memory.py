@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .layout import MANIFEST, STEP_GLOB, stage_dir, step_of
 from .manifest import CheckpointError, FileRecord, Manifest, utc_now, write_manifest
-from .transfer import Incoming, Outgoing, exchange
+from .transfer import Piece, exchange
 
 KEEP = 1  # committed snapshots per worker, beside the one being written: two copies at most
 
@@ -102,9 +102,9 @@ class MemoryTier:
         neighbour, previous = self.neighbour, self.previous
         if neighbour is not None and previous is not None:
             exchange(
-                send=[Outgoing(directory / r.path, r.size) for r in records],
+                send=[Piece(directory / r.path, r.size) for r in records],
                 to=neighbour,
-                receive=[Incoming(directory / r.path, r.size) for r in shares[previous]],
+                receive=[Piece(directory / r.path, r.size) for r in shares[previous]],
                 source=previous,
                 group=self.group,
             )

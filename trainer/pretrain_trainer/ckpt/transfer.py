@@ -24,13 +24,9 @@ CHUNK = 64 << 20  # bytes per message: large enough to stream, small enough to i
 
 
 @dataclass(frozen=True)
-class Outgoing:
-    path: Path
-    size: int
+class Piece:
+    """A file to send, or to receive: where it lies and how many bytes it holds."""
 
-
-@dataclass(frozen=True)
-class Incoming:
     path: Path
     size: int
 
@@ -44,7 +40,7 @@ def _mapped(path: Path, size: int) -> torch.Tensor:
     return torch.from_file(str(path), shared=True, size=size, dtype=torch.uint8)
 
 
-def _receiving(item: Incoming) -> tuple[Path, torch.Tensor]:
+def _receiving(item: Piece) -> tuple[Path, torch.Tensor]:
     part = item.path.with_name(item.path.name + PART_SUFFIX)
     part.parent.mkdir(parents=True, exist_ok=True)
     with part.open("wb") as out:
@@ -54,9 +50,9 @@ def _receiving(item: Incoming) -> tuple[Path, torch.Tensor]:
 
 def exchange(
     *,
-    send: list[Outgoing],
+    send: list[Piece],
     to: int | None,
-    receive: list[Incoming],
+    receive: list[Piece],
     source: int | None,
     group: Any = None,
 ) -> None:
@@ -87,8 +83,8 @@ def exchange(
 
 
 def send_file(path: Path, size: int, *, to: int, group: Any = None) -> None:
-    exchange(send=[Outgoing(path, size)], to=to, receive=[], source=None, group=group)
+    exchange(send=[Piece(path, size)], to=to, receive=[], source=None, group=group)
 
 
 def receive_file(path: Path, size: int, *, source: int, group: Any = None) -> None:
-    exchange(send=[], to=None, receive=[Incoming(path, size)], source=source, group=group)
+    exchange(send=[], to=None, receive=[Piece(path, size)], source=source, group=group)
