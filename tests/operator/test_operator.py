@@ -173,7 +173,8 @@ def test_a_node_going_not_ready_shrinks_the_group_and_its_return_grows_it(
         grown = status(kube)
     assert grown["workers"]["desired"] == 2
     assert grown["restarts"]["byReason"] == {"WorkerLost": 1, "Resized": 1}
-    assert "Resized" in reasons(kube)
+    # events are posted after the status is written (docs/design.md, "Reconcile"): wait for it
+    kube.eventually(lambda: "Resized" in reasons(kube), what="the Resized event")
 
 
 def test_stage_reports_move_to_the_next_stage_and_the_last_succeeds_and_cleans_up(
