@@ -8,6 +8,7 @@ storage), accounts the same way and loses less to the restart."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -91,8 +92,17 @@ def rank0_node(kube: RunningKubelet) -> str:
 
 
 def on_the_cluster(
-    kube: RunningKubelet, plane: ControlPlane, identity: Identity, body: dict[str, Any]
+    kube: RunningKubelet,
+    plane: ControlPlane,
+    identity: Identity,
+    body: dict[str, Any],
+    *,
+    lose_at: tuple[int, int] = LOSE,
+    back: list[float] | None = None,
+    **operator: Any,
 ) -> JobStatus:
+    """Runs the job on the cluster, rank 0's node lost at ``lose_at`` and back at BACK (when:
+    appended to ``back``)."""
     path = f"/apis/{GROUP}/{VERSION}/namespaces/{kube.namespace}/{PLURAL}"
     lost: list[str] = []
 
@@ -100,14 +110,16 @@ def on_the_cluster(
         lost.append(rank0_node(kube))
         kube.node_not_ready(lost[0])
 
+    def come_back() -> None:
+        (back if back is not None else []).append(time.time())
+        kube.node_back(lost[0])
+
     stop = threading.Event()
-    settings = {"trainer_metrics_port": kube.metrics_port, "progress_seconds": 1.0}
+    settings = {"trainer_metrics_port": kube.metrics_port, "progress_seconds": 1.0, **operator}
     with running_operator(plane, identity, kube.namespace, **settings):
         body["metadata"]["namespace"] = kube.namespace
         kube.client.request("POST", path, body=body)
-        chaos = on_steps(
-            kube.step_log, [(LOSE, lose), (BACK, lambda: kube.node_back(lost[0]))], stop
-        )
+        chaos = on_steps(kube.step_log, [(lose_at, lose), (BACK, come_back)], stop)
         try:
             done = kube.eventually(
                 lambda: (
@@ -211,3 +223,54 @@ def test_a_lost_node_costs_restart_and_restore_badput_and_a_local_run_with_agent
     assert here.ratio > on_kube.ratio, (here, on_kube)
     assert local.last_recovery is not None
     assert local.last_recovery.total_seconds < last.total_seconds
+
+
+def test_with_worker_agents_a_lost_node_restarts_on_the_surviving_pod_from_its_memory(
+    running_kube: RunningKubelet,
+    controlplane: ControlPlane,
+    operator_identity: Identity,
+    tmp_path: Path,
+) -> None:
+    build_stdlib_corpus(tmp_path / "data")
+    job = tiny_job(tmp_path)
+    job["spec"]["checkpoint"]["memoryIntervalSteps"] = 5  # storage keeps every 10th step
+    back: list[float] = []
+    cluster = on_the_cluster(
+        running_kube,
+        controlplane,
+        operator_identity,
+        job,
+        lose_at=(0, 28),
+        back=back,
+        worker_agents=True,
+    )
+    (tmp_path / "cluster-status.json").write_text(cluster.model_dump_json(by_alias=True))
+    assert cluster.phase == Phase.SUCCEEDED, running_kube.describe()
+    assert cluster.restarts.by_reason.get("WorkerLost") == 1
+    records = [json.loads(line) for line in running_kube.step_log.read_text().splitlines()]
+    assert records[-1]["worldSize"] == 2  # the node came back in time for the last stage
+    # Every worker pod started once, through the restart, the stage transition and the end;
+    # the lost node's slot got a new pod only once the node was back.
+    lost = {pod for pod in running_kube.killed_at if pod.startswith("tiny-cpu-w")}
+    assert len(lost) == 1, running_kube.killed_at
+    starts = [(name, when) for name, _, when in running_kube.started]
+    names = [name for name, _ in starts]
+    assert sorted(names) == sorted(["tiny-cpu-w0", "tiny-cpu-w1", *lost]), starts
+    again = [when for name, when in starts if name in lost][-1]
+    assert again >= back[0], (starts, back)
+    # The attempt after the loss ran on the survivor alone, from the memory tier, at a step
+    # storage never had (it saves every 10th).
+    restart = min(r["attempt"] for r in records if r["attempt"] > 1)
+    first = min(r["step"] for r in records if r["attempt"] == restart)
+    assert {r["worldSize"] for r in records if r["attempt"] == restart} == {1}
+    assert 20 < first <= 29, first
+    (survivor,) = {"tiny-cpu-w0", "tiny-cpu-w1"} - lost
+    log = (running_kube.workdir / "pods" / survivor / f"attempt-{restart}.log").read_text()
+    found = re.search(r"restored everything from \S+ \((\w+)\)", log)
+    assert found is not None, log[-2000:]
+    assert found[1] == "memory", log[-2000:]
+    last = cluster.last_recovery
+    assert last is not None
+    phases = last.phases.model_dump()
+    assert sum(phases.values()) == pytest.approx(last.total_seconds, abs=0.1)
+    print(f"recovery with worker agents: {last.total_seconds:.2f} s, phases {phases}")

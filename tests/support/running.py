@@ -1,5 +1,6 @@
-"""A test kubelet whose pods really run: the rendezvous store and the trainers under torchrun,
-as processes on this machine, started from each pod's own command and environment.
+"""A test kubelet whose pods really run: the rendezvous store and the trainers (under torchrun,
+or under the worker agent that a pod outliving attempts runs), as processes on this machine,
+started from each pod's own command and environment.
 
 What a node would provide is mapped onto this machine: the pod's run config comes from its
 ConfigMap (written to a file), the rendezvous service's address is the local store's, the
@@ -8,12 +9,18 @@ the port the operator scrapes at the pod's IP (127.0.0.1); other ranks pick a fr
 pod that is deleted gets SIGTERM, then SIGKILL after its grace period, and its deletion is
 confirmed once its processes are gone. A node that stops answering takes its pods' processes
 with it (SIGKILL), as a machine that dies does, while its pods stay as they were.
+
+An agent's pod gets an address of its own on the loopback network (127.x.y.z), where its agent
+and its trainers' metrics listen, and its in-memory tier a directory on /dev/shm that goes
+when the pod does or its node dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +53,24 @@ class RunningKubelet(Kubelet):
         self.nodes_of: dict[str, str] = {}  # pod name -> node
         self.killed_at: dict[str, float] = {}  # pod name -> when its node took it down
         self._leaving: set[str] = set()
+        self.started: list[tuple[str, str, float]] = []  # worker pods started: name, uid, when
+        self._addresses: dict[str, str] = {}  # pod uid -> its loopback address
+        self._next_address = itertools.count(1)
+        self.memory = Path("/dev/shm" if Path("/dev/shm").is_dir() else workdir) / (
+            f"pretrain-kubelet-{os.getpid()}-{free_port()}"
+        )
         super().__init__(plane, namespace, **kw)
+
+    def pod_ip(self, pod: dict[str, Any]) -> str:
+        """A worker agent's pod listens on an address of its own (127.0.0.0/8 is all local)."""
+        if "pretrain_trainer.agent" not in pod["spec"]["containers"][0]["command"]:
+            return "127.0.0.1"
+        uid = pod["metadata"]["uid"]
+        with self.lock:
+            if uid not in self._addresses:
+                n = next(self._next_address)
+                self._addresses[uid] = f"127.{os.getpid() % 200 + 20}.{n // 250}.{n % 250 + 2}"
+            return self._addresses[uid]
 
     # -- containers --------------------------------------------------------------------------
     def _start(self, pod: dict[str, Any]) -> None:
@@ -58,19 +82,32 @@ class RunningKubelet(Kubelet):
             command = [sys.executable, "-m", "pretrain_trainer.rendezvous"]
             command.append(f"--port={self.rendezvous_port}")
         elif role == "worker":
-            command = [sys.executable, "-m", "torch.distributed.run", *self._args(container)]
             folder = self.workdir / "pods" / name
             folder.mkdir(parents=True, exist_ok=True)
             config = folder / "run.yaml"
             config.write_text(self._run_config(pod))
             env |= {
                 contract.ENV_RUN_CONFIG: str(config),
-                contract.ENV_REPORT_PATH: str(folder / "report.json"),
                 contract.ENV_STEP_LOG: str(self.step_log),
-                contract.ENV_METRICS_PORT: str(
-                    self.metrics_port if meta["labels"].get(RANK) == "0" else 0
-                ),
             }
+            if "pretrain_trainer.agent" in container["command"]:
+                command = [sys.executable, *self._agent_args(container, folder)]
+                env |= {
+                    contract.ENV_LISTEN_HOST: self.pod_ip(pod),
+                    contract.ENV_STORE: f"127.0.0.1:{self.rendezvous_port}",
+                    contract.ENV_MEMORY_ROOT: str(self.memory / name),
+                    contract.ENV_METRICS_PORT: str(self.metrics_port),
+                }
+            else:
+                command = [sys.executable, "-m", "torch.distributed.run", *self._args(container)]
+                env |= {
+                    contract.ENV_REPORT_PATH: str(folder / "report.json"),
+                    contract.ENV_METRICS_PORT: str(
+                        self.metrics_port if meta["labels"].get(RANK) == "0" else 0
+                    ),
+                }
+            with self.lock:
+                self.started.append((name, meta["uid"], time.time()))
         else:
             return  # a standby sleeps: nothing to run
         log = (self.workdir / f"{name}.log").open("ab")
@@ -92,6 +129,12 @@ class RunningKubelet(Kubelet):
         endpoint = f"--rdzv-endpoint=127.0.0.1:{self.rendezvous_port}"
         args = container["command"][1:]  # after "torchrun"
         return [endpoint if a.startswith("--rdzv-endpoint=") else a for a in args]
+
+    @staticmethod
+    def _agent_args(container: dict[str, Any], folder: Path) -> list[str]:
+        """``python -m pretrain_trainer.agent ...``, its attempts kept in the pod's folder."""
+        args = container["command"][1:]  # after "python"
+        return [f"--dir={folder}" if a.startswith("--dir=") else a for a in args]
 
     def _run_config(self, pod: dict[str, Any]) -> str:
         """The run config the pod mounts, from its ConfigMap volume."""
@@ -128,6 +171,7 @@ class RunningKubelet(Kubelet):
             except subprocess.TimeoutExpired:
                 _signal(popen, signal.SIGKILL)
                 popen.wait()
+        shutil.rmtree(self.memory / name, ignore_errors=True)
         super()._terminate(pod)
 
     # -- nodes and processes going away ------------------------------------------------------
@@ -138,6 +182,7 @@ class RunningKubelet(Kubelet):
         for pod, popen in doomed:
             self.killed_at[pod] = time.time()
             _signal(popen, signal.SIGKILL)
+            shutil.rmtree(self.memory / pod, ignore_errors=True)  # the machine's memory
         super().node_not_ready(name)
 
     def kill(self, pod: str) -> float:
@@ -156,6 +201,7 @@ class RunningKubelet(Kubelet):
         for popen in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(timeout=10)
+        shutil.rmtree(self.memory, ignore_errors=True)
         super().__exit__(*exc_info)
 
 

@@ -15,6 +15,9 @@ milliseconds. The control plane talks to it over HTTP (JSON, the contract's reco
 ``POST /stop``       ``{"attempt": a, "graceSeconds": g}``: SIGTERM (the trainer may save),
                      SIGKILL after ``g`` seconds.
 
+On SIGTERM (its pod deleted) it stops the running attempt the same way (``--grace``), then
+exits.
+
 Processes meet under the attempt's prefix in the job's store (``PRETRAIN_STORE``), at ranks the
 planner chose, so no rendezvous round is needed. When one process fails the agent kills its
 siblings (the group is broken), as torchrun does. Logs and reports go to
@@ -185,14 +188,20 @@ class Agent:
         report.unlink(missing_ok=True)
         log = str(self.folder / f"attempt-{order.attempt}.log")
         world = order.workers * self.nproc
+        attempt_env = {}
+        if order.run_config is not None:
+            config = self.folder / f"run-{order.attempt}.yaml"
+            config.write_text(order.run_config)
+            attempt_env[contract.ENV_RUN_CONFIG] = str(config)
         processes = []
         for local in range(self.nproc):
             environ = {
                 **self.environ,
+                **attempt_env,
                 contract.ENV_STAGE: str(order.stage),
                 contract.ENV_ATTEMPT: str(order.attempt),
                 contract.ENV_REPORT_PATH: str(report),
-                contract.ENV_STORE: order.store,
+                contract.ENV_STORE: order.store or self.environ.get(contract.ENV_STORE, ""),
                 contract.ENV_STORE_PREFIX: f"{self.environ.get(contract.ENV_JOB, '')}/a"
                 f"{order.attempt}",
                 contract.ENV_LAUNCHED_AT: repr(launched),
@@ -209,10 +218,20 @@ class Agent:
             processes.append(process)
         return _Attempt(order, processes, report, launched)
 
-    def close(self) -> None:
+    def close(self, *, grace: float = 0.0) -> None:
+        """Stop the running attempt: SIGTERM (its trainers may save), SIGKILL after ``grace``."""
         with self._lock:
-            if self.current is not None:
-                self.current.kill()
+            current = self.current
+            if current is None:
+                return
+            current.poll()
+            if current.exit_code is None and grace > 0:
+                current.signal(signal.SIGTERM)
+                deadline = time.monotonic() + grace
+                while current.exit_code is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    current.poll()
+            current.kill()
 
 
 def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
@@ -262,9 +281,12 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=contract.AGENT_PORT)
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--host", default=os.environ.get(contract.ENV_LISTEN_HOST) or "0.0.0.0")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--dir", type=Path, required=True, help="logs and reports")
+    parser.add_argument(
+        "--grace", type=float, default=60.0, help="seconds trainers have to stop on SIGTERM"
+    )
     args = parser.parse_args(argv)
     agent = Agent(nproc=args.nproc, folder=args.dir, environ=dict(os.environ))
     # Blocked only now: the fork server (started above) and its forks keep the usual mask,
@@ -276,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worker agent {agent.identity} ready on {args.host}:{args.port}", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     server.shutdown()
-    agent.close()
+    agent.close(grace=args.grace)
     return 0
 
 

@@ -39,6 +39,7 @@ ENV_MEMORY_ROOT = "PRETRAIN_MEMORY_ROOT"  # this worker's in-memory checkpoint t
 ENV_STORE = "PRETRAIN_STORE"  # host:port of the job's store; the group meets under a prefix
 ENV_STORE_PREFIX = "PRETRAIN_STORE_PREFIX"  # the attempt's key prefix in that store
 ENV_LAUNCHED_AT = "PRETRAIN_LAUNCHED_AT"  # when the agent was told to start the attempt (Unix)
+ENV_LISTEN_HOST = "PRETRAIN_LISTEN_HOST"  # where the agent and the metrics listen (0.0.0.0)
 AGENT_PORT = 9401  # the worker agent's HTTP port in pods
 
 # Where the operator mounts things inside a worker pod.
@@ -282,8 +283,12 @@ class AttemptOrder(_Record):
     """The worker's place in the group (its node rank): ranks ``rank * nproc ...``."""
     workers: int
     """Workers in the group."""
-    store: str
-    """``host:port`` of the job's long-lived store, where the group meets."""
+    store: str = ""
+    """``host:port`` of the job's long-lived store, where the group meets; empty: the agent's
+    own ``PRETRAIN_STORE`` (a pod's, which names the job's rendezvous service)."""
+    run_config: str | None = None
+    """The attempt's run config (YAML), when it is not the agent's own file: a pod that
+    outlives attempts would otherwise read a mounted ConfigMap that trails a spec change."""
 
 
 class AgentState(_Record):

@@ -9,6 +9,7 @@ collectives of local rank 0 too); labels are bounded (namespace, job, stage).
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -16,6 +17,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from . import contract
 
 PREFIX = "pretrainjob_"
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300)
@@ -155,10 +158,11 @@ def serve(
             return [body.encode()]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
+    host = os.environ.get(contract.ENV_LISTEN_HOST) or "0.0.0.0"
     deadline = time.monotonic() + patience
     while True:
         try:
-            server = make_server("0.0.0.0", port, app, handler_class=_QuietHandler)
+            server = make_server(host, port, app, handler_class=_QuietHandler)
             break
         except OSError as error:
             if error.errno != errno.EADDRINUSE or time.monotonic() > deadline:

@@ -23,6 +23,13 @@ tested as data:
   the nodes just freed: it goes, and comes back once the whole group is placed. A standby that
   was evicted or killed goes, to ask again next time.
 
+When worker pods run agents (``Options.agents``), a slot's pod outlives attempts and the
+group reaches it by :class:`Order` (labels first, then ``PUT /attempt`` to its agent); a slot
+that must stop gets :class:`Stop` (its agent signals the trainers; the pod stays, warm). A
+slot pod goes only when it is gone (finished, or its node is down), or it is idle on a slot no
+group of the stage can use. A new attempt in a running pod waits for the old one to leave.
+A gang scheduler's PodGroup belongs to the attempt whose pods it admitted.
+
 Order matters and is kept: the apply loop performs the actions in the order given.
 """
 
@@ -32,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from typing import Any
+
+from pretrain_trainer.contract import AGENT_PORT, AgentState, AttemptOrder
 
 from ..api import JobStatus, Phase, PretrainJob
 from ..plan import Group, Plan
@@ -46,10 +55,13 @@ from .objects import (
     WORKER,
     Options,
     PodPhase,
+    agent_pod,
     attempt_name,
     config_map,
+    group_labels,
     job_objects,
     rendezvous_name,
+    slot_pod_name,
     standby_name,
     standby_pod,
     worker_name,
@@ -93,7 +105,28 @@ class Delete:
     """The pod as last seen, for the watch cache's expectations."""
 
 
-Action = Create | Replace | Annotate | Delete
+@dataclass(frozen=True)
+class Order:
+    """Tell a slot pod's agent to run its share of an attempt, after relabelling the pod with
+    the attempt, stage and rank (so a label selector finds the attempt's workers)."""
+
+    name: str
+    address: str
+    order: AttemptOrder
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Ask a slot pod's agent to stop an attempt (SIGTERM; SIGKILL after ``grace``)."""
+
+    name: str
+    address: str
+    attempt: int
+    grace: float
+
+
+Action = Create | Replace | Annotate | Delete | Order | Stop
 CHECKPOINT_TIME = f"{PREFIX}/last-checkpoint-time"
 CHECKPOINT_STEP = f"{PREFIX}/last-checkpoint-step"
 
@@ -150,12 +183,21 @@ def actions(
     *,
     nodes: Mapping[str, bool],
     options: Options,
+    agents: Mapping[str, AgentState | None] | None = None,
 ) -> list[Action]:
     """The ordered actions that make the job's objects match ``result``. ``nodes``: node name
-    -> Ready."""
+    -> Ready; ``agents`` (with ``options.agents``): slot pod name -> its agent's state."""
     if result.status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         return [a for pod in pods for a in _delete(pod, nodes)]
     by_name = {p["metadata"]["name"]: p for p in pods}
+    if options.agents:
+        return [
+            *_rendezvous(job, by_name, nodes=nodes, options=options),
+            *_slot_pods(job, result, pods, agents or {}, nodes=nodes),
+            *_ordered(job, result, by_name, agents or {}, nodes=nodes, options=options),
+            *_standbys(job, result, pods, by_name=by_name, nodes=nodes, options=options),
+            *_checkpoint_annotations(result, pods),
+        ]
     return [
         *_rendezvous(job, by_name, nodes=nodes, options=options),
         *_stale_workers(result, pods, nodes=nodes),
@@ -255,6 +297,13 @@ def _group(
     return found + yielding
 
 
+def _stage(result: Plan) -> int:
+    """The stage the plan is in: its group's, else the status's."""
+    if result.group is not None:
+        return result.group.stage
+    return result.status.stage.index if result.status.stage is not None else 0
+
+
 def _standbys(
     job: PretrainJob,
     result: Plan,
@@ -265,20 +314,20 @@ def _standbys(
     options: Options,
 ) -> list[Action]:
     group = result.group
-    placing = group is not None and not all(
-        _scheduled(by_name.get(worker_name(job, group.attempt, slot))) for slot in group.slots
-    )
+
+    def pod_of(slot: int) -> Mapping[str, Any] | None:
+        assert group is not None
+        name = slot_pod_name(job, slot) if options.agents else worker_name(job, group.attempt, slot)
+        return by_name.get(name)
+
+    placing = group is not None and not all(_scheduled(pod_of(slot)) for slot in group.slots)
     busy = {  # a worker on a node that is down holds nothing the slot could use
         int(_label(p, SLOT) or -1)
         for p in pods
         if _label(p, ROLE) == WORKER and PodPhase.of(p) in ALIVE and not _node_down(p, nodes)
     }
-    if group is not None:
-        stage = group.stage
-    else:
-        stage = result.status.stage.index if result.status.stage is not None else 0
     found: list[Action] = []
-    for slot in range(useful_slots(job, stage)):
+    for slot in range(useful_slots(job, _stage(result))):
         if group is not None and slot in group.slots:
             continue
         standby = by_name.get(standby_name(job, slot))
@@ -291,3 +340,85 @@ def _standbys(
         elif placing and not _scheduled(standby):
             found += _delete(standby, nodes, grace=0)
     return found
+
+
+# -- worker pods that run agents ---------------------------------------------------------------
+def agent_address(pod: Mapping[str, Any]) -> str | None:
+    """Where a slot pod's agent listens, once the pod has an address."""
+    ip = pod.get("status", {}).get("podIP")
+    return f"{ip}:{AGENT_PORT}" if ip else None
+
+
+def _slot_pods(
+    job: PretrainJob,
+    result: Plan,
+    pods: Sequence[Mapping[str, Any]],
+    agents: Mapping[str, AgentState | None],
+    *,
+    nodes: Mapping[str, bool],
+) -> list[Action]:
+    """Slot pods that must stop their attempt, or go."""
+    group, stop = result.group, set(result.stop)
+    useful = useful_slots(job, _stage(result))
+    found: list[Action] = []
+    for pod in pods:
+        if _label(pod, ROLE) != WORKER:
+            continue
+        slot = int(_label(pod, SLOT) or -1)
+        state, address = agents.get(pod["metadata"]["name"]), agent_address(pod)
+        ours = group is not None and slot in group.slots
+        if _gone(pod, nodes):
+            found += _delete(pod, nodes)
+        elif state is None or address is None or ours:
+            continue  # not answering yet, or the group's (see _ordered)
+        elif state.running and state.attempt is not None:
+            if slot in stop or state.attempt < result.status.attempt:
+                found.append(Stop(pod["metadata"]["name"], address, state.attempt, STOP_GRACE))
+        elif slot >= useful:
+            found += _delete(pod, nodes)  # idle where no group of the stage can use it
+    return found
+
+
+STOP_GRACE = 60.0  # seconds a stopped trainer has to save before its agent kills it
+
+
+def _ordered(
+    job: PretrainJob,
+    result: Plan,
+    by_name: Mapping[str, Mapping[str, Any]],
+    agents: Mapping[str, AgentState | None],
+    *,
+    nodes: Mapping[str, bool],
+    options: Options,
+) -> list[Action]:
+    """The group's slot pods: created where missing, ordered where their agent waits, an old
+    attempt stopped first where one still runs; then the group's standbys go."""
+    group = result.group
+    if group is None:
+        return []
+    found: list[Action] = []
+    yielding: list[Action] = []
+    for rank, slot in enumerate(group.slots):
+        name = slot_pod_name(job, slot)
+        pod = by_name.get(name)
+        standby = by_name.get(standby_name(job, slot))
+        if standby is not None:
+            yielding += _delete(standby, nodes, grace=0)
+        if pod is None:
+            found.append(Create(agent_pod(job, group, slot, options=options)))
+            continue
+        state, address = agents.get(name), agent_address(pod)
+        if state is None or address is None or not state.agent or state.attempt == group.attempt:
+            continue  # not answering yet, or already told
+        if state.running and state.attempt is not None:
+            found.append(Stop(name, address, state.attempt, STOP_GRACE))
+            continue
+        order = AttemptOrder(
+            attempt=group.attempt,
+            stage=group.stage,
+            rank=rank,
+            workers=group.world,
+            run_config=job.spec.run_config_yaml(),
+        )
+        found.append(Order(name, address, order, group_labels(job, group, slot)))
+    return found + yielding

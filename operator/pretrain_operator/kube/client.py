@@ -173,12 +173,28 @@ class KubeClient:
         except NotFoundError:
             self.create(obj, namespace=namespace)
 
-    def annotate_pod(self, name: str, annotations: Mapping[str, str], *, namespace: str) -> None:
-        """Set some of a pod's annotations; a pod already gone is fine."""
+    def patch_pod_metadata(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        labels: Mapping[str, str] | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> None:
+        """Set some of a pod's labels and annotations; a pod already gone is fine."""
         path = f"/api/v1/namespaces/{namespace}/pods/{name}"
-        body = {"metadata": {"annotations": dict(annotations)}}
+        metadata: dict[str, Any] = {}
+        if labels:
+            metadata["labels"] = dict(labels)
+        if annotations:
+            metadata["annotations"] = dict(annotations)
         with contextlib.suppress(NotFoundError):
-            self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
+            self.request(
+                "PATCH",
+                path,
+                body={"metadata": metadata},
+                content_type="application/merge-patch+json",
+            )
 
     def delete(
         self,

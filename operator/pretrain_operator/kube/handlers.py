@@ -25,7 +25,7 @@ from typing import Any
 
 import kopf
 
-from ..api import GROUP, PLURAL, VERSION
+from ..api import GROUP, PLURAL, VERSION, Phase
 from ..telemetry.metrics import JobSnapshot, OperatorMetrics
 from ..telemetry.progress import TrainerProgress
 from . import progress
@@ -38,6 +38,7 @@ from .settings import OperatorSettings
 
 FINALIZER = f"{GROUP}/finalizer"
 RETRY_SECONDS = 5.0
+DONE = (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED)
 
 
 def configure(settings: kopf.OperatorSettings, ours: OperatorSettings) -> None:
@@ -195,6 +196,10 @@ class JobLoops:
             now = time.monotonic()
             expectations.record(created=applied.created, deleted=applied.deleted, now=now)
             self.metrics.jobs[key] = JobSnapshot(*key, outcome.status)
+            if self.options.agents and outcome.status.phase not in DONE:
+                # A trainer's end changes no pod: its agent says it, when asked.
+                poll = self.settings.agent_poll_seconds
+                return min(outcome.requeue_after or poll, poll)
             return outcome.requeue_after
         finally:
             self.metrics.reconcile_seconds.observe(time.perf_counter() - started)

@@ -53,6 +53,9 @@ ALIVE = (PodPhase.PENDING, PodPhase.RUNNING)
 CONTAINER = "trainer"
 METRICS_PORT_NAME = "metrics"
 CONFIG_DIR = "/etc/pretrain"
+MEMORY_DIR = "/var/lib/pretrain/memory"  # a worker pod's in-memory checkpoint tier
+ATTEMPTS_DIR = "/var/lib/pretrain/attempts"  # the agent's attempt logs and reports
+AGENT_PORT_NAME = "agent"
 TORCHRUN_SHUTDOWN_SECONDS = 30  # torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT default
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -102,6 +105,9 @@ class Options:
     gang: Gang = Gang()
     standby_priority_class: str | None = None
     metrics_port: int = contract.DEFAULT_METRICS_PORT
+    agents: bool = False
+    """Worker pods run the worker agent and outlive attempts (one per slot, ``<job>-w<slot>``);
+    otherwise each attempt has its own pods running torchrun."""
 
 
 # -- names -------------------------------------------------------------------------------------
@@ -127,6 +133,11 @@ def attempt_name(job: PretrainJob, attempt: int) -> str:
 
 def worker_name(job: PretrainJob, attempt: int, slot: int) -> str:
     return f"{job.name}-a{attempt}-w{slot}"
+
+
+def slot_pod_name(job: PretrainJob, slot: int) -> str:
+    """A slot's worker pod when pods run agents: the same through every attempt."""
+    return f"{job.name}-w{slot}"
 
 
 def standby_name(job: PretrainJob, slot: int) -> str:
@@ -271,44 +282,32 @@ def _pod(
     }
 
 
-def worker_pod(
-    job: PretrainJob, group: Group, slot: int, *, options: Options | None = None
-) -> dict[str, Any]:
-    options = options or Options()
-    spec = job.spec
-    namespace = job.metadata.namespace or "default"
+def group_labels(job: PretrainJob, group: Group, slot: int) -> dict[str, str]:
+    """A worker's labels in ``group``: its stage, attempt, slot and rank."""
     rank = group.slots.index(slot)
-    labels = _labels(job, WORKER, stage=group.stage, attempt=group.attempt, slot=slot, rank=rank)
-    command = [
-        "torchrun",
-        *contract.torchrun_args(
-            nproc=spec.nproc_per_worker,
-            endpoint=rendezvous_endpoint(job, namespace),
-            rdzv_id=attempt_name(job, group.attempt),
-            nnodes=str(group.world),
-        ),
-    ]
-    env = {
-        contract.ENV_JOB: job.name,
-        contract.ENV_NAMESPACE: namespace,
-        contract.ENV_STAGE: str(group.stage),
-        contract.ENV_ATTEMPT: str(group.attempt),
-        contract.ENV_RUN_CONFIG: contract.RUN_CONFIG_PATH,
-        contract.ENV_METRICS_PORT: str(options.metrics_port),
-        contract.ENV_REPORT_PATH: contract.REPORT_PATH,
-    }
-    pod = _pod(job, worker_name(job, group.attempt, slot), labels, command=command, env=env)
+    return _labels(job, WORKER, stage=group.stage, attempt=group.attempt, slot=slot, rank=rank)
+
+
+def _worker_like(
+    job: PretrainJob,
+    group: Group,
+    slot: int,
+    name: str,
+    *,
+    command: list[str],
+    env: dict[str, str],
+    options: Options,
+    memory: bool = False,
+) -> dict[str, Any]:
+    """A pod that runs trainers, created for ``group``: its grace, ports, volumes (the memory
+    tier's too) and how it is admitted."""
+    spec = job.spec
+    pod = _pod(job, name, group_labels(job, group, slot), command=command, env=env)
     pod_spec, container = pod["spec"], pod["spec"]["containers"][0]
-    # SIGTERM -> the trainer's preemption save -> torchrun's own shutdown wait; then SIGKILL.
+    # SIGTERM -> the trainer's preemption save -> its launcher's own shutdown wait; then SIGKILL.
     grace = spec.checkpoint.preemption_grace_seconds + TORCHRUN_SHUTDOWN_SECONDS + 15
     pod_spec["terminationGracePeriodSeconds"] = int(grace)
     container["ports"] = [{"name": METRICS_PORT_NAME, "containerPort": options.metrics_port}]
-    container["livenessProbe"] = {
-        "httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME},
-        "initialDelaySeconds": 120,  # start, rendezvous and restore come before the first step
-        "periodSeconds": 30,
-        "failureThreshold": 3,
-    }
     container["terminationMessagePath"] = contract.REPORT_PATH
     container["terminationMessagePolicy"] = "File"
     mounts = [
@@ -319,6 +318,15 @@ def worker_pod(
         {"name": "config", "configMap": {"name": config_name(job)}},
         {"name": "shm", "emptyDir": {"medium": "Memory"}},  # NCCL and data loaders use it
     ]
+    if memory:  # the in-memory checkpoint tier (counted in the pod's memory) and the attempts'
+        mounts += [  # logs and reports
+            {"name": "memory", "mountPath": MEMORY_DIR},
+            {"name": "attempts", "mountPath": ATTEMPTS_DIR},
+        ]
+        volumes += [
+            {"name": "memory", "emptyDir": {"medium": "Memory"}},
+            {"name": "attempts", "emptyDir": {}},
+        ]
     for volume in spec.volumes:
         mounts.append(
             {"name": volume.name, "mountPath": volume.mount_path, "readOnly": volume.read_only}
@@ -332,6 +340,94 @@ def worker_pod(
         pod["metadata"]["labels"][KUEUE_GROUP_LABEL] = attempt_name(job, group.attempt)
         pod["metadata"]["annotations"] = {KUEUE_COUNT_ANNOTATION: str(group.world)}
     options.gang.mark(pod, job, group)
+    return pod
+
+
+def _contract_env(job: PretrainJob, options: Options) -> dict[str, str]:
+    return {
+        contract.ENV_JOB: job.name,
+        contract.ENV_NAMESPACE: job.metadata.namespace or "default",
+        contract.ENV_RUN_CONFIG: contract.RUN_CONFIG_PATH,
+        contract.ENV_METRICS_PORT: str(options.metrics_port),
+    }
+
+
+def worker_pod(
+    job: PretrainJob, group: Group, slot: int, *, options: Options | None = None
+) -> dict[str, Any]:
+    """One attempt's worker in ``slot``, under torchrun (pods without agents)."""
+    options = options or Options()
+    spec = job.spec
+    namespace = job.metadata.namespace or "default"
+    command = [
+        "torchrun",
+        *contract.torchrun_args(
+            nproc=spec.nproc_per_worker,
+            endpoint=rendezvous_endpoint(job, namespace),
+            rdzv_id=attempt_name(job, group.attempt),
+            nnodes=str(group.world),
+        ),
+    ]
+    env = {
+        **_contract_env(job, options),
+        contract.ENV_STAGE: str(group.stage),
+        contract.ENV_ATTEMPT: str(group.attempt),
+        contract.ENV_REPORT_PATH: contract.REPORT_PATH,
+    }
+    name = worker_name(job, group.attempt, slot)
+    pod = _worker_like(job, group, slot, name, command=command, env=env, options=options)
+    pod["spec"]["containers"][0]["livenessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": METRICS_PORT_NAME},
+        "initialDelaySeconds": 120,  # start, rendezvous and restore come before the first step
+        "periodSeconds": 30,
+        "failureThreshold": 3,
+    }
+    return pod
+
+
+def agent_pod(
+    job: PretrainJob, group: Group, slot: int, *, options: Options | None = None
+) -> dict[str, Any]:
+    """A slot's worker pod whose main process is the worker agent: created for ``group`` (its
+    labels say so until the next order relabels it), it outlives the attempt and runs each
+    later one the operator orders it to, with its memory tier intact."""
+    options = options or Options()
+    spec = job.spec
+    namespace = job.metadata.namespace or "default"
+    command = [
+        "python",
+        "-m",
+        "pretrain_trainer.agent",
+        f"--port={contract.AGENT_PORT}",
+        f"--nproc={spec.nproc_per_worker}",
+        f"--dir={ATTEMPTS_DIR}",
+        # Its trainers' preemption save, inside the pod's grace period.
+        f"--grace={spec.checkpoint.preemption_grace_seconds + 15:g}",
+    ]
+    env = {
+        **_contract_env(job, options),
+        contract.ENV_STORE: rendezvous_endpoint(job, namespace),
+        contract.ENV_MEMORY_ROOT: MEMORY_DIR,
+    }
+    name = slot_pod_name(job, slot)
+    pod = _worker_like(
+        job,
+        group,
+        slot,
+        name,
+        command=command,
+        env=env,
+        options=options,
+        memory=True,
+    )
+    container = pod["spec"]["containers"][0]
+    container["ports"].append({"name": AGENT_PORT_NAME, "containerPort": contract.AGENT_PORT})
+    container["livenessProbe"] = {  # the agent, not its trainers: their ends are reported
+        "httpGet": {"path": "/", "port": AGENT_PORT_NAME},
+        "initialDelaySeconds": 60,  # the fork server imports torch and DeepSpeed first
+        "periodSeconds": 10,
+        "failureThreshold": 3,
+    }
     return pod
 
 

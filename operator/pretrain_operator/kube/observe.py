@@ -9,7 +9,14 @@ One :class:`~pretrain_operator.plan.Worker` per slot:
   group whose pod is gone is lost too;
 - otherwise a worker pod of an older attempt that still runs (Running, so the plan stops it);
 - otherwise the slot's standby pod: Running on a ready node means capacity (Idle); Pending
-  means none yet.
+  means capacity on its way, unless the scheduler found no node for it (Unschedulable): then
+  the slot is not reported, and no group waits for it.
+
+When worker pods run agents (:func:`observe_agents`), a slot's pod outlives attempts and its
+agent's state (``GET /`` on the pod, read by the caller) says what runs there: the current
+attempt Running or exited (with the report the agent kept), an older one still leaving, or
+nothing (Idle: warm capacity). The pod itself is lost as above; a pod whose agent ended (the
+container exited) is a failed worker of the attempt it ran.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from pretrain_trainer.contract import FailureReport, StageReport, parse_report
+from pretrain_trainer.contract import AgentState, FailureReport, StageReport, parse_report
 
 from ..plan import Observed, Worker, WorkerState, exited
 from .objects import (
@@ -109,6 +116,15 @@ def bound_at(pod: Mapping[str, Any]) -> float | None:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "True":
             return _time(condition.get("lastTransitionTime"))
     return None
+
+
+def unschedulable(pod: Mapping[str, Any]) -> bool:
+    """Whether the scheduler tried the pod and found no node for it (no capacity is coming
+    until something changes: a node returns, or another pod leaves)."""
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return condition.get("reason") == "Unschedulable"
+    return False
 
 
 def ended_at(pod: Mapping[str, Any]) -> float | None:
@@ -205,6 +221,8 @@ def observe(
         elif slot in older and slot not in standby:
             if slot < slots:
                 workers.append(Worker(slot=slot, state=WorkerState.PENDING))  # leaving
+        elif slot in standby and unschedulable(standby[slot]):
+            continue  # no node for it: not capacity on its way, so nothing waits for it
         elif slot in standby:  # a standby stands for its slot even beside a lost old worker
             waiting = _worker(standby[slot], slot, nodes)
             state = (
@@ -213,4 +231,119 @@ def observe(
             workers.append(Worker(slot=slot, state=state))
         else:  # below ``slots``, and nothing there yet
             workers.append(Worker(slot=slot, state=WorkerState.PENDING))
+    return Observed(tuple(workers))
+
+
+def _agent_worker(
+    pod: Mapping[str, Any],
+    state: AgentState | None,
+    slot: int,
+    nodes: Mapping[str, bool],
+    *,
+    attempt: int,
+    in_group: bool,
+) -> Worker | None:
+    """What runs in a slot pod, from the pod and its agent's state (None: not answering)."""
+    last = _int_label(pod, ATTEMPT)  # the attempt it was last ordered (or created) for
+    lost = _lost_because(pod, nodes)
+    if lost is not None:
+        ran = state.attempt if state is not None and state.attempt is not None else last
+        return Worker(
+            slot=slot, state=WorkerState.LOST, attempt=ran, reason=lost, ended_at=ended_at(pod)
+        )
+    phase = PodPhase.of(pod) or PodPhase.PENDING
+    if phase in FINISHED:  # the agent itself ended, and whatever it ran with it
+        if not in_group:
+            return None  # goes; the slot is capacity again once a new pod asks for it
+        code = _terminated(pod).get("exitCode")
+        worker = exited(
+            slot=slot,
+            attempt=attempt,
+            stage=_int_label(pod, STAGE),
+            succeeded=False,
+            exit_code=code if isinstance(code, int) and code else 1,
+            report=None,
+        )
+        return replace(worker, ended_at=ended_at(pod))
+    if phase == PodPhase.PENDING or state is None or not state.agent:
+        # Not placed yet, or its agent still importing: capacity (or a group member) on its way.
+        return Worker(
+            slot=slot,
+            state=WorkerState.PENDING,
+            attempt=attempt if in_group else None,
+            bound_at=bound_at(pod) if in_group else None,
+        )
+    if state.attempt == attempt and in_group:
+        if state.running:
+            return Worker(
+                slot=slot,
+                state=WorkerState.RUNNING,
+                attempt=attempt,
+                stage=state.stage,
+                bound_at=state.started_at,  # when it was told: the pod was already there
+            )
+        code = state.exit_code if state.exit_code is not None else 1
+        worker = exited(
+            slot=slot,
+            attempt=attempt,
+            stage=state.stage,
+            succeeded=code == 0,
+            exit_code=code,
+            report=parse_report(state.report),
+        )
+        return replace(worker, ended_at=state.ended_at)
+    if in_group:  # told of an older attempt: the order is on its way once that one left
+        return Worker(slot=slot, state=WorkerState.PENDING, attempt=attempt)
+    if state.running:  # an older attempt, still running: the plan stops it
+        return Worker(
+            slot=slot, state=WorkerState.RUNNING, attempt=state.attempt, stage=state.stage
+        )
+    return Worker(slot=slot, state=WorkerState.IDLE)  # a warm agent with nothing to run
+
+
+def observe_agents(
+    pods: Iterable[Mapping[str, Any]],
+    nodes: Mapping[str, bool],
+    agents: Mapping[str, AgentState | None],
+    *,
+    attempt: int,
+    group_slots: Iterable[int],
+    slots: int = 0,
+) -> Observed:
+    """Workers per slot when worker pods run agents; ``agents``: pod name -> its agent's
+    state, None where it did not answer. A slot of the group without its pod is lost; a
+    standby stands for a slot without one, as in :func:`observe`."""
+    slot_pods: dict[int, Mapping[str, Any]] = {}
+    standby: dict[int, Mapping[str, Any]] = {}
+    for pod in pods:
+        role, slot = pod["metadata"].get("labels", {}).get(ROLE), _int_label(pod, SLOT)
+        if slot is None:
+            continue
+        if role == WORKER:
+            slot_pods[slot] = pod
+        elif role == STANDBY:
+            standby[slot] = pod
+    group = set(group_slots)
+    workers = []
+    for slot in sorted(group | set(slot_pods) | set(standby) | set(range(slots))):
+        slot_pod = slot_pods.get(slot)
+        worker = None
+        if slot_pod is not None:
+            state = agents.get(slot_pod["metadata"]["name"])
+            worker = _agent_worker(
+                slot_pod, state, slot, nodes, attempt=attempt, in_group=slot in group
+            )
+        if worker is None and slot in group:
+            worker = Worker(
+                slot=slot, state=WorkerState.LOST, attempt=attempt, reason="pod deleted"
+            )
+        if worker is None and slot in standby and unschedulable(standby[slot]):
+            continue  # no node for it: not capacity on its way, so nothing waits for it
+        if worker is None and slot in standby:
+            placed = _worker(standby[slot], slot, nodes).state == WorkerState.RUNNING
+            worker = Worker(slot=slot, state=WorkerState.IDLE if placed else WorkerState.PENDING)
+        if worker is None and slot < slots:
+            worker = Worker(slot=slot, state=WorkerState.PENDING)
+        if worker is not None:
+            workers.append(worker)
     return Observed(tuple(workers))

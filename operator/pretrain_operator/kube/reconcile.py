@@ -15,12 +15,14 @@ nothing else happens until the spec changes.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pretrain_trainer.agent_client import AgentClient, AgentError
 from pretrain_trainer.config import SpecError
 from pydantic import ValidationError
 
@@ -36,11 +38,13 @@ from ..api import (
 from ..plan import Event, plan
 from ..telemetry.accounting import accounted
 from ..telemetry.progress import TrainerProgress, with_progress
-from .actions import Action, Annotate, Create, Delete, Replace, actions, useful_slots
+from .actions import Action, Annotate, Create, Delete, Order, Replace, Stop, actions, useful_slots
+from .agents import AgentReader, read_agents
 from .client import KubeClient
 from .objects import Options, selector
-from .observe import observe, ready_nodes
+from .observe import observe, observe_agents, ready_nodes
 
+log = logging.getLogger(__name__)
 ProgressReader = Callable[[Sequence[Mapping[str, Any]], int], TrainerProgress | None]
 """Reads the current attempt's progress from its pods (rank 0's metrics); None if unknown."""
 
@@ -111,10 +115,14 @@ def reconcile(
     pods: Sequence[Mapping[str, Any]] | None = None,
     readiness: Mapping[str, bool] | None = None,
     progress: ProgressReader | None = None,
+    agents: AgentReader = read_agents,
+    connect: Callable[[str], AgentClient] = AgentClient,
 ) -> Outcome:
     """One pass. ``pods`` and ``readiness`` (node name -> Ready) come from the caller's watch
     cache when it has one; otherwise they are read from the API server. ``progress``, when
-    given, is asked for a running job's progress before the status is written."""
+    given, is asked for a running job's progress before the status is written. With
+    ``options.agents``, ``agents`` reads the slot pods' agents and ``connect`` reaches one."""
+    options = options or Options()
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     try:
         job = parse_job(body)
@@ -127,16 +135,17 @@ def reconcile(
         nodes = client.list_nodes()
         readiness = ready_nodes(nodes) if nodes is not None else _assume_ready(pods)
     stage = old.stage.index if old.stage is not None else 0
-    observed = observe(
-        pods,
-        readiness,
-        attempt=old.attempt,
-        group_slots=old.workers.slots,
-        slots=useful_slots(job, stage),
-    )
+    slots, attempt, group = useful_slots(job, stage), old.attempt, old.workers.slots
+    states = agents(pods) if options.agents else None
+    if states is not None:
+        observed = observe_agents(
+            pods, readiness, states, attempt=attempt, group_slots=group, slots=slots
+        )
+    else:
+        observed = observe(pods, readiness, attempt=attempt, group_slots=group, slots=slots)
     result = plan(spec=job.spec, status=old, observed=observed, now=now)
-    todo = actions(job, result, pods, nodes=readiness, options=options or Options())
-    applied = apply(client, todo, namespace=job.metadata.namespace or "default")
+    todo = actions(job, result, pods, nodes=readiness, options=options, agents=states)
+    applied = apply(client, todo, namespace=job.metadata.namespace or "default", connect=connect)
     status = result.status.model_copy(update={"observed_generation": job.metadata.generation})
     usage = None
     if progress is not None and status.phase == Phase.RUNNING:
@@ -185,6 +194,7 @@ def apply(
     *,
     namespace: str,
     in_flight: int = WRITES_IN_FLIGHT,
+    connect: Callable[[str], AgentClient] = AgentClient,
 ) -> Applied:
     """Carry out the actions in order. Idempotent: an object that already exists is not
     created again, one already gone is not an error. A run of consecutive pod creates (or pod
@@ -196,16 +206,26 @@ def apply(
     with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="apply") as pool:
         for run in runs:
             if len(run) == 1:
-                _do(client, run[0], namespace=namespace, applied=applied)
+                _do(client, run[0], namespace=namespace, applied=applied, connect=connect)
                 continue
-            done = [pool.submit(_do, client, a, namespace=namespace, applied=applied) for a in run]
+            done = [
+                pool.submit(_do, client, a, namespace=namespace, applied=applied, connect=connect)
+                for a in run
+            ]
             errors = [e for e in (f.exception() for f in done) if e is not None]
             if errors:
                 raise errors[0]
     return applied
 
 
-def _do(client: KubeClient, action: Action, *, namespace: str, applied: Applied) -> None:
+def _do(
+    client: KubeClient,
+    action: Action,
+    *,
+    namespace: str,
+    applied: Applied,
+    connect: Callable[[str], AgentClient],
+) -> None:
     if isinstance(action, Create):
         created = client.create(action.obj, namespace=namespace)
         if created is not None and action.obj["kind"] == "Pod":
@@ -213,7 +233,18 @@ def _do(client: KubeClient, action: Action, *, namespace: str, applied: Applied)
     elif isinstance(action, Replace):
         client.replace_or_create(action.obj, namespace=namespace)
     elif isinstance(action, Annotate):
-        client.annotate_pod(action.name, action.annotations, namespace=namespace)
+        client.patch_pod_metadata(action.name, annotations=action.annotations, namespace=namespace)
+    elif isinstance(action, Order):
+        client.patch_pod_metadata(action.name, labels=action.labels, namespace=namespace)
+        try:  # not answering: the next pass sees it waiting, and tells it again
+            connect(action.address).run(action.order)
+        except AgentError as error:
+            log.warning("%s: %s", action.name, error)
+    elif isinstance(action, Stop):
+        try:
+            connect(action.address).stop(action.attempt, grace=action.grace)
+        except AgentError as error:
+            log.warning("%s: %s", action.name, error)
     else:
         gone = client.delete(
             action.kind,

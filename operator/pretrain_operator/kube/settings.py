@@ -73,6 +73,12 @@ class OperatorSettings(BaseModel):
     """Port of the trainers' /metrics and /healthz in worker pods (read for status progress)."""
     progress_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
     """Least time between two progress updates (step, tokens, loss, ETA) of a job's status."""
+    worker_agents: bool = False
+    """Worker pods run the worker agent and outlive attempts: a restart, a resize or a new
+    stage reaches the surviving pods as an order, and restores from their memory tier."""
+    agent_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
+    """With worker agents: longest time between two reads of a running job's agents (how soon
+    a trainer's end is seen; a pod or node event is seen at once)."""
     watch_nodes: bool = True
     """Watch nodes so a NotReady node's workers count as lost at once (needs read on nodes)."""
     recovery_budgets: Annotated[
@@ -105,4 +111,5 @@ class OperatorSettings(BaseModel):
             gang=gang,
             standby_priority_class=self.standby_priority_class,
             metrics_port=self.trainer_metrics_port,
+            agents=self.worker_agents,
         )

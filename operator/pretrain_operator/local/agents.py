@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
 from pretrain_trainer import contract
+from pretrain_trainer.agent_client import AgentClient
 
 from .processes import signal_tree
-
-TIMEOUT = 2.0  # seconds for one request: the agent answers from memory
 
 
 def free_port() -> int:
@@ -47,10 +43,6 @@ def _die_with_parent() -> None:
     """In the agent before it runs: die with ``pretrainctl run`` (its slots go with it)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PDEATHSIG
-
-
-class AgentError(Exception):
-    """The agent did not answer (still starting, or gone)."""
 
 
 class AgentProcess:
@@ -88,6 +80,7 @@ class AgentProcess:
                 start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
+        self.client = AgentClient(f"127.0.0.1:{self.port}")
         self.started = time.time()
         self.ended: float | None = None
 
@@ -98,28 +91,14 @@ class AgentProcess:
             self.ended = time.time()
         return False
 
-    def _call(self, method: str, path: str, body: object = None) -> contract.AgentState:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=data, method=method
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-                state = contract.AgentState.parse(response.read())
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise AgentError(f"agent of slot {self.slot}: {error}") from None
-        if state is None:
-            raise AgentError(f"agent of slot {self.slot}: not an AgentState")
-        return state
-
     def state(self) -> contract.AgentState:
-        return self._call("GET", "/")
+        return self.client.state()
 
     def run(self, order: contract.AttemptOrder) -> contract.AgentState:
-        return self._call("PUT", "/attempt", order.model_dump(mode="json", by_alias=True))
+        return self.client.run(order)
 
     def stop(self, attempt: int, *, grace: float) -> contract.AgentState:
-        return self._call("POST", "/stop", {"attempt": attempt, "graceSeconds": grace})
+        return self.client.stop(attempt, grace=grace)
 
     def kill(self) -> None:
         """The node goes: the agent, its trainers and its memory."""

@@ -27,11 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from pretrain_trainer import contract
+from pretrain_trainer.agent_client import AgentError
 from pretrain_trainer.fsio import write_json_atomic
 
 from ..api import PretrainJob
 from ..plan import Group, Observed, Plan, Worker, WorkerState, exited
-from .agents import AgentError, AgentProcess, memory_base
+from .agents import AgentProcess, memory_base
 
 CAPACITY = "capacity.json"
 STOP_GRACE = 60.0  # seconds a stopped trainer has to save before it is killed

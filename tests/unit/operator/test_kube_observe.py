@@ -239,3 +239,14 @@ def test_progress_is_read_from_the_trainers_own_exposition() -> None:
     assert shown.eta is not None
     assert (shown.eta - now).total_seconds() == (total - 4) * 3.0 > 0
     assert with_progress(JobStatus(), spec, read, now=now) == JobStatus()  # not running
+
+
+def test_a_standby_the_scheduler_found_no_node_for_is_not_capacity_on_its_way() -> None:
+    stuck = pod("s", role="standby", phase="Pending", node=None)
+    stuck["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+    ]
+    assert observe([stuck], READY, attempt=2, group_slots=[], slots=1).workers == ()
+    stuck["status"]["conditions"][0]["reason"] = "SchedulerError"
+    waiting = observe([stuck], READY, attempt=2, group_slots=[], slots=1).workers
+    assert waiting == (Worker(0, S.PENDING),)
