@@ -123,7 +123,7 @@ def unschedulable(pod: Mapping[str, Any]) -> bool:
     until something changes: a node returns, or another pod leaves)."""
     for condition in pod.get("status", {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return condition.get("reason") == "Unschedulable"
+            return bool(condition.get("reason") == "Unschedulable")
     return False
 
 
