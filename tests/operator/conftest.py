@@ -60,11 +60,21 @@ def running_operator(
         raise runner.exception
 
 
+@pytest.fixture(params=[True, False], ids=["agent-pods", "torchrun-pods"])
+def agents(request: pytest.FixtureRequest) -> bool:
+    """Whether worker pods run the worker agent (and outlive attempts) or torchrun."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def operator(controlplane: ControlPlane, operator_identity: Identity, kube: Kubelet) -> Operator:
-    """``with operator(**settings):`` runs the operator on the test's namespace."""
+def operator(
+    controlplane: ControlPlane, operator_identity: Identity, kube: Kubelet, agents: bool
+) -> Operator:
+    """``with operator(**settings):`` runs the operator on the test's namespace, its worker
+    pods both ways."""
 
     def start(**settings: Any) -> contextlib.AbstractContextManager[KopfRunner]:
+        settings = {"worker_agents": agents, **settings}
         return running_operator(controlplane, operator_identity, kube.namespace, **settings)
 
     return start

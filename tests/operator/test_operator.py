@@ -24,7 +24,7 @@ from pretrain_trainer.metrics import Health, TrainerMetrics, serve
 from tests.operator.conftest import GROUP, PLURAL, VERSION, Operator, job, running_operator
 from tests.support.controlplane import ControlPlane
 from tests.support.fixtures import Identity
-from tests.support.kubelet import Kubelet, names
+from tests.support.kubelet import Kubelet, names, runs_agent
 
 
 def jobs(kube: Kubelet) -> str:
@@ -64,14 +64,32 @@ def workers(kube: Kubelet, *, phase: str | None = None) -> list[str]:
     )
 
 
-def running(kube: Kubelet, *names: str) -> bool:
-    return workers(kube, phase="Running") == sorted(names)
+def attempts(kube: Kubelet) -> dict[int, list[str]]:
+    """The workers running each attempt: pods Running and labelled with it, and where a pod
+    runs an agent, its agent running it (an order relabels a pod before it reaches the agent)."""
+    found: dict[int, list[str]] = {}
+    for pod in live(kube.pods("worker")):
+        name, labels = pod["metadata"]["name"], pod["metadata"]["labels"]
+        number = int(labels.get("pretrain.dev/attempt", "0"))
+        if pod.get("status", {}).get("phase") != "Running":
+            continue
+        agent = kube.agents.get(name)
+        if runs_agent(pod) and (
+            agent is None or agent.state.attempt != number or not agent.state.running
+        ):
+            continue
+        found.setdefault(number, []).append(name)
+    return {n: sorted(names) for n, names in found.items()}
 
 
 def attempt(kube: Kubelet, number: int, size: int = 2) -> list[str]:
-    """The Running workers of attempt ``number`` once there are ``size`` of them, else []."""
-    names = [n for n in workers(kube, phase="Running") if f"-a{number}-" in n]
+    """The running workers of attempt ``number`` once there are ``size`` of them, else []."""
+    names = attempts(kube).get(number, [])
     return names if len(names) == size else []
+
+
+def uids(kube: Kubelet, pods: list[str]) -> list[str]:
+    return [kube.pod(name)["metadata"]["uid"] for name in pods]
 
 
 def report(stage: int, *, step: int = 10) -> dict[str, Any]:
@@ -86,11 +104,11 @@ def report(stage: int, *, step: int = 10) -> dict[str, Any]:
 
 
 def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
-    kube: Kubelet, operator: Operator
+    kube: Kubelet, operator: Operator, agents: bool
 ) -> None:
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
+        first = kube.eventually(lambda: attempt(kube, 1), what="2 workers")
         kube.eventually(lambda: status(kube).get("workers", {}).get("ready") == 2, what="ready")
     uid = kube.client.get_job(kube.namespace, "demo")["metadata"]["uid"]  # type: ignore[index]
     assert names(kube.objects("services")) == ["demo"]
@@ -103,14 +121,21 @@ def test_a_new_job_gets_its_service_config_rendezvous_and_workers(
     assert kube.pods("standby") == []
     for pod in kube.pods():
         assert pod["metadata"]["ownerReferences"][0]["uid"] == uid
-    worker = kube.pod("demo-a1-w1")
+    assert first == (["demo-w0", "demo-w1"] if agents else ["demo-a1-w0", "demo-a1-w1"])
+    worker = kube.pod(first[1])
     labels = worker["metadata"]["labels"]
     assert (labels["pretrain.dev/stage"], labels["pretrain.dev/attempt"]) == ("0", "1")
     assert (labels["pretrain.dev/slot"], labels["pretrain.dev/rank"]) == ("1", "1")
-    command = worker["spec"]["containers"][0]["command"]
-    assert "--nnodes=2" in command
-    assert f"--rdzv-endpoint=demo-rdzv.demo.{kube.namespace}.svc:29400" in command
-    assert worker["spec"]["nodeName"] != kube.pod("demo-a1-w0")["spec"]["nodeName"]
+    container = worker["spec"]["containers"][0]
+    store = f"demo-rdzv.demo.{kube.namespace}.svc:29400"
+    if agents:  # the agent was told its place in the group; the group meets in the store
+        (order,) = kube.agents[first[1]].orders
+        assert (order.attempt, order.stage, order.rank, order.workers) == (1, 0, 1, 2)
+        assert {"name": "PRETRAIN_STORE", "value": store} in container["env"]
+    else:
+        assert "--nnodes=2" in container["command"]
+        assert f"--rdzv-endpoint={store}" in container["command"]
+    assert worker["spec"]["nodeName"] != kube.pod(first[0])["spec"]["nodeName"]
     current = status(kube)
     assert current["workers"] == {
         "desired": 2,
@@ -136,19 +161,24 @@ def reasons(kube: Kubelet) -> list[str]:
 
 
 def test_a_failed_worker_restarts_the_group_as_a_new_attempt(
-    kube: Kubelet, operator: Operator
+    kube: Kubelet, operator: Operator, agents: bool
 ) -> None:
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
-        kube.finish("demo-a1-w1", exit_code=1, report={"finished": False, "exitCode": 75})
-        kube.eventually(lambda: attempt(kube, 2), what="attempt 2")
+        first = kube.eventually(lambda: attempt(kube, 1))
+        before = uids(kube, first)
+        kube.finish(first[1], exit_code=1, report={"finished": False, "exitCode": 75})
+        second = kube.eventually(lambda: attempt(kube, 2), what="attempt 2")
         kube.eventually(lambda: status(kube).get("phase") == "Running")
     current = status(kube)
     assert current["attempt"] == 2
     assert current["restarts"] == {"total": 1, "byReason": {"WorkerFailed": 1}}
     assert "WorkerFailed" in reasons(kube)
-    assert [n for n in workers(kube) if "-a1-" in n] == []  # the old attempt is gone
+    assert 1 not in attempts(kube)  # the old attempt is gone
+    if agents:  # on the same pods: no pod was created for the restart
+        assert uids(kube, second) == before
+    else:
+        assert set(uids(kube, second)).isdisjoint(before)
 
 
 def test_a_node_going_not_ready_shrinks_the_group_and_its_return_grows_it(
@@ -156,8 +186,8 @@ def test_a_node_going_not_ready_shrinks_the_group_and_its_return_grows_it(
 ) -> None:
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
-        node = kube.pod("demo-a1-w0")["spec"]["nodeName"]
+        first = kube.eventually(lambda: attempt(kube, 1))
+        node = kube.pod(first[0])["spec"]["nodeName"]
         kube.node_not_ready(node)  # the node that hosts rank 0
         kube.eventually(lambda: attempt(kube, 2, size=1), what="shrunk to 1")
         moved = kube.eventually(
@@ -182,8 +212,8 @@ def test_stage_reports_move_to_the_next_stage_and_the_last_succeeds_and_cleans_u
 ) -> None:
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
-        for pod in ("demo-a1-w0", "demo-a1-w1"):
+        first = kube.eventually(lambda: attempt(kube, 1))
+        for pod in first:
             kube.finish(pod, exit_code=0, report=report(0))
         second = kube.eventually(lambda: attempt(kube, 2), what="stage 1")
         assert kube.pod(second[0])["metadata"]["labels"]["pretrain.dev/stage"] == "1"
@@ -220,9 +250,9 @@ def test_a_permanent_trainer_error_fails_the_job_with_its_message(
     error = "data source 'web': no shards under /data/web"
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        first = kube.eventually(lambda: attempt(kube, 1))
         kube.finish(
-            "demo-a1-w0", exit_code=1, report={"finished": False, "exitCode": 78, "error": error}
+            first[0], exit_code=1, report={"finished": False, "exitCode": 78, "error": error}
         )
         kube.eventually(lambda: status(kube).get("phase") == "Failed", what="Failed")
     failed = next(c for c in status(kube)["conditions"] if c["type"] == "Failed")
@@ -238,7 +268,7 @@ def test_suspend_removes_every_pod_and_resume_starts_a_new_attempt(
 ) -> None:
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        kube.eventually(lambda: attempt(kube, 1))
         patch_spec(kube, "demo", {"suspend": True})
         kube.eventually(lambda: status(kube).get("phase") == "Suspended", what="Suspended")
         kube.eventually(lambda: kube.pods() == [], what="no pods while suspended")
@@ -246,10 +276,7 @@ def test_suspend_removes_every_pod_and_resume_starts_a_new_attempt(
         patch_spec(kube, "demo", {"suspend": False})
         # A new attempt runs: at once on both nodes, or (when the standbys asking for them
         # come up slower than the scale-up cool-down, as on a busy machine) on one, then two.
-        kube.eventually(
-            lambda: [n for n in workers(kube, phase="Running") if "-a1-" not in n],
-            what="resumed",
-        )
+        kube.eventually(lambda: set(attempts(kube)) - {1}, what="resumed")
     assert "Suspended" in reasons(kube)
     assert "Resumed" in reasons(kube)
     # A suspension is not a failure (a resize after a one-worker resume may follow).
@@ -259,7 +286,7 @@ def test_suspend_removes_every_pod_and_resume_starts_a_new_attempt(
 def test_deleting_the_job_deletes_everything_it_owns(kube: Kubelet, operator: Operator) -> None:
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"))
+        kube.eventually(lambda: attempt(kube, 1))
         kube.client.request("DELETE", f"{jobs(kube)}/demo")
         kube.eventually(lambda: kube.objects(PLURAL) == [], what="job gone (finalizer removed)")
         # The operator deletes nothing itself: the garbage collector follows ownerReferences.
@@ -280,7 +307,7 @@ def test_a_spec_that_slipped_past_the_schema_gets_invalid_spec_and_others_still_
         create(kube, broken)
         create(kube, job())
         kube.eventually(lambda: status(kube, "broken").get("phase") == "Failed", what="Failed")
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="demo runs")
+        kube.eventually(lambda: attempt(kube, 1), what="demo runs")
     failed = status(kube, "broken")["conditions"][0]
     assert failed["reason"] == "InvalidSpec"
     assert "spec.stages[0].globalBatchSize" in failed["message"]
@@ -395,7 +422,7 @@ def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplica
 
 
 def test_kubectl_apply_starts_a_job_and_kubectl_shows_its_pods_and_columns(
-    kube: Kubelet, operator: Operator, controlplane: ControlPlane, tmp_path: Path
+    kube: Kubelet, operator: Operator, controlplane: ControlPlane, tmp_path: Path, agents: bool
 ) -> None:
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(job("from-kubectl", namespace=kube.namespace)))
@@ -408,7 +435,8 @@ def test_kubectl_apply_starts_a_job_and_kubectl_shows_its_pods_and_columns(
         assert "created" in kubectl("apply", "--validate=strict", "-f", str(manifest))
         kube.eventually(lambda: len(kube.pods("worker")) == 2, what="workers")
         listed = kubectl("get", "pods", "-l", "pretrain.dev/role=worker", "-o", "name")
-        assert sorted(listed.split()) == ["pod/from-kubectl-a1-w0", "pod/from-kubectl-a1-w1"]
+        pods = ["w0", "w1"] if agents else ["a1-w0", "a1-w1"]
+        assert sorted(listed.split()) == [f"pod/from-kubectl-{p}" for p in pods]
         shown = json.loads(kubectl("get", "ptj", "from-kubectl", "-o", "json"))
         assert shown["status"]["stage"]["name"] == "s0"
         kube.eventually(lambda: "Running" in kubectl("get", "ptj"), what="phase column")
@@ -590,7 +618,7 @@ def test_the_operator_rides_out_an_api_server_restart_and_watches_gone_stale(
     caplog.set_level(logging.DEBUG, logger="kopf")
     with operator():
         create(kube, job())
-        kube.eventually(lambda: running(kube, "demo-a1-w0", "demo-a1-w1"), what="2 workers")
+        first = kube.eventually(lambda: attempt(kube, 1), what="2 workers")
         kube.eventually(lambda: status(kube).get("workers", {}).get("ready") == 2, what="ready")
         before = snapshot(kube)
         # Killed, etcd compacted meanwhile, back on the same etcd: the operator's watches
@@ -598,7 +626,7 @@ def test_the_operator_rides_out_an_api_server_restart_and_watches_gone_stale(
         controlplane.restart_apiserver(compact=True)
         time.sleep(3)  # passes after the restart, from relisted caches
         assert snapshot(kube) == before  # nothing created twice, nothing lost from status
-        kube.finish("demo-a1-w1", exit_code=1, report={"finished": False, "exitCode": 75})
+        kube.finish(first[1], exit_code=1, report={"finished": False, "exitCode": 75})
         kube.eventually(lambda: attempt(kube, 2), timeout=60, what="attempt 2 after the restart")
         kube.eventually(lambda: status(kube).get("phase") == "Running", what="Running")
     relisted = [r for r in caplog.records if "Restarting the watch-stream" in r.getMessage()]

@@ -13,22 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
 from typing import Any
 
 import kubernetes
 from pretrain_operator.kube.client import ApiError, KubeClient
+from pretrain_trainer import contract
 
 from tests.support.controlplane import ControlPlane
 
 ROLE = "pretrain.dev/role"
 CONTAINER = "trainer"
 _NODES = count()
+_ADDRESSES = count(1)
 MERGE = "application/merge-patch+json"
 UNREACHABLE, UNREACHABLE_EFFECTS = "node.kubernetes.io/unreachable", ("NoSchedule", "NoExecute")
 # Where a resource lives: its API path prefix, and whether it is namespaced.
@@ -83,6 +87,9 @@ class Kubelet:
         # when its Running status was written: the scheduler's and the kubelets' shares.
         self.bound_at: dict[str, float] = {}
         self.running_at: dict[str, float] = {}
+        self.agents: dict[str, AgentDouble] = {}  # pod name -> what answers as its agent
+        self.agent_nodes: dict[str, str] = {}  # pod name -> its node
+        self._addresses: dict[str, str] = {}  # pod uid -> its loopback address
         for _ in range(nodes):
             self.add_node()
 
@@ -137,7 +144,12 @@ class Kubelet:
 
     def node_not_ready(self, name: str) -> None:
         """The node stops answering: NotReady and tainted unreachable; its pods stay as they
-        are (those being deleted stay Terminating)."""
+        are (those being deleted stay Terminating), and their agents answer no more."""
+        with self.lock:
+            gone = [p for p, node in self.agent_nodes.items() if node == name and p in self.agents]
+            doubles = [self.agents.pop(p) for p in gone]
+        for double in doubles:
+            double.close()
         self._set_ready(name, False)
 
     def node_back(self, name: str) -> None:
@@ -187,7 +199,13 @@ class Kubelet:
         )
 
     def finish(self, name: str, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
-        """The trainer in pod ``name`` exits, leaving ``report`` as its termination message."""
+        """The trainer in pod ``name`` exits, leaving ``report`` as its termination message (or
+        with its agent, which reports it and stays)."""
+        with self.lock:
+            double = self.agents.get(name)
+        if double is not None:
+            double.end(exit_code=exit_code, report=report)
+            return
         pod = self.pod(name)
         terminated: dict[str, Any] = {
             "exitCode": exit_code,
@@ -257,15 +275,34 @@ class Kubelet:
             self._call(run)
 
     def pod_ip(self, pod: dict[str, Any]) -> str:
-        """The address a pod gets: this machine's."""
-        del pod
-        return "127.0.0.1"
+        """The address a pod gets: this machine's, or for a worker agent's pod one of its own
+        on the loopback network (127.0.0.0/8 is all local), where its agent listens."""
+        if not runs_agent(pod):
+            return "127.0.0.1"
+        uid = pod["metadata"]["uid"]
+        with self.lock:
+            if uid not in self._addresses:
+                n = next(_ADDRESSES)
+                self._addresses[uid] = (
+                    f"127.{os.getpid() % 200 + 20}.{n // 250 % 250}.{n % 250 + 2}"
+                )
+            return self._addresses[uid]
 
     def _start(self, pod: dict[str, Any]) -> None:
-        """The pod's containers start (here: nothing runs in them)."""
+        """The pod's containers start: nothing runs in them, but a worker agent's pod answers
+        as its agent would (:class:`AgentDouble`)."""
+        if runs_agent(pod):
+            double = AgentDouble(self.pod_ip(pod))
+            with self.lock:
+                self.agents[pod["metadata"]["name"]] = double
+                self.agent_nodes[pod["metadata"]["name"]] = pod["spec"]["nodeName"]
 
     def _terminate(self, pod: dict[str, Any]) -> None:
         """A pod being deleted: its container exits at once on SIGTERM; confirm the deletion."""
+        with self.lock:
+            double = self.agents.pop(pod["metadata"]["name"], None)
+        if double is not None:
+            double.close()
         meta = pod["metadata"]
         body = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
         self._core.delete_namespaced_pod(meta["name"], self.namespace, body=body)
@@ -327,6 +364,11 @@ class Kubelet:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._pool.shutdown(wait=True)
+        with self.lock:
+            doubles = list(self.agents.values())
+            self.agents.clear()
+        for double in doubles:
+            double.close()
 
     # -- for failing tests -------------------------------------------------------------------
     def describe(self) -> str:
@@ -344,6 +386,101 @@ class Kubelet:
             return eventually(check, timeout=timeout, what=what)
         except TimeoutError as error:
             raise TimeoutError(f"{error}\n{self.describe()}") from None
+
+
+def runs_agent(pod: dict[str, Any]) -> bool:
+    """Whether the pod's main process is the worker agent."""
+    return "pretrain_trainer.agent" in pod["spec"]["containers"][0]["command"]
+
+
+class AgentDouble:
+    """What answers as a worker agent in a pod of this kubelet, where no trainer runs: the
+    agent's HTTP interface (``pretrain_trainer/agent.py``) over the contract's records. An
+    order starts its attempt (running until a test ends it, or it is stopped); the same order
+    again changes nothing; an older one is refused with 409, as by the agent."""
+
+    def __init__(self, host: str) -> None:
+        self.identity = f"double-{host}"
+        self.order: contract.AttemptOrder | None = None
+        self.state = contract.AgentState(agent=self.identity)
+        self.orders: list[contract.AttemptOrder] = []  # every order it started
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer((host, contract.AGENT_PORT), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def end(self, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
+        """Its attempt's trainers exit."""
+        with self.lock:
+            if self.state.running:
+                self.state = self.state.model_copy(
+                    update={
+                        "running": False,
+                        "exit_code": exit_code,
+                        "ended_at": time.time(),
+                        "report": json.dumps(report) if report is not None else None,
+                    }
+                )
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _run(self, order: contract.AttemptOrder) -> tuple[int, str]:
+        with self.lock:
+            if self.order is not None and order.attempt < self.order.attempt:
+                return 409, json.dumps({"error": "older than the running attempt"})
+            if order != self.order:
+                self.order = order
+                self.orders.append(order)
+                self.state = contract.AgentState(
+                    agent=self.identity,
+                    attempt=order.attempt,
+                    stage=order.stage,
+                    running=True,
+                    started_at=time.time(),
+                )
+            return 200, self.state.to_json()
+
+    def _stop(self, attempt: int) -> tuple[int, str]:
+        if self.state.attempt == attempt:
+            self.end(exit_code=143)  # SIGTERM: the trainer stops
+        return 200, self.state.to_json()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                del format, args
+
+            def _reply(self, answer: tuple[int, str]) -> None:
+                data = answer[1].encode()
+                self.send_response(answer[0])
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def do_GET(self) -> None:
+                with double.lock:
+                    self._reply((200, double.state.to_json()))
+
+            def do_PUT(self) -> None:
+                order = contract.AttemptOrder.parse(self._body())
+                if order is None:
+                    self._reply((400, json.dumps({"error": "not an AttemptOrder"})))
+                    return
+                self._reply(double._run(order))
+
+            def do_POST(self) -> None:
+                body = json.loads(self._body())
+                self._reply(double._stop(int(body["attempt"])))
+
+        return Handler
 
 
 def names(objects: Iterable[dict[str, Any]]) -> list[str]:

@@ -18,7 +18,6 @@ when the pod does or its node dies.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import shutil
 import signal
@@ -54,23 +53,10 @@ class RunningKubelet(Kubelet):
         self.killed_at: dict[str, float] = {}  # pod name -> when its node took it down
         self._leaving: set[str] = set()
         self.started: list[tuple[str, str, float]] = []  # worker pods started: name, uid, when
-        self._addresses: dict[str, str] = {}  # pod uid -> its loopback address
-        self._next_address = itertools.count(1)
         self.memory = Path("/dev/shm" if Path("/dev/shm").is_dir() else workdir) / (
             f"pretrain-kubelet-{os.getpid()}-{free_port()}"
         )
         super().__init__(plane, namespace, **kw)
-
-    def pod_ip(self, pod: dict[str, Any]) -> str:
-        """A worker agent's pod listens on an address of its own (127.0.0.0/8 is all local)."""
-        if "pretrain_trainer.agent" not in pod["spec"]["containers"][0]["command"]:
-            return "127.0.0.1"
-        uid = pod["metadata"]["uid"]
-        with self.lock:
-            if uid not in self._addresses:
-                n = next(self._next_address)
-                self._addresses[uid] = f"127.{os.getpid() % 200 + 20}.{n // 250}.{n % 250 + 2}"
-            return self._addresses[uid]
 
     # -- containers --------------------------------------------------------------------------
     def _start(self, pod: dict[str, Any]) -> None:
