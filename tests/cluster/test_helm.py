@@ -138,26 +138,15 @@ def test_the_operator_as_a_namespaced_release_deploys_it_runs_a_job_through_its_
             with operator:
                 kube.client.request("POST", jobs, body=job(namespace=served))
 
-                def group() -> list[str]:
-                    return sorted(
-                        p["metadata"]["name"]
-                        for p in kube.pods("worker")
-                        if (p.get("status") or {}).get("phase") == "Running"
-                        and not p["metadata"].get("deletionTimestamp")
-                    )
-
-                first = kube.eventually(lambda: len(group()) == 2 and group(), what="2 workers")
+                first = kube.eventually(lambda: kube.attempt(1), what="2 workers")
                 kube.finish(first[0], exit_code=1)
-                second = kube.eventually(
-                    lambda: len(group()) == 2 and "-a2-" in group()[0] and group(),
-                    what="attempt 2",
-                )
+                second = kube.eventually(lambda: kube.attempt(2), what="attempt 2")
                 done = {"finished": True, "stage": 0, "step": 10, "tokens": 640, "checkpoint": "/c"}
                 for name in second:  # stage 0 ends; stage 1's workers carry its checkpoint
                     kube.finish(name, exit_code=0, report=done)
 
                 def annotated() -> bool:
-                    pods = [kube.pod(n) for n in group() if "-a3-" in n]
+                    pods = [kube.pod(n) for n in kube.attempt(3)]
                     notes = [(p["metadata"].get("annotations") or {}) for p in pods]
                     return bool(pods) and all(CHECKPOINT_STEP in n for n in notes)
 

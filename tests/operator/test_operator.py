@@ -24,7 +24,7 @@ from pretrain_trainer.metrics import Health, TrainerMetrics, serve
 from tests.operator.conftest import GROUP, PLURAL, VERSION, Operator, job, running_operator
 from tests.support.controlplane import ControlPlane
 from tests.support.fixtures import Identity
-from tests.support.kubelet import Kubelet, names, runs_agent
+from tests.support.kubelet import Kubelet, names
 
 
 def jobs(kube: Kubelet) -> str:
@@ -65,27 +65,11 @@ def workers(kube: Kubelet, *, phase: str | None = None) -> list[str]:
 
 
 def attempts(kube: Kubelet) -> dict[int, list[str]]:
-    """The workers running each attempt: pods Running and labelled with it, and where a pod
-    runs an agent, its agent running it (an order relabels a pod before it reaches the agent)."""
-    found: dict[int, list[str]] = {}
-    for pod in live(kube.pods("worker")):
-        name, labels = pod["metadata"]["name"], pod["metadata"]["labels"]
-        number = int(labels.get("pretrain.dev/attempt", "0"))
-        if pod.get("status", {}).get("phase") != "Running":
-            continue
-        agent = kube.agents.get(name)
-        if runs_agent(pod) and (
-            agent is None or agent.state.attempt != number or not agent.state.running
-        ):
-            continue
-        found.setdefault(number, []).append(name)
-    return {n: sorted(names) for n, names in found.items()}
+    return kube.attempts()
 
 
 def attempt(kube: Kubelet, number: int, size: int = 2) -> list[str]:
-    """The running workers of attempt ``number`` once there are ``size`` of them, else []."""
-    names = attempts(kube).get(number, [])
-    return names if len(names) == size else []
+    return kube.attempt(number, size)
 
 
 def uids(kube: Kubelet, pods: list[str]) -> list[str]:
@@ -363,6 +347,7 @@ def test_restarting_the_operator_in_any_phase_duplicates_nothing_and_keeps_statu
         for pod in group:
             kube.finish(pod, exit_code=0, report=report(1))
         kube.eventually(lambda: status(kube).get("phase") == "Succeeded")
+        kube.eventually(lambda: kube.pods() == [], what="pods gone")  # agents' pods still ran
     restart_changes_nothing()  # Succeeded
     assert status(kube)["restarts"] == restarts  # restarts of the operator are not the job's
 
@@ -385,7 +370,7 @@ def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplica
     kube: Kubelet, controlplane: ControlPlane, operator_identity: Identity
 ) -> None:
     create(kube, job())
-    failing = FailingClient(controlplane.client(operator_identity.token), fail="demo-a1-w1")
+    failing = FailingClient(controlplane.client(operator_identity.token), fail="demo-w1")
 
     def once(client: KubeClient) -> None:
         body = client.get_job(kube.namespace, "demo")
@@ -409,14 +394,14 @@ def test_a_reconcile_that_died_half_way_is_completed_by_the_next_without_duplica
     # The standbys may not be seen Running yet: the passes before that wait and create nothing.
     kube.eventually(dies_half_way, what="the pass that dies half-way")
     assert failing.fail is None
-    assert workers(kube) == ["demo-a1-w0"]
+    assert workers(kube) == ["demo-w0"]
     assert len(kube.pods("standby")) == 2  # a standby yields only once every worker exists
-    first = kube.pod("demo-a1-w0")["metadata"]["uid"]
+    first = kube.pod("demo-w0")["metadata"]["uid"]
     assert status(kube).get("attempt", 0) == 0
     # The next passes decide the same attempt again: worker 0 exists (409, fine), 1 is created.
     kube.eventually(lambda: (once(failing), attempt(kube, 1))[1], what="attempt 1")
-    assert workers(kube) == ["demo-a1-w0", "demo-a1-w1"]
-    assert kube.pod("demo-a1-w0")["metadata"]["uid"] == first
+    assert workers(kube) == ["demo-w0", "demo-w1"]
+    assert kube.pod("demo-w0")["metadata"]["uid"] == first
     assert status(kube)["attempt"] == 1
     assert reasons(kube).count("Created") == 1
 

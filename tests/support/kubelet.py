@@ -190,6 +190,49 @@ class Kubelet:
         pod: dict[str, Any] = self.client.request("GET", path)
         return pod
 
+    def ready_as(self, name: str, ready: bool) -> None:
+        """What the kubelet writes when a pod's readiness probe changes its answer."""
+        pod = self.pod(name)
+        status = pod.get("status") or {}
+        kept = [
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") not in ("Ready", "ContainersReady")
+        ]
+        flag = "True" if ready else "False"
+        conditions = [
+            *kept,
+            {"type": "ContainersReady", "status": flag},
+            {"type": "Ready", "status": flag},
+        ]
+        self._status(name, {"conditions": conditions})
+
+    def attempts(self) -> dict[int, list[str]]:
+        """The worker pods running each attempt: Running, not being deleted, labelled with it,
+        and where a pod runs an agent, its agent running it (an order relabels a pod before
+        it reaches the agent)."""
+        found: dict[int, list[str]] = {}
+        for pod in self.pods("worker"):
+            name, labels = pod["metadata"]["name"], pod["metadata"]["labels"]
+            number = int(labels.get("pretrain.dev/attempt", "0"))
+            if pod.get("status", {}).get("phase") != "Running":
+                continue
+            if pod["metadata"].get("deletionTimestamp"):
+                continue
+            with self.lock:
+                agent = self.agents.get(name)
+            if runs_agent(pod) and (
+                agent is None or agent.state.attempt != number or not agent.state.running
+            ):
+                continue
+            found.setdefault(number, []).append(name)
+        return {n: sorted(names) for n, names in found.items()}
+
+    def attempt(self, number: int, size: int = 2) -> list[str]:
+        """The running workers of attempt ``number`` once there are ``size`` of them, else []."""
+        names = self.attempts().get(number, [])
+        return names if len(names) == size else []
+
     def _status(self, name: str, status: dict[str, Any]) -> None:
         self.client.request(
             "PATCH",
@@ -292,7 +335,11 @@ class Kubelet:
         """The pod's containers start: nothing runs in them, but a worker agent's pod answers
         as its agent would (:class:`AgentDouble`)."""
         if runs_agent(pod):
-            double = AgentDouble(self.pod_ip(pod))
+            name = pod["metadata"]["name"]
+            double = AgentDouble(
+                self.pod_ip(pod),
+                on_ready=lambda ready: self._call(lambda: self.ready_as(name, ready)),
+            )
             with self.lock:
                 self.agents[pod["metadata"]["name"]] = double
                 self.agent_nodes[pod["metadata"]["name"]] = pod["spec"]["nodeName"]
@@ -399,7 +446,9 @@ class AgentDouble:
     order starts its attempt (running until a test ends it, or it is stopped); the same order
     again changes nothing; an older one is refused with 409, as by the agent."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, *, on_ready: Callable[[bool], None]) -> None:
+        """``on_ready`` hears what its pod's readiness probe would say, when that changes."""
+        self.on_ready = on_ready
         self.identity = f"double-{host}"
         self.order: contract.AttemptOrder | None = None
         self.state = contract.AgentState(agent=self.identity)
@@ -412,15 +461,17 @@ class AgentDouble:
     def end(self, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
         """Its attempt's trainers exit."""
         with self.lock:
-            if self.state.running:
-                self.state = self.state.model_copy(
-                    update={
-                        "running": False,
-                        "exit_code": exit_code,
-                        "ended_at": time.time(),
-                        "report": json.dumps(report) if report is not None else None,
-                    }
-                )
+            if not self.state.running:
+                return
+            self.state = self.state.model_copy(
+                update={
+                    "running": False,
+                    "exit_code": exit_code,
+                    "ended_at": time.time(),
+                    "report": json.dumps(report) if report is not None else None,
+                }
+            )
+        self.on_ready(False)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -430,17 +481,22 @@ class AgentDouble:
         with self.lock:
             if self.order is not None and order.attempt < self.order.attempt:
                 return 409, json.dumps({"error": "older than the running attempt"})
-            if order != self.order:
-                self.order = order
-                self.orders.append(order)
-                self.state = contract.AgentState(
-                    agent=self.identity,
-                    attempt=order.attempt,
-                    stage=order.stage,
-                    running=True,
-                    started_at=time.time(),
-                )
-            return 200, self.state.to_json()
+            if order == self.order:
+                return 200, self.state.to_json()
+            ended = self.state.exit_code is not None
+            self.order = order
+            self.orders.append(order)
+            self.state = contract.AgentState(
+                agent=self.identity,
+                attempt=order.attempt,
+                stage=order.stage,
+                running=True,
+                started_at=time.time(),
+            )
+            answer = self.state.to_json()
+        if ended:
+            self.on_ready(True)
+        return 200, answer
 
     def _stop(self, attempt: int) -> tuple[int, str]:
         if self.state.attempt == attempt:

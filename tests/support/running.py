@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ class RunningKubelet(Kubelet):
                 }
             with self.lock:
                 self.started.append((name, meta["uid"], time.time()))
+            if "pretrain_trainer.agent" in container["command"]:
+                threading.Thread(target=self._probe, args=(pod,), daemon=True).start()
         else:
             return  # a standby sleeps: nothing to run
         log = (self.workdir / f"{name}.log").open("ab")
@@ -115,6 +118,30 @@ class RunningKubelet(Kubelet):
         endpoint = f"--rdzv-endpoint=127.0.0.1:{self.rendezvous_port}"
         args = container["command"][1:]  # after "torchrun"
         return [endpoint if a.startswith("--rdzv-endpoint=") else a for a in args]
+
+    def _probe(self, pod: dict[str, Any]) -> None:
+        """The pod's readiness probe (``GET /ready`` on its agent), every half second while it
+        runs; a changed answer is written to the pod, as a kubelet does."""
+        name = pod["metadata"]["name"]
+        url = f"http://{self.pod_ip(pod)}:{contract.AGENT_PORT}/ready"
+        was: bool | None = None
+        while True:
+            with self.lock:
+                popen = self.processes.get(name)
+                if name in self._leaving or name in self.killed_at or popen is None:
+                    return
+            if popen.poll() is not None:
+                return
+            try:
+                with urllib.request.urlopen(url, timeout=1.0) as response:
+                    ready = response.status == 200
+            except (OSError, ValueError):
+                ready = False
+            if ready != was:
+                with contextlib.suppress(Exception):
+                    self.ready_as(name, ready)
+                was = ready
+            time.sleep(0.5)
 
     @staticmethod
     def _agent_args(container: dict[str, Any], folder: Path) -> list[str]:

@@ -9,6 +9,8 @@ trainer's runtime once (:mod:`.preload`); every trainer process is then a fork o
 milliseconds. The control plane talks to it over HTTP (JSON, the contract's records):
 
 ``GET /``            :class:`~.contract.AgentState`: its identity and latest attempt.
+``GET /ready``       the same, with 503 once that attempt has ended: the pod's readiness
+                     probe, so an attempt's end changes the pod and its watchers hear of it.
 ``PUT /attempt``     an :class:`~.contract.AttemptOrder`: start that attempt's processes
                      (ranks ``rank * N ... rank * N + N - 1`` of ``workers * N``), after
                      killing an older attempt's; the same order again is a no-op.
@@ -251,7 +253,11 @@ def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
         def do_GET(self) -> None:
-            self._reply(200, agent.state().to_json())
+            state = agent.state()
+            if self.path == "/ready":  # the pod's readiness: its attempt has not ended
+                self._reply(503 if state.exit_code is not None else 200, state.to_json())
+                return
+            self._reply(200, state.to_json())
 
         def do_PUT(self) -> None:
             order = contract.AttemptOrder.parse(self._body())

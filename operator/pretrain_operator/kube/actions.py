@@ -360,6 +360,8 @@ def _slot_pods(
     """Slot pods that must stop their attempt, or go."""
     group, stop = result.group, set(result.stop)
     useful = useful_slots(job, _stage(result))
+    by_slot = {int(_label(p, SLOT) or -1): p for p in pods if _label(p, ROLE) == WORKER}
+    placing = group is not None and not all(_scheduled(by_slot.get(s)) for s in group.slots)
     found: list[Action] = []
     for pod in pods:
         if _label(pod, ROLE) != WORKER:
@@ -369,6 +371,8 @@ def _slot_pods(
         ours = group is not None and slot in group.slots
         if _gone(pod, nodes):
             found += _delete(pod, nodes)
+        elif placing and not ours and not _scheduled(pod):
+            found += _delete(pod, nodes, grace=0)  # it would compete for the group's nodes
         elif state is None or address is None or ours:
             continue  # not answering yet, or the group's (see _ordered)
         elif state.running and state.attempt is not None:
@@ -397,6 +401,9 @@ def _ordered(
     if group is None:
         return []
     found: list[Action] = []
+    pods = [by_name.get(slot_pod_name(job, slot)) for slot in group.slots]
+    if not any(p is not None and _label(p, ATTEMPT) == str(group.attempt) for p in pods):
+        found.append(Replace(config_map(job)))  # a new attempt: the spec may have changed
     yielding: list[Action] = []
     for rank, slot in enumerate(group.slots):
         name = slot_pod_name(job, slot)

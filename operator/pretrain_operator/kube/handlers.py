@@ -29,6 +29,7 @@ from ..api import GROUP, PLURAL, VERSION, Phase
 from ..telemetry.metrics import JobSnapshot, OperatorMetrics
 from ..telemetry.progress import TrainerProgress
 from . import progress
+from .agents import AgentCache, read_agents
 from .cache import Expectations
 from .client import ApiError, KubeClient, TemporaryApiError
 from .objects import JOB
@@ -123,11 +124,12 @@ class JobLoops:
         wake = self.wakes.setdefault(key, asyncio.Event())
         client = self.make_client()
         expectations = Expectations()
+        agents = AgentCache(refresh_seconds=self.settings.agent_poll_seconds)
         try:
             while not stopped:
                 wake.clear()
                 wait = await self._pass_safely(
-                    client, key, expectations=expectations, indexes=kw, logger=logger
+                    client, key, expectations=expectations, indexes=kw, logger=logger, agents=agents
                 )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=wait)
@@ -144,12 +146,18 @@ class JobLoops:
         expectations: Expectations,
         indexes: Mapping[str, Any],
         logger: kopf.Logger,
+        agents: AgentCache,
     ) -> float:
         """One pass in a thread; returns how long to sleep. Errors never end the loop."""
         wait = self.settings.resync_seconds
         try:
             requeue = await asyncio.to_thread(
-                self.one_pass, client, key, expectations=expectations, indexes=indexes
+                self.one_pass,
+                client,
+                key,
+                expectations=expectations,
+                indexes=indexes,
+                agents=agents,
             )
             if requeue is not None:
                 wait = min(max(requeue, 0.05), wait)
@@ -173,6 +181,7 @@ class JobLoops:
         *,
         expectations: Expectations,
         indexes: Mapping[str, Any],
+        agents: AgentCache | None = None,
     ) -> float | None:
         started = time.perf_counter()
         try:
@@ -191,6 +200,7 @@ class JobLoops:
                 pods=pods,
                 readiness=readiness,
                 progress=self._progress_reader(key),
+                agents=agents or read_agents,
             )
             applied = outcome.applied
             now = time.monotonic()

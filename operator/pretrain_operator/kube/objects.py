@@ -56,6 +56,7 @@ CONFIG_DIR = "/etc/pretrain"
 MEMORY_DIR = "/var/lib/pretrain/memory"  # a worker pod's in-memory checkpoint tier
 ATTEMPTS_DIR = "/var/lib/pretrain/attempts"  # the agent's attempt logs and reports
 AGENT_PORT_NAME = "agent"
+READINESS_PERIOD_SECONDS = 2
 TORCHRUN_SHUTDOWN_SECONDS = 30  # torchrun's TORCH_ELASTIC_SHUTDOWN_TIMEOUT default
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_GROUP_LABEL = "kueue.x-k8s.io/pod-group-name"
@@ -105,7 +106,7 @@ class Options:
     gang: Gang = Gang()
     standby_priority_class: str | None = None
     metrics_port: int = contract.DEFAULT_METRICS_PORT
-    agents: bool = False
+    agents: bool = True
     """Worker pods run the worker agent and outlive attempts (one per slot, ``<job>-w<slot>``);
     otherwise each attempt has its own pods running torchrun."""
 
@@ -427,6 +428,14 @@ def agent_pod(
         "initialDelaySeconds": 60,  # the fork server imports torch and DeepSpeed first
         "periodSeconds": 10,
         "failureThreshold": 3,
+    }
+    # Not ready once its attempt ended: the pod changes, so the operator's watch hears of a
+    # trainer's end within a period, without reading every agent every second.
+    container["readinessProbe"] = {
+        "httpGet": {"path": "/ready", "port": AGENT_PORT_NAME},
+        "periodSeconds": READINESS_PERIOD_SECONDS,
+        "failureThreshold": 1,
+        "successThreshold": 1,
     }
     return pod
 

@@ -337,6 +337,11 @@ def observe_agents(
             worker = Worker(
                 slot=slot, state=WorkerState.LOST, attempt=attempt, reason="pod deleted"
             )
+        if worker is not None and worker.state == WorkerState.PENDING and slot not in group:
+            # A pod made for a group the status does not know (the pass that created it died)
+            # or one that lost its group before it was placed: its slot's standby, if any,
+            # still says what the slot has, so the next pass decides what the last one did.
+            worker = None if slot in standby else worker
         if worker is None and slot in standby and unschedulable(standby[slot]):
             continue  # no node for it: not capacity on its way, so nothing waits for it
         if worker is None and slot in standby:

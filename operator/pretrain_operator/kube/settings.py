@@ -73,12 +73,14 @@ class OperatorSettings(BaseModel):
     """Port of the trainers' /metrics and /healthz in worker pods (read for status progress)."""
     progress_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
     """Least time between two progress updates (step, tokens, loss, ETA) of a job's status."""
-    worker_agents: bool = False
+    worker_agents: bool = True
     """Worker pods run the worker agent and outlive attempts: a restart, a resize or a new
-    stage reaches the surviving pods as an order, and restores from their memory tier."""
-    agent_poll_seconds: Annotated[float, Field(gt=0, le=60)] = 1.0
-    """With worker agents: longest time between two reads of a running job's agents (how soon
-    a trainer's end is seen; a pod or node event is seen at once)."""
+    stage reaches the surviving pods as an order, and restores from their memory tier. Off:
+    a pod per attempt running torchrun (where the operator cannot reach pods on port 9401)."""
+    agent_poll_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    """With worker agents: longest time between two reads of a job's agents. A trainer's end
+    is seen sooner: its pod turns not ready (the readiness probe, every 2 s), an event the
+    operator watches; this is the safety net."""
     watch_nodes: bool = True
     """Watch nodes so a NotReady node's workers count as lost at once (needs read on nodes)."""
     recovery_budgets: Annotated[

@@ -1,6 +1,7 @@
 """What a pass does to a job's objects (``kube.actions``): the policies the planner leaves to
 the Kubernetes backend (terminal phases, the rendezvous pod's health, stale workers, a new
-attempt's config and gang, standbys), as data."""
+attempt's config and gang, standbys), as data, for worker pods that run torchrun (a pod per
+attempt; ``test_kube_agents.py`` has pods that run agents)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ JOB = parse_job(
     | {"metadata": {"name": "demo", "namespace": "ml"}}
 )
 READY = {"n0": True, "n1": True, "down": False}
-SETUP = [("create", o["kind"], o["metadata"]["name"]) for o in job_objects(JOB, Options())]
+PODS = Options(agents=False)  # a pod per attempt, running torchrun (test_kube_agents: agents)
+SETUP = [("create", o["kind"], o["metadata"]["name"]) for o in job_objects(JOB, PODS)]
 
 
 def placed(pod: dict[str, Any], *, node: str | None = "n0", phase: str = "Running") -> dict:
@@ -87,7 +89,7 @@ def said(todo: list[Action]) -> list[tuple[Any, ...]]:
 
 def test_a_steady_group_needs_nothing() -> None:
     pods = [RENDEZVOUS, worker(1, 0), worker(1, 1)]
-    assert actions(JOB, running(1), pods, nodes=READY, options=Options()) == []
+    assert actions(JOB, running(1), pods, nodes=READY, options=PODS) == []
 
 
 @pytest.mark.parametrize("phase", [Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED])
@@ -96,7 +98,7 @@ def test_a_finished_or_suspended_job_deletes_every_pod_not_yet_going(phase: Phas
     going["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     pods = [RENDEZVOUS, worker(1, 0), going, standby(2)]
     result = Plan(group=None, status=JobStatus(phase=phase))
-    assert said(actions(JOB, result, pods, nodes=READY, options=Options())) == [
+    assert said(actions(JOB, result, pods, nodes=READY, options=PODS)) == [
         ("delete", "Pod", "demo-rdzv", None),
         ("delete", "Pod", "demo-a1-w0", None),
         ("delete", "Pod", "demo-standby-w2", None),
@@ -110,7 +112,7 @@ def test_a_finished_or_suspended_job_deletes_every_pod_not_yet_going(phase: Phas
 )
 def test_a_rendezvous_pod_that_cannot_serve_is_replaced_at_once(rendezvous: dict) -> None:
     pods = [rendezvous, worker(1, 0), worker(1, 1)]
-    todo = actions(JOB, running(1), pods, nodes=READY, options=Options())
+    todo = actions(JOB, running(1), pods, nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-rdzv", 0), *SETUP]
 
 
@@ -122,20 +124,18 @@ def deleting(pod: dict[str, Any]) -> dict[str, Any]:
 def test_pods_on_a_node_that_is_down_are_deleted_at_once_even_when_already_going() -> None:
     # No kubelet confirms a graceful deletion there: the pod would keep its name for good.
     pods = [deleting(placed(rendezvous_pod(JOB), node="down")), worker(1, 0), worker(1, 1)]
-    todo = actions(JOB, running(1), pods, nodes=READY, options=Options())
+    todo = actions(JOB, running(1), pods, nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-rdzv", 0), *SETUP]
     lost = deleting(worker(1, 0, node="down"))
     result = Plan(group=None, status=JobStatus(phase=Phase.SUSPENDED))
-    todo = actions(JOB, result, [lost, worker(1, 1)], nodes=READY, options=Options())
+    todo = actions(JOB, result, [lost, worker(1, 1)], nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-a1-w0", 0), ("delete", "Pod", "demo-a1-w1", None)]
 
 
 def test_a_delete_names_the_uid_it_saw_so_a_newer_pod_of_that_name_survives() -> None:
     seen = placed(rendezvous_pod(JOB), node="down")
     seen["metadata"]["uid"] = "old-uid"
-    todo = actions(
-        JOB, running(1), [seen, worker(1, 0), worker(1, 1)], nodes=READY, options=Options()
-    )
+    todo = actions(JOB, running(1), [seen, worker(1, 0), worker(1, 1)], nodes=READY, options=PODS)
     assert isinstance(todo[0], Delete)
     assert todo[0].uid == "old-uid"
 
@@ -143,21 +143,21 @@ def test_a_delete_names_the_uid_it_saw_so_a_newer_pod_of_that_name_survives() ->
 def test_a_worker_lost_with_its_node_frees_its_slot_for_a_standby() -> None:
     lost = deleting(worker(1, 1, node="down"))
     pods = [RENDEZVOUS, worker(2, 0, slots=(0,)), lost]
-    todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=Options())
+    todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-a1-w1", 0), ("create", "Pod", "demo-standby-w1")]
     # Waiting for capacity after the loss: the lost worker of the attempt that ended goes too.
     waiting = Plan(group=None, status=JobStatus(phase=Phase.RESTARTING, attempt=1))
     pods = [RENDEZVOUS, worker(1, 0, node="down")]
-    todo = actions(JOB, waiting, pods, nodes=READY, options=Options())
+    todo = actions(JOB, waiting, pods, nodes=READY, options=PODS)
     assert ("delete", "Pod", "demo-a1-w0", 0) in said(todo)
     stranded = standby(1, node="down")  # a standby whose node went: ask again elsewhere
     pods = [RENDEZVOUS, worker(2, 0, slots=(0,)), stranded]
-    todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=Options())
+    todo = actions(JOB, running(2, slots=(0,)), pods, nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-standby-w1", 0)]
 
 
 def test_a_new_job_gets_its_objects_then_its_config_and_workers() -> None:
-    todo = actions(JOB, running(1), [], nodes=READY, options=Options())
+    todo = actions(JOB, running(1), [], nodes=READY, options=PODS)
     assert said(todo) == [
         *SETUP,
         ("replace", "ConfigMap", "demo-config"),
@@ -169,7 +169,7 @@ def test_a_new_job_gets_its_objects_then_its_config_and_workers() -> None:
 def test_a_new_attempt_stops_older_workers_and_replaces_standbys_after_its_workers() -> None:
     pods = [RENDEZVOUS, worker(1, 0), worker(1, 1, phase="Failed"), standby(1, node=None)]
     result = running(2, slots=(0, 1), stop=(0,))
-    assert said(actions(JOB, result, pods, nodes=READY, options=Options())) == [
+    assert said(actions(JOB, result, pods, nodes=READY, options=PODS)) == [
         ("delete", "Pod", "demo-a1-w0", None),
         ("delete", "Pod", "demo-a1-w1", None),
         ("replace", "ConfigMap", "demo-config"),
@@ -183,7 +183,7 @@ def test_a_group_left_half_created_keeps_its_standbys_until_every_worker_exists(
     # The pass that created worker 0 died before worker 1: the next creates worker 1, and only
     # then lets both standbys go (the creates of a pass go out at once).
     pods = [RENDEZVOUS, worker(2, 0), standby(0), standby(1, node="n1")]
-    assert said(actions(JOB, running(2), pods, nodes=READY, options=Options())) == [
+    assert said(actions(JOB, running(2), pods, nodes=READY, options=PODS)) == [
         ("create", "Pod", "demo-a2-w1"),
         ("delete", "Pod", "demo-standby-w0", 0),
         ("delete", "Pod", "demo-standby-w1", 0),
@@ -191,7 +191,7 @@ def test_a_group_left_half_created_keeps_its_standbys_until_every_worker_exists(
 
 
 def test_a_gang_gets_its_pod_group_before_its_pods_and_the_old_one_goes() -> None:
-    options = Options(gang=Gang("volcano"))
+    options = Options(gang=Gang("volcano"), agents=False)
     todo = actions(JOB, running(3, slots=(0,)), [RENDEZVOUS], nodes=READY, options=options)
     assert said(todo)[:4] == [
         ("replace", "ConfigMap", "demo-config"),
@@ -205,10 +205,10 @@ def test_a_gang_gets_its_pod_group_before_its_pods_and_the_old_one_goes() -> Non
 
 def test_idle_useful_slots_get_standbys_unless_a_worker_holds_them() -> None:
     pods = [RENDEZVOUS, worker(1, 0, slots=(0,))]
-    todo = actions(JOB, running(1, slots=(0,)), pods, nodes=READY, options=Options())
+    todo = actions(JOB, running(1, slots=(0,)), pods, nodes=READY, options=PODS)
     assert said(todo) == [("create", "Pod", "demo-standby-w1")]
     old = worker(0, 1, slots=(1,), phase="Pending", node=None)  # an older worker still leaving
-    todo = actions(JOB, running(1, slots=(0,)), [*pods, old], nodes=READY, options=Options())
+    todo = actions(JOB, running(1, slots=(0,)), [*pods, old], nodes=READY, options=PODS)
     assert ("create", "Pod", "demo-standby-w1") not in said(todo)
 
 
@@ -220,7 +220,7 @@ def test_standbys_stop_at_the_largest_group_that_trains_faster() -> None:
     )
     job = parse_job(doc | {"metadata": {"name": "demo", "namespace": "ml"}})
     pods = [placed(rendezvous_pod(job)), placed(worker_pod(job, Group(0, 1, (0,)), 0))]
-    todo = actions(job, running(1, slots=(0,)), pods, nodes=READY, options=Options())
+    todo = actions(job, running(1, slots=(0,)), pods, nodes=READY, options=PODS)
     assert said(todo) == [
         ("create", "Pod", "demo-standby-w1"),
         ("create", "Pod", "demo-standby-w2"),
@@ -230,11 +230,11 @@ def test_standbys_stop_at_the_largest_group_that_trains_faster() -> None:
 def test_standbys_yield_while_the_group_is_being_placed_and_failed_ones_ask_again() -> None:
     placing = [RENDEZVOUS, worker(2, 0, slots=(0,), node=None, phase="Pending")]
     waiting = standby(1, node=None, phase="Pending")
-    todo = actions(JOB, running(2, slots=(0,)), [*placing, waiting], nodes=READY, options=Options())
+    todo = actions(JOB, running(2, slots=(0,)), [*placing, waiting], nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-standby-w1", 0)]
     evicted = standby(1, phase="Failed")
     steady = [RENDEZVOUS, worker(2, 0, slots=(0,))]
-    todo = actions(JOB, running(2, slots=(0,)), [*steady, evicted], nodes=READY, options=Options())
+    todo = actions(JOB, running(2, slots=(0,)), [*steady, evicted], nodes=READY, options=PODS)
     assert said(todo) == [("delete", "Pod", "demo-standby-w1", None)]
     assert isinstance(todo[0], Delete)
     assert todo[0].pod is evicted  # what the watch cache's expectations remember
@@ -305,9 +305,7 @@ def test_the_running_workers_carry_the_newest_checkpoint_once() -> None:
     plan = Plan(group=plan.group, status=plan.status.model_copy(update={"last_checkpoint": newest}))
     pods = [RENDEZVOUS, worker(1, 0), worker(1, 1, phase="Pending"), worker(0, 1, phase="Failed")]
     todo = [
-        a
-        for a in actions(JOB, plan, pods, nodes=READY, options=Options())
-        if isinstance(a, Annotate)
+        a for a in actions(JOB, plan, pods, nodes=READY, options=PODS) if isinstance(a, Annotate)
     ]
     wanted = {
         "pretrain.dev/last-checkpoint-time": "2026-12-01T08:30:00Z",
@@ -316,5 +314,5 @@ def test_the_running_workers_carry_the_newest_checkpoint_once() -> None:
     assert todo == [Annotate(worker(1, 0)["metadata"]["name"], wanted)]  # running, this attempt
     annotated = worker(1, 0)
     annotated["metadata"]["annotations"] = wanted
-    again = actions(JOB, plan, [RENDEZVOUS, annotated], nodes=READY, options=Options())
+    again = actions(JOB, plan, [RENDEZVOUS, annotated], nodes=READY, options=PODS)
     assert not [a for a in again if isinstance(a, Annotate)]  # already said: no write

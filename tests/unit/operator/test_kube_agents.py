@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from pretrain_operator.api import JobStatus, Phase, StageStatus, WorkersStatus, parse_job
 from pretrain_operator.kube.actions import Create, Delete, Order, Stop, actions
+from pretrain_operator.kube.agents import AgentCache
 from pretrain_operator.kube.objects import (
     ATTEMPTS_DIR,
     MEMORY_DIR,
@@ -22,6 +23,7 @@ from pretrain_operator.kube.objects import (
 from pretrain_operator.kube.observe import observe_agents
 from pretrain_operator.plan import Group, Plan, Worker, WorkerState
 from pretrain_trainer import contract
+from pretrain_trainer.agent_client import AgentError
 from pretrain_trainer.contract import AgentState
 
 from tests.conftest import minimal_job
@@ -78,6 +80,8 @@ def test_a_slot_pod_runs_the_agent_with_its_memory_tier_in_memory_and_no_attempt
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["memory"]["emptyDir"] == {"medium": "Memory"}
     assert container["livenessProbe"]["httpGet"]["port"] == "agent"
+    # An attempt's end turns the pod not ready: the event that tells the operator.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "agent"}
     assert {"name": "agent", "containerPort": contract.AGENT_PORT} in container["ports"]
     labels = pod["metadata"]["labels"]
     assert (labels["pretrain.dev/attempt"], labels["pretrain.dev/rank"]) == ("3", "1")
@@ -173,7 +177,7 @@ def test_an_agent_still_running_the_old_attempt_is_stopped_before_its_order() ->
 
 
 def test_a_shrunk_group_stops_the_slot_it_left_and_keeps_its_pod_warm() -> None:
-    pods = [placed_rendezvous(), slot_pod(0), slot_pod(1)]
+    pods = [placed_rendezvous(), slot_pod(0, attempt=2), slot_pod(1)]
     states = {"demo-w0": ran(2), "demo-w1": ran(1)}
     todo = actions(
         JOB, running(2, slots=(0,), stop=(1,)), pods, nodes=READY, options=AGENTS, agents=states
@@ -201,7 +205,12 @@ def test_a_group_slot_without_a_pod_gets_one_and_its_standby_goes_after() -> Non
     kinds = [
         (type(a).__name__, getattr(a, "name", None) or a.obj["metadata"]["name"]) for a in todo
     ]
-    assert kinds == [("Order", "demo-w0"), ("Create", "demo-w1"), ("Delete", "demo-standby-w1")]
+    assert kinds == [
+        ("Replace", "demo-config"),  # a new attempt: the spec may have changed
+        ("Order", "demo-w0"),
+        ("Create", "demo-w1"),
+        ("Delete", "demo-standby-w1"),
+    ]
 
 
 def placed_rendezvous() -> dict[str, Any]:
@@ -220,3 +229,78 @@ def test_with_agents_too_a_standby_with_no_node_is_not_waited_for() -> None:
         [slot_pod(0), stuck], READY, {"demo-w0": ran(2)}, attempt=2, group_slots=[0], slots=2
     )
     assert [w.slot for w in observed.workers] == [0]
+
+
+def test_a_pod_of_a_group_the_status_does_not_know_leaves_its_slot_to_its_standby() -> None:
+    """The pass that created it died before the status: the next one must see what it saw."""
+    made = slot_pod(0, phase="Pending")
+    del made["spec"]["nodeName"]
+    standby = copy.deepcopy(standby_pod(JOB, 0))
+    standby["spec"]["nodeName"], standby["status"] = "n0", {"phase": "Running"}
+    observed = observe_agents([made, standby], READY, {}, attempt=0, group_slots=[], slots=1)
+    assert observed.workers == (Worker(0, S.IDLE),)
+
+
+def test_an_unplaced_slot_pod_outside_the_group_yields_while_the_group_is_placed() -> None:
+    left = slot_pod(1, phase="Pending")
+    del left["spec"]["nodeName"]
+    group = slot_pod(0, attempt=2, phase="Pending")
+    del group["spec"]["nodeName"]
+    todo = actions(
+        JOB,
+        running(2, slots=(0,)),
+        [placed_rendezvous(), group, left],
+        nodes=READY,
+        options=AGENTS,
+        agents={},
+    )
+    assert [(type(a), getattr(a, "name", None)) for a in todo] == [(Delete, "demo-w1")]
+
+
+class Answers:
+    """Stands for the network: each address's agent answers with what the test says."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, AgentState | None] = {}
+        self.asked: list[str] = []
+
+    def connect(self, address: str) -> Any:
+        answers = self
+
+        class Client:
+            def state(self) -> AgentState:
+                answers.asked.append(address)
+                state = answers.states.get(address)
+                if state is None:
+                    raise AgentError(f"{address}: no answer")
+                return state
+
+        return Client()
+
+
+def test_the_agent_cache_reads_again_only_changed_or_silent_pods_and_all_of_them_at_refresh() -> (
+    None
+):
+    clock = [0.0]
+    answers = Answers()
+    cache = AgentCache(refresh_seconds=15, connect=answers.connect, clock=lambda: clock[0])
+    w0, w1 = slot_pod(0), slot_pod(1)
+    w0["metadata"]["resourceVersion"], w1["metadata"]["resourceVersion"] = "1", "1"
+    a0, a1 = f"10.0.0.1:{contract.AGENT_PORT}", f"10.0.0.2:{contract.AGENT_PORT}"
+    answers.states = {a0: ran(1), a1: None}  # w1's agent still starting
+    assert cache([w0, w1]) == {"demo-w0": ran(1), "demo-w1": None}
+    answers.states[a1] = ran(1)
+    clock[0] = 1
+    assert cache([w0, w1])["demo-w1"] == ran(1)  # it said nothing last time: asked again
+    assert answers.asked == [a0, a1, a1]
+    clock[0] = 2
+    assert cache([w0, w1]) == {"demo-w0": ran(1), "demo-w1": ran(1)}
+    assert answers.asked == [a0, a1, a1]  # a steady pass reads no agent
+    answers.states[a0] = ran(1, running=False, code=1)
+    w0["metadata"]["resourceVersion"] = "2"  # its readiness changed
+    assert cache([w0, w1])["demo-w0"] == ran(1, running=False, code=1)
+    assert answers.asked == [a0, a1, a1, a0]
+    clock[0] = 20  # the safety net: everyone again
+    cache([w0])
+    assert answers.asked[-1:] == [a0]
+    assert "demo-w1" not in cache([w0])  # a pod that went is forgotten
