@@ -201,7 +201,8 @@ def test_stage_reports_move_to_the_next_stage_and_the_last_succeeds_and_cleans_u
             kube.finish(pod, exit_code=0, report=report(0))
         second = kube.eventually(lambda: attempt(kube, 2), what="stage 1")
         assert kube.pod(second[0])["metadata"]["labels"]["pretrain.dev/stage"] == "1"
-        assert status(kube)["stage"]["name"] == "s1"
+        # Written after the pass's orders, which an agent may have started already.
+        kube.eventually(lambda: status(kube)["stage"]["name"] == "s1", what="status of stage 1")
         for pod in second:
             kube.finish(pod, exit_code=0, report=report(1, step=20))
         kube.eventually(lambda: status(kube).get("phase") == "Succeeded", what="Succeeded")

@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from itertools import count
 from typing import Any
 
 import kubernetes
 from pretrain_operator.kube.client import ApiError, KubeClient
 from pretrain_trainer import contract
+from pretrain_trainer.agent import http_handler
 
 from tests.support.controlplane import ControlPlane
 
@@ -222,7 +223,7 @@ class Kubelet:
             with self.lock:
                 agent = self.agents.get(name)
             if runs_agent(pod) and (
-                agent is None or agent.state.attempt != number or not agent.state.running
+                agent is None or agent.state().attempt != number or not agent.state().running
             ):
                 continue
             found.setdefault(number, []).append(name)
@@ -442,28 +443,28 @@ def runs_agent(pod: dict[str, Any]) -> bool:
 
 class AgentDouble:
     """What answers as a worker agent in a pod of this kubelet, where no trainer runs: the
-    agent's HTTP interface (``pretrain_trainer/agent.py``) over the contract's records. An
-    order starts its attempt (running until a test ends it, or it is stopped); the same order
-    again changes nothing; an older one is refused with 409, as by the agent."""
+    agent's own HTTP interface (``pretrain_trainer.agent.http_handler``) over an attempt that
+    runs until a test ends it or it is stopped. The same order again changes nothing; an older
+    one is refused (409), as by the agent."""
 
     def __init__(self, host: str, *, on_ready: Callable[[bool], None]) -> None:
         """``on_ready`` hears what its pod's readiness probe would say, when that changes."""
         self.on_ready = on_ready
         self.identity = f"double-{host}"
         self.order: contract.AttemptOrder | None = None
-        self.state = contract.AgentState(agent=self.identity)
+        self.state_now = contract.AgentState(agent=self.identity)
         self.orders: list[contract.AttemptOrder] = []  # every order it started
         self.lock = threading.Lock()
-        self.server = ThreadingHTTPServer((host, contract.AGENT_PORT), self._handler())
+        self.server = ThreadingHTTPServer((host, contract.AGENT_PORT), http_handler(self))
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def end(self, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
         """Its attempt's trainers exit."""
         with self.lock:
-            if not self.state.running:
+            if not self.state_now.running:
                 return
-            self.state = self.state.model_copy(
+            self.state_now = self.state_now.model_copy(
                 update={
                     "running": False,
                     "exit_code": exit_code,
@@ -477,66 +478,37 @@ class AgentDouble:
         self.server.shutdown()
         self.server.server_close()
 
-    def _run(self, order: contract.AttemptOrder) -> tuple[int, str]:
+    # -- what the agent's HTTP interface calls (pretrain_trainer.agent.http_handler) --
+    def state(self) -> contract.AgentState:
+        with self.lock:
+            return self.state_now
+
+    def run(self, order: contract.AttemptOrder) -> contract.AgentState:
         with self.lock:
             if self.order is not None and order.attempt < self.order.attempt:
-                return 409, json.dumps({"error": "older than the running attempt"})
+                raise ValueError(f"attempt {order.attempt} is older than {self.order.attempt}")
             if order == self.order:
-                return 200, self.state.to_json()
-            ended = self.state.exit_code is not None
+                return self.state_now
+            ended = self.state_now.exit_code is not None
             self.order = order
             self.orders.append(order)
-            self.state = contract.AgentState(
+            self.state_now = contract.AgentState(
                 agent=self.identity,
                 attempt=order.attempt,
                 stage=order.stage,
                 running=True,
                 started_at=time.time(),
             )
-            answer = self.state.to_json()
+            answer = self.state_now
         if ended:
             self.on_ready(True)
-        return 200, answer
+        return answer
 
-    def _stop(self, attempt: int) -> tuple[int, str]:
-        if self.state.attempt == attempt:
+    def stop(self, attempt: int, *, grace: float) -> contract.AgentState:
+        del grace  # nothing runs here to save
+        if self.state().attempt == attempt:
             self.end(exit_code=143)  # SIGTERM: the trainer stops
-        return 200, self.state.to_json()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                del format, args
-
-            def _reply(self, answer: tuple[int, str]) -> None:
-                data = answer[1].encode()
-                self.send_response(answer[0])
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def _body(self) -> bytes:
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def do_GET(self) -> None:
-                with double.lock:
-                    self._reply((200, double.state.to_json()))
-
-            def do_PUT(self) -> None:
-                order = contract.AttemptOrder.parse(self._body())
-                if order is None:
-                    self._reply((400, json.dumps({"error": "not an AttemptOrder"})))
-                    return
-                self._reply(double._run(order))
-
-            def do_POST(self) -> None:
-                body = json.loads(self._body())
-                self._reply(double._stop(int(body["attempt"])))
-
-        return Handler
+        return self.state()
 
 
 def names(objects: Iterable[dict[str, Any]]) -> list[str]:

@@ -95,8 +95,6 @@ class RunningKubelet(Kubelet):
                 }
             with self.lock:
                 self.started.append((name, meta["uid"], time.time()))
-            if "pretrain_trainer.agent" in container["command"]:
-                threading.Thread(target=self._probe, args=(pod,), daemon=True).start()
         else:
             return  # a standby sleeps: nothing to run
         log = (self.workdir / f"{name}.log").open("ab")
@@ -113,6 +111,8 @@ class RunningKubelet(Kubelet):
             self.processes[name] = popen
             self.nodes_of[name] = pod["spec"]["nodeName"]
         threading.Thread(target=self._exited, args=(name, popen), daemon=True).start()
+        if "pretrain_trainer.agent" in container["command"]:
+            threading.Thread(target=self._probe, args=(pod,), daemon=True).start()
 
     def _args(self, container: dict[str, Any]) -> list[str]:
         endpoint = f"--rdzv-endpoint=127.0.0.1:{self.rendezvous_port}"

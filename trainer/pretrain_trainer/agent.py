@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import contract
 
@@ -236,7 +236,20 @@ class Agent:
             current.kill()
 
 
-def _handler(agent: Agent) -> type[BaseHTTPRequestHandler]:
+class Runs(Protocol):
+    """What the HTTP interface drives: the :class:`Agent`, or anything that answers as one."""
+
+    def state(self) -> contract.AgentState: ...
+
+    def run(self, order: contract.AttemptOrder) -> contract.AgentState: ...
+
+    def stop(self, attempt: int, *, grace: float) -> contract.AgentState: ...
+
+
+def http_handler(agent: Runs) -> type[BaseHTTPRequestHandler]:
+    """The agent's HTTP interface over ``agent`` (anything with its ``state``, ``run`` and
+    ``stop``)."""
+
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:
             del format, args  # quiet: the control plane polls often
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     # Blocked only now: the fork server (started above) and its forks keep the usual mask,
     # and the HTTP thread (started below) inherits it, so the signals reach sigwait.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    server = ThreadingHTTPServer((args.host, args.port), _handler(agent))
+    server = ThreadingHTTPServer((args.host, args.port), http_handler(agent))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="agent-http", daemon=True).start()
     print(f"worker agent {agent.identity} ready on {args.host}:{args.port}", flush=True)

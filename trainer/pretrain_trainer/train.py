@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import contract
 from .ckpt.engine import Saved
+from .ckpt.layout import MANIFEST
 from .ckpt.manager import CheckpointManager
 from .ckpt.restore import Restored
 from .config import BatchSplit, RunConfig, Stage
@@ -167,6 +168,9 @@ class Trainer:
             return  # a new stage from the last one's weights: its progress starts at zero
         manifest = restored.manifest
         self.last_checkpoint = restored.path
+        if restored.plan.tier == "memory":  # what reports and the next stage name: storage's
+            stored = self.checkpoints.path_of(manifest.step)
+            self.last_checkpoint = stored if (stored / MANIFEST).is_file() else None
         self.progress.step, self.progress.tokens = manifest.step, manifest.tokens
         loss = manifest.extra.get("loss")
         self.progress.loss = float(loss) if loss is not None else float("nan")
@@ -243,6 +247,8 @@ class Trainer:
         self.metrics.world_size.set(self.world_size)
         if self.progress.step >= total and self.last_checkpoint is not None:
             return self.last_checkpoint  # restored from this stage's final checkpoint
+        if self.progress.step >= total:  # its final state, from memory only: storage gets it
+            self.save(last_step=True, force=True)
         while self.progress.step < total:
             self.train_step()
             if self.stop_requested and self.progress.step < total:

@@ -402,8 +402,12 @@ def _ordered(
         return []
     found: list[Action] = []
     pods = [by_name.get(slot_pod_name(job, slot)) for slot in group.slots]
+    new = sum(1 for p in pods if p is None)
     if not any(p is not None and _label(p, ATTEMPT) == str(group.attempt) for p in pods):
         found.append(Replace(config_map(job)))  # a new attempt: the spec may have changed
+        pod_group = options.gang.pod_group(job, group, members=new) if new else None
+        if pod_group is not None:  # admits the pods this attempt creates, all at once; an
+            found.append(Create(pod_group))  # older one stays while its pods do (the job owns it)
     yielding: list[Action] = []
     for rank, slot in enumerate(group.slots):
         name = slot_pod_name(job, slot)
@@ -412,7 +416,7 @@ def _ordered(
         if standby is not None:
             yielding += _delete(standby, nodes, grace=0)
         if pod is None:
-            found.append(Create(agent_pod(job, group, slot, options=options)))
+            found.append(Create(agent_pod(job, group, slot, options=options, members=new)))
             continue
         state, address = agents.get(name), agent_address(pod)
         if state is None or address is None or not state.agent or state.attempt == group.attempt:

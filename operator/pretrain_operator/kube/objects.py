@@ -71,16 +71,20 @@ class Gang:
 
     scheduler: str | None = None  # "volcano", "coscheduling" or None
 
-    def pod_group(self, job: PretrainJob, group: Group) -> dict[str, Any] | None:
+    def pod_group(
+        self, job: PretrainJob, group: Group, *, members: int | None = None
+    ) -> dict[str, Any] | None:
+        """The attempt's PodGroup: ``members`` pods (the whole group unless fewer are new)."""
+        members = group.world if members is None else members
         name = attempt_name(job, group.attempt)
         if self.scheduler == "volcano":
             api = "scheduling.volcano.sh/v1beta1"
-            spec: dict[str, Any] = {"minMember": group.world}
+            spec: dict[str, Any] = {"minMember": members}
             if job.spec.queue_name:
                 spec["queue"] = job.spec.queue_name
         elif self.scheduler == "coscheduling":
             api = "scheduling.x-k8s.io/v1alpha1"
-            spec = {"minMember": group.world, "scheduleTimeoutSeconds": 600}
+            spec = {"minMember": members, "scheduleTimeoutSeconds": 600}
         else:
             return None
         return {
@@ -299,6 +303,7 @@ def _worker_like(
     env: dict[str, str],
     options: Options,
     memory: bool = False,
+    members: int | None = None,
 ) -> dict[str, Any]:
     """A pod that runs trainers, created for ``group``: its grace, ports, volumes (the memory
     tier's too) and how it is admitted."""
@@ -339,7 +344,8 @@ def _worker_like(
     pod_spec["volumes"] = volumes
     if spec.queue_name:  # Kueue's pod groups: admitted together
         pod["metadata"]["labels"][KUEUE_GROUP_LABEL] = attempt_name(job, group.attempt)
-        pod["metadata"]["annotations"] = {KUEUE_COUNT_ANNOTATION: str(group.world)}
+        count = group.world if members is None else members
+        pod["metadata"]["annotations"] = {KUEUE_COUNT_ANNOTATION: str(count)}
     options.gang.mark(pod, job, group)
     return pod
 
@@ -387,11 +393,17 @@ def worker_pod(
 
 
 def agent_pod(
-    job: PretrainJob, group: Group, slot: int, *, options: Options | None = None
+    job: PretrainJob,
+    group: Group,
+    slot: int,
+    *,
+    options: Options | None = None,
+    members: int | None = None,
 ) -> dict[str, Any]:
     """A slot's worker pod whose main process is the worker agent: created for ``group`` (its
     labels say so until the next order relabels it), it outlives the attempt and runs each
-    later one the operator orders it to, with its memory tier intact."""
+    later one the operator orders it to, with its memory tier intact. ``members``: how many
+    pods are created with it (a gang or Kueue admits those together; the others run)."""
     options = options or Options()
     spec = job.spec
     namespace = job.metadata.namespace or "default"
@@ -420,6 +432,7 @@ def agent_pod(
         env=env,
         options=options,
         memory=True,
+        members=members,
     )
     container = pod["spec"]["containers"][0]
     container["ports"].append({"name": AGENT_PORT_NAME, "containerPort": contract.AGENT_PORT})

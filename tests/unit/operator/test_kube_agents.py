@@ -9,24 +9,26 @@ import json
 from typing import Any
 
 import pytest
-from pretrain_operator.api import JobStatus, Phase, StageStatus, WorkersStatus, parse_job
+from pretrain_operator.api import parse_job
 from pretrain_operator.kube.actions import Create, Delete, Order, Stop, actions
 from pretrain_operator.kube.agents import AgentCache
 from pretrain_operator.kube.objects import (
     ATTEMPTS_DIR,
     MEMORY_DIR,
+    Gang,
     Options,
     agent_pod,
     rendezvous_pod,
     standby_pod,
 )
 from pretrain_operator.kube.observe import observe_agents
-from pretrain_operator.plan import Group, Plan, Worker, WorkerState
+from pretrain_operator.plan import Group, Worker, WorkerState
 from pretrain_trainer import contract
 from pretrain_trainer.agent_client import AgentError
 from pretrain_trainer.contract import AgentState
 
 from tests.conftest import minimal_job
+from tests.unit.operator.test_kube_actions import running
 
 S = WorkerState
 JOB = parse_job(
@@ -53,16 +55,6 @@ def ran(attempt: int, *, running: bool = True, code: int | None = None, **kw: An
     return AgentState(
         agent="a", attempt=attempt, stage=0, running=running, exit_code=code, started_at=5.0, **kw
     )
-
-
-def running(attempt: int, slots: tuple[int, ...] = (0, 1), **update: Any) -> Plan:
-    status = JobStatus(
-        phase=Phase.RUNNING,
-        attempt=attempt,
-        stage=StageStatus(index=0, name="foundation"),
-        workers=WorkersStatus(desired=len(slots), ready=len(slots), slots=list(slots)),
-    )
-    return Plan(group=Group(stage=0, attempt=attempt, slots=slots), status=status, **update)
 
 
 def test_a_slot_pod_runs_the_agent_with_its_memory_tier_in_memory_and_no_attempt_in_its_name() -> (
@@ -304,3 +296,21 @@ def test_the_agent_cache_reads_again_only_changed_or_silent_pods_and_all_of_them
     cache([w0])
     assert answers.asked[-1:] == [a0]
     assert "demo-w1" not in cache([w0])  # a pod that went is forgotten
+
+
+def test_a_gang_admits_only_the_pods_an_attempt_creates() -> None:
+    gang = Options(agents=True, gang=Gang("volcano"))
+    standby = copy.deepcopy(standby_pod(JOB, 1))
+    standby["spec"]["nodeName"], standby["status"] = "n1", {"phase": "Running"}
+    pods = [placed_rendezvous(), slot_pod(0), standby]
+    states = {"demo-w0": ran(2, running=False, code=0)}
+    todo = actions(JOB, running(3), pods, nodes=READY, options=gang, agents=states)
+    created = [a.obj for a in todo if isinstance(a, Create)]
+    assert [(o["kind"], o["metadata"]["name"]) for o in created] == [
+        ("PodGroup", "demo-a3"),
+        ("Pod", "demo-w1"),
+    ]
+    assert created[0]["spec"]["minMember"] == 1  # the surviving pod is already running
+    annotations = created[1]["metadata"]["annotations"]
+    assert annotations["scheduling.k8s.io/group-name"] == "demo-a3"
+    assert not [a for a in todo if isinstance(a, Delete) and a.kind == "PodGroup"]

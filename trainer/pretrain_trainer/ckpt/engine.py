@@ -22,6 +22,7 @@ the bytes plus one copy into the engine's tensors.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import queue
@@ -229,7 +230,9 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self._failed = None
 
     def _complete(self, pending: _Pending, fields: dict[str, Any]) -> None:
-        if not pending.storage:
+        if not pending.storage:  # DeepSpeed made the step's directory on storage: nothing goes
+            with contextlib.suppress(OSError):  # there, so it goes (only if still empty)
+                pending.directory.rmdir()
             return
         self._failed = pending.directory  # until the manifest makes it a checkpoint
         if self.memory is not None:
