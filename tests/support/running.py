@@ -32,6 +32,7 @@ from typing import Any
 
 from pretrain_operator.kube.objects import RANK, ROLE
 from pretrain_trainer import contract
+from pretrain_trainer.agent import die_with_parent
 
 from tests.support.controlplane import ControlPlane
 from tests.support.kubelet import Kubelet
@@ -51,8 +52,10 @@ class RunningKubelet(Kubelet):
         self.step_log = workdir / "steps.jsonl"  # for the test: not read by the operator
         self.processes: dict[str, subprocess.Popen[bytes]] = {}  # pod name -> its container
         self.nodes_of: dict[str, str] = {}  # pod name -> node
+        self.uids: dict[str, str] = {}  # pod name -> the uid of the pod its container is
         self.killed_at: dict[str, float] = {}  # pod name -> when its node took it down
-        self._leaving: set[str] = set()
+        self._leaving: set[str] = set()  # uids of pods being deleted
+        self._gone: set[subprocess.Popen[bytes]] = set()  # containers killed or stopped by us
         self.started: list[tuple[str, str, float]] = []  # worker pods started: name, uid, when
         self.memory = Path("/dev/shm" if Path("/dev/shm").is_dir() else workdir) / (
             f"pretrain-kubelet-{os.getpid()}-{free_port()}"
@@ -105,21 +108,23 @@ class RunningKubelet(Kubelet):
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,  # a test killed half-way leaves no pod's process
         )
         log.close()
         with self.lock:
             self.processes[name] = popen
+            self.uids[name] = meta["uid"]
             self.nodes_of[name] = pod["spec"]["nodeName"]
         threading.Thread(target=self._exited, args=(name, popen), daemon=True).start()
         if "pretrain_trainer.agent" in container["command"]:
-            threading.Thread(target=self._probe, args=(pod,), daemon=True).start()
+            threading.Thread(target=self._probe, args=(pod, popen), daemon=True).start()
 
     def _args(self, container: dict[str, Any]) -> list[str]:
         endpoint = f"--rdzv-endpoint=127.0.0.1:{self.rendezvous_port}"
         args = container["command"][1:]  # after "torchrun"
         return [endpoint if a.startswith("--rdzv-endpoint=") else a for a in args]
 
-    def _probe(self, pod: dict[str, Any]) -> None:
+    def _probe(self, pod: dict[str, Any], popen: subprocess.Popen[bytes]) -> None:
         """The pod's readiness probe (``GET /ready`` on its agent), every half second while it
         runs; a changed answer is written to the pod, as a kubelet does."""
         name = pod["metadata"]["name"]
@@ -127,11 +132,8 @@ class RunningKubelet(Kubelet):
         was: bool | None = None
         while True:
             with self.lock:
-                popen = self.processes.get(name)
-                if name in self._leaving or name in self.killed_at or popen is None:
-                    return
-            if popen.poll() is not None:
-                return
+                if popen in self._gone or popen.poll() is not None:
+                    return  # the container ended (a pod of the same name may follow)
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as response:
                     ready = response.status == 200
@@ -161,7 +163,7 @@ class RunningKubelet(Kubelet):
         with the trainer's report as its termination message."""
         code = popen.wait()
         with self.lock:
-            if name in self._leaving or name in self.killed_at:
+            if popen in self._gone:
                 return  # deleted, or its node is gone: no kubelet reports it
         report = contract.read_report(self.workdir / "pods" / name / "report.json")
         exit_code = code if code >= 0 else 128 - code
@@ -170,12 +172,14 @@ class RunningKubelet(Kubelet):
             self.finish(name, exit_code=exit_code, report=payload)
 
     def _terminate(self, pod: dict[str, Any]) -> None:
-        name = pod["metadata"]["name"]
+        name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
         with self.lock:
-            if name in self._leaving:
+            if uid in self._leaving:
                 return
-            self._leaving.add(name)
-            popen = self.processes.get(name)
+            self._leaving.add(uid)
+            popen = self.processes.get(name) if self.uids.get(name) == uid else None
+            if popen is not None:
+                self._gone.add(popen)
         if popen is not None and popen.poll() is None:
             _signal(popen, signal.SIGTERM)
             grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
@@ -194,6 +198,8 @@ class RunningKubelet(Kubelet):
             doomed = [(p, self.processes[p]) for p, n in self.nodes_of.items() if n == name]
         for pod, popen in doomed:
             self.killed_at[pod] = time.time()
+            with self.lock:
+                self._gone.add(popen)
             _signal(popen, signal.SIGKILL)
             shutil.rmtree(self.memory / pod, ignore_errors=True)  # the machine's memory
         super().node_not_ready(name)

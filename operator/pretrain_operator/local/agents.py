@@ -9,7 +9,6 @@ tree is killed and its tier removed, as a node's memory would go with it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import shutil
 import signal
 import socket
@@ -20,6 +19,7 @@ import zlib
 from pathlib import Path
 
 from pretrain_trainer import contract
+from pretrain_trainer.agent import die_with_parent
 from pretrain_trainer.agent_client import AgentClient
 
 from .processes import signal_tree
@@ -37,12 +37,6 @@ def memory_base(job: str, run_dir: Path) -> Path:
     if shm.is_dir():
         return shm / f"pretrain-{job}-{zlib.crc32(str(run_dir).encode()):08x}"
     return run_dir / "memory"
-
-
-def _die_with_parent() -> None:
-    """In the agent before it runs: die with ``pretrainctl run`` (its slots go with it)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PDEATHSIG
 
 
 class AgentProcess:
@@ -78,7 +72,7 @@ class AgentProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.client = AgentClient(f"127.0.0.1:{self.port}")
         self.started = time.time()
