@@ -32,7 +32,7 @@ from typing import Any
 
 from pretrain_operator.kube.objects import RANK, ROLE
 from pretrain_trainer import contract
-from pretrain_trainer.agent import die_with_parent
+from pretrain_trainer.lifetime import die_with_parent
 
 from tests.support.controlplane import ControlPlane
 from tests.support.kubelet import Kubelet

@@ -26,10 +26,12 @@ PACKAGES = {
 
 # Lowest first. Each layer: its independent siblings; each sibling: the module prefixes in it.
 KERNEL = (
+    "pretrain_trainer.agent_client",
     "pretrain_trainer.config",
     "pretrain_trainer.contract",
     "pretrain_trainer.errors",
     "pretrain_trainer.fsio",
+    "pretrain_trainer.lifetime",
     "pretrain_trainer.ckpt.layout",
 )
 LAYERS: tuple[tuple[tuple[str, ...], ...], ...] = (

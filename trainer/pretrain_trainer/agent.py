@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import multiprocessing.forkserver
@@ -48,17 +47,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from . import contract
+from .lifetime import die_with_parent
 
 PRELOAD = ["pretrain_trainer.preload"]
 
 
 AGENT_PID = "PRETRAIN_AGENT_PID"  # tells the fork server's preload who its agent is
-
-
-def die_with_parent() -> None:
-    """Have the kernel kill this process when its parent dies (Linux; elsewhere nothing)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PDEATHSIG
 
 
 def trainer_process(environ: dict[str, str], log: str) -> None:

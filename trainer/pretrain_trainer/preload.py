@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 
-from .agent import AGENT_PID, die_with_parent
+from .agent import AGENT_PID
+from .lifetime import die_with_parent
 
 # The fork server dies with its agent (and, through the same setting, each trainer with the
 # fork server): a crashed agent leaves no trainer behind holding its GPUs.

@@ -19,8 +19,8 @@ import zlib
 from pathlib import Path
 
 from pretrain_trainer import contract
-from pretrain_trainer.agent import die_with_parent
 from pretrain_trainer.agent_client import AgentClient
+from pretrain_trainer.lifetime import die_with_parent
 
 from .processes import signal_tree
 
