@@ -190,19 +190,23 @@ def actions(
     if result.status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         return [a for pod in pods for a in _delete(pod, nodes)]
     by_name = {p["metadata"]["name"]: p for p in pods}
+    placing = _placing(job, result.group, by_name, options=options)
+    standbys = _standbys(
+        job, result, pods, by_name=by_name, nodes=nodes, options=options, placing=placing
+    )
     if options.agents:
         return [
             *_rendezvous(job, by_name, nodes=nodes, options=options),
-            *_slot_pods(job, result, pods, agents or {}, nodes=nodes),
+            *_slot_pods(job, result, pods, agents or {}, nodes=nodes, placing=placing),
             *_ordered(job, result, by_name, agents or {}, nodes=nodes, options=options),
-            *_standbys(job, result, pods, by_name=by_name, nodes=nodes, options=options),
+            *standbys,
             *_checkpoint_annotations(result, pods),
         ]
     return [
         *_rendezvous(job, by_name, nodes=nodes, options=options),
         *_stale_workers(result, pods, nodes=nodes),
         *_group(job, result.group, by_name, nodes=nodes, options=options),
-        *_standbys(job, result, pods, by_name=by_name, nodes=nodes, options=options),
+        *standbys,
         *_checkpoint_annotations(result, pods),
     ]
 
@@ -304,6 +308,23 @@ def _stage(result: Plan) -> int:
     return result.status.stage.index if result.status.stage is not None else 0
 
 
+def _placing(
+    job: PretrainJob,
+    group: Group | None,
+    by_name: Mapping[str, Mapping[str, Any]],
+    *,
+    options: Options,
+) -> bool:
+    """Whether some pod of the group has no node yet."""
+    if group is None:
+        return False
+
+    def name(slot: int) -> str:
+        return slot_pod_name(job, slot) if options.agents else worker_name(job, group.attempt, slot)
+
+    return not all(_scheduled(by_name.get(name(slot))) for slot in group.slots)
+
+
 def _standbys(
     job: PretrainJob,
     result: Plan,
@@ -312,15 +333,11 @@ def _standbys(
     by_name: Mapping[str, Mapping[str, Any]],
     nodes: Mapping[str, bool],
     options: Options,
+    placing: bool,
 ) -> list[Action]:
+    """Standbys on the useful slots no worker holds; ``placing``: the group has pods without
+    a node yet, which unplaced standbys would compete with."""
     group = result.group
-
-    def pod_of(slot: int) -> Mapping[str, Any] | None:
-        assert group is not None
-        name = slot_pod_name(job, slot) if options.agents else worker_name(job, group.attempt, slot)
-        return by_name.get(name)
-
-    placing = group is not None and not all(_scheduled(pod_of(slot)) for slot in group.slots)
     busy = {  # a worker on a node that is down holds nothing the slot could use
         int(_label(p, SLOT) or -1)
         for p in pods
@@ -356,12 +373,11 @@ def _slot_pods(
     agents: Mapping[str, AgentState | None],
     *,
     nodes: Mapping[str, bool],
+    placing: bool,
 ) -> list[Action]:
-    """Slot pods that must stop their attempt, or go."""
+    """Slot pods that must stop their attempt, or go (``placing``: see :func:`_standbys`)."""
     group, stop = result.group, set(result.stop)
     useful = useful_slots(job, _stage(result))
-    by_slot = {int(_label(p, SLOT) or -1): p for p in pods if _label(p, ROLE) == WORKER}
-    placing = group is not None and not all(_scheduled(by_slot.get(s)) for s in group.slots)
     found: list[Action] = []
     for pod in pods:
         if _label(pod, ROLE) != WORKER:
@@ -409,6 +425,7 @@ def _ordered(
         if pod_group is not None:  # admits the pods this attempt creates, all at once; an
             found.append(Create(pod_group))  # older one stays while its pods do (the job owns it)
     yielding: list[Action] = []
+    run_config = job.spec.run_config_yaml()  # once: a 1,024-worker attempt has 1,024 orders
     for rank, slot in enumerate(group.slots):
         name = slot_pod_name(job, slot)
         pod = by_name.get(name)
@@ -429,7 +446,7 @@ def _ordered(
             stage=group.stage,
             rank=rank,
             workers=group.world,
-            run_config=job.spec.run_config_yaml(),
+            run_config=run_config,
         )
         found.append(Order(name, address, order, group_labels(job, group, slot)))
     return found + yielding

@@ -41,11 +41,9 @@ def read_agents(
     connect: Callable[[str], AgentClient] = AgentClient,
 ) -> dict[str, AgentState | None]:
     """The state of every running slot pod's agent."""
-    targets = {}
-    for pod in pods:
-        address = agent_address(pod)
-        if address is not None and _answers(pod):
-            targets[pod["metadata"]["name"]] = connect(address)
+    targets = {
+        pod["metadata"]["name"]: connect(str(agent_address(pod))) for pod in pods if _answers(pod)
+    }
     if not targets:
         return {}
     with ThreadPoolExecutor(max_workers=min(READS_IN_FLIGHT, len(targets))) as pool:

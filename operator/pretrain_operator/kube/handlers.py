@@ -207,7 +207,7 @@ class JobLoops:
             expectations.record(created=applied.created, deleted=applied.deleted, now=now)
             self.metrics.jobs[key] = JobSnapshot(*key, outcome.status)
             if self.options.agents and outcome.status.phase not in DONE:
-                # A trainer's end changes no pod: its agent says it, when asked.
+                # The safety net under the pods' readiness (AgentCache reads every agent).
                 poll = self.settings.agent_poll_seconds
                 return min(outcome.requeue_after or poll, poll)
             return outcome.requeue_after

@@ -28,7 +28,7 @@ from typing import Any
 
 from pretrain_trainer.contract import AgentState, FailureReport, StageReport, parse_report
 
-from ..plan import Observed, Worker, WorkerState, exited
+from ..plan import Observed, Worker, WorkerState, agent_exited, exited
 from .objects import (
     ALIVE,
     ATTEMPT,
@@ -282,16 +282,7 @@ def _agent_worker(
                 stage=state.stage,
                 bound_at=state.started_at,  # when it was told: the pod was already there
             )
-        code = state.exit_code if state.exit_code is not None else 1
-        worker = exited(
-            slot=slot,
-            attempt=attempt,
-            stage=state.stage,
-            succeeded=code == 0,
-            exit_code=code,
-            report=parse_report(state.report),
-        )
-        return replace(worker, ended_at=state.ended_at)
+        return agent_exited(slot, state)
     if in_group:  # told of an older attempt: the order is on its way once that one left
         return Worker(slot=slot, state=WorkerState.PENDING, attempt=attempt)
     if state.running:  # an older attempt, still running: the plan stops it

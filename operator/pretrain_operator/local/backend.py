@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from pretrain_trainer import contract
@@ -31,7 +30,7 @@ from pretrain_trainer.agent_client import AgentError
 from pretrain_trainer.fsio import write_json_atomic
 
 from ..api import PretrainJob
-from ..plan import Group, Observed, Plan, Worker, WorkerState, exited
+from ..plan import Group, Observed, Plan, Worker, WorkerState, agent_exited
 from .agents import AgentProcess, memory_base
 
 CAPACITY = "capacity.json"
@@ -145,16 +144,7 @@ class LocalBackend:
             # Stopped on purpose, or history: the planner has acted on its end already (as a
             # finished pod of an old attempt is deleted on Kubernetes), so the slot is free.
             return Worker(slot=slot, state=WorkerState.IDLE)
-        code = state.exit_code if state.exit_code is not None else 1
-        worker = exited(
-            slot=slot,
-            attempt=attempt,
-            stage=stage,
-            succeeded=code == 0,
-            exit_code=code,
-            report=contract.parse_report(state.report),
-        )
-        return replace(worker, ended_at=state.ended_at)
+        return agent_exited(slot, state)
 
     # -- apply -------------------------------------------------------------------------------
     def apply(self, result: Plan) -> None:

@@ -6,7 +6,17 @@ the group that should run, the workers to stop, the status to write and the even
 
 from .core import plan
 from .elastic import choose_world
-from .model import FAILURES, Event, Group, Observed, Plan, Worker, WorkerState, exited
+from .model import (
+    FAILURES,
+    Event,
+    Group,
+    Observed,
+    Plan,
+    Worker,
+    WorkerState,
+    agent_exited,
+    exited,
+)
 
 __all__ = [
     "FAILURES",
@@ -16,6 +26,7 @@ __all__ = [
     "Plan",
     "Worker",
     "WorkerState",
+    "agent_exited",
     "choose_world",
     "exited",
     "plan",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from pretrain_trainer.contract import FailureReport, StageReport
+from pretrain_trainer.contract import AgentState, FailureReport, StageReport, parse_report
 
 from ..api import JobStatus, Reason
 
@@ -73,6 +73,21 @@ def exited(
         exit_code=failure.exit_code if failure is not None else exit_code,
         reason=failure.error if failure is not None else None,
     )
+
+
+def agent_exited(slot: int, state: AgentState) -> Worker:
+    """The worker whose attempt ended under its worker agent, as its state says (its exit
+    code, its report, when it ended), on either backend."""
+    code = state.exit_code if state.exit_code is not None else 1
+    worker = exited(
+        slot=slot,
+        attempt=state.attempt,
+        stage=state.stage,
+        succeeded=code == 0,
+        exit_code=code,
+        report=parse_report(state.report),
+    )
+    return replace(worker, ended_at=state.ended_at)
 
 
 @dataclass(frozen=True)
