@@ -28,21 +28,37 @@ def _budget(stage: Stage, job: PretrainJob) -> str:
 
 def _world_sizes(stage: Stage, job: PretrainJob) -> list[str]:
     """Each band of worker counts: the longest rank's micro-batches, the efficiency of its
-    counts, the count the planner runs and the workers' worth it trains at."""
+    counts, the count the planner runs and the workers' worth it trains at; under a parallel
+    layout, the data-parallel degree of its counts too."""
     counts = job.spec.worker_counts(stage)
+    layered = not stage.parallelism.trivial
     shown = []
     for band in counts.bands():
         best, worst = band.efficiency
         efficiency = f"{best:.0%}" if band.low == band.high else f"{best:.0%}-{worst:.0%}"
         runs = "" if band.low == band.high else f", runs {band.low}"
+        dp = [counts.data_parallel(n) for n in (band.low, band.high)]
+        data = f" (data parallel {dp[0]}{'' if dp[0] == dp[1] else f'-{dp[1]}'})" * layered
         shown.append(
-            f"{band.counts()}: {band.most} per rank, {efficiency}{runs}, "
+            f"{band.counts()}{data}: {band.most} per rank, {efficiency}{runs}, "
             f"as fast as {band.useful:.4g}"
         )
+    if not shown:
+        shown = ["none fits"]
     if len(shown) > 6:
         shown = [*shown[:4], f"... {len(shown) - 5} more", shown[-1]]
-    head = f"micro batch {stage.micro_batch_size}; workers (micro-batches on the longest rank):"
+    ranks = "data-parallel rank" if layered else "rank"
+    head = f"micro batch {stage.micro_batch_size}; workers (micro-batches on the longest {ranks}):"
     return [head, *shown]
+
+
+def _layout(stage: Stage, job: PretrainJob) -> str:
+    layout = stage.parallelism
+    per_worker = job.spec.nproc_per_worker // layout.replica
+    return (
+        f"{layout.describe()}: {layout.replica} process(es) per replica, "
+        f"{per_worker} replica(s) per worker"
+    )
 
 
 def _indented(label: str, lines: list[str]) -> list[Text]:
@@ -101,6 +117,11 @@ def job_summary(job: PretrainJob) -> Group:
         lines += [
             Text.assemble((f"  stage {i} {stage.name}", "bold cyan")),
             Text(f"    budget  {_budget(stage, job)}"),
+            *(
+                [Text(f"    layout  {_layout(stage, job)}")]
+                if not stage.parallelism.trivial
+                else []
+            ),
             *_indented("    batch   ", _world_sizes(stage, job)),
             Text(f"    lr      {_schedule(stage)}"),
             Text(f"    data    {_mix(stage)}"),

@@ -231,7 +231,13 @@ def _engine(
 def _stage(config: RunConfig, index: int) -> Stage:
     if index >= len(config.stages):
         raise PermanentError(f"stage index {index} out of range: {len(config.stages)} stages")
-    return config.stages[index]
+    stage = config.stages[index]
+    if not stage.parallelism.trivial:
+        raise PermanentError(
+            f"stage {stage.name!r}: parallelism {stage.parallelism.describe()} is not built "
+            "into this trainer yet"
+        )
+    return stage
 
 
 def _observability(env: TrainerEnv, config: RunConfig) -> tuple[TrainerMetrics, Health]:

@@ -6,13 +6,15 @@ which stays exact at every count (docs/design.md, "Any worker count").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import yaml
 from pretrain_trainer.config import (
     BatchSplit,
+    Parallelism,
     Problem,
     RunConfig,
     Spec,
@@ -105,7 +107,8 @@ class ElasticConfig(Spec):
 @dataclass(frozen=True)
 class Band:
     """Worker counts whose longest rank runs the same number of micro-batches: all train a
-    step in the same time, so the planner runs the fewest of them (``low``)."""
+    step in the same time, so the planner runs the fewest of them (``low``). Under a parallel
+    layout only every ``step``-th count fits (``WorkerCounts.fits``)."""
 
     low: int
     high: int
@@ -115,9 +118,16 @@ class Band:
     """Mean over longest micro-batches per rank at ``low`` and at ``high``."""
     useful: float
     """The workers' worth of throughput: ``workers x efficiency``, the same at every count."""
+    step: int = 1
+
+    def members(self) -> range:
+        return range(self.low, self.high + 1, self.step)
 
     def counts(self) -> str:
-        return str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+        if self.low == self.high:
+            return str(self.low)
+        every = f" every {self.step}" if self.step > 1 else ""
+        return f"{self.low}-{self.high}{every}"
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,11 @@ class WorkerCounts:
     the planner runs, on the slots it has, the fewest workers that are as fast as all of them
     (:meth:`best`): 127 nodes of 8 GPUs at batch 4096 do 5 micro-batches a step on the
     longest rank, as 103 do, so 103 run at 99% and 24 stand by, rather than 64 at half speed.
+
+    A parallel layout (``config.parallel``) splits over data-parallel ranks, ``nproc /
+    (tensor x pipeline)`` per worker, and allows only the counts that :meth:`fits`: a
+    data-parallel degree that is a multiple of ``expert`` (every ``step``-th count), and under
+    pipeline parallelism one that divides the micro-batches (its engine needs an even split).
     """
 
     low: int
@@ -137,16 +152,56 @@ class WorkerCounts:
     micro_batches: int
     """Micro-batches in the global batch (0 when it is not whole micro-batches: none usable)."""
     nproc: int = 1
+    parallelism: Parallelism = field(default_factory=Parallelism)
 
     @property
-    def usable(self) -> range:
-        return range(self.low, self.high + 1) if self.micro_batches else range(0)
+    def per_worker(self) -> int:
+        """Data-parallel ranks per worker (0 when a worker is not whole replicas)."""
+        replica = self.parallelism.replica
+        return self.nproc // replica if self.nproc % replica == 0 else 0
+
+    @property
+    def step(self) -> int:
+        """Counts that fit are multiples of this: their data-parallel degree is whole experts."""
+        expert = self.parallelism.expert
+        return expert // math.gcd(expert, self.per_worker) if self.per_worker else 1
+
+    @property
+    def even(self) -> bool:
+        """Whether only even splits run (pipeline parallelism)."""
+        return self.parallelism.pipeline > 1
+
+    def fits(self, workers: int) -> bool:
+        """Whether ``workers`` may run the stage: inside the bounds, with an exact batch that
+        the layout can split."""
+        return (
+            self.low <= workers <= self.high
+            and bool(self.micro_batches and self.per_worker)
+            and workers % self.step == 0
+            and (not self.even or self.micro_batches % (workers * self.per_worker) == 0)
+        )
+
+    @property
+    def usable(self) -> list[int]:
+        if not self.micro_batches or not self.per_worker:
+            return []
+        if self.even:  # divisors: few, however wide the bounds
+            return [n for n in self._divisor_counts() if self.low <= n <= self.high]
+        return list(range(self._round_up(self.low), self.high + 1, self.step))
 
     def allowed(self) -> str:
-        return str(self.low) if self.low == self.high else f"{self.low}..{self.high}"
+        if self.low == self.high:
+            return str(self.low)
+        if self.even:
+            return ", ".join(map(str, self.usable)) or "none"
+        every = f" (multiples of {self.step})" if self.step > 1 else ""
+        return f"{self.low}..{self.high}{every}"
+
+    def data_parallel(self, workers: int) -> int:
+        return workers * self.per_worker
 
     def split(self, workers: int) -> BatchSplit:
-        return BatchSplit(self.micro_batches, workers * self.nproc)
+        return BatchSplit(self.micro_batches, self.data_parallel(workers))
 
     def useful(self, workers: int) -> float:
         """Workers' worth of throughput at ``workers``: ``workers x efficiency``."""
@@ -155,30 +210,54 @@ class WorkerCounts:
     def best(self, available: int) -> int | None:
         """The count to run on ``available`` workers: the fewest as fast as the most that fit
         (a count that divides the batch is the fewest of its speed, so it is kept), never
-        below ``low``; None when fewer than ``low`` are available."""
+        below ``low``; None when no count fits in ``available``."""
         top = min(available, self.high)
-        if not self.micro_batches or top < self.low:
+        if not self.micro_batches or not self.per_worker or top < self.low:
             return None
-        ranks = fewest_ranks_as_fast(self.micro_batches, top * self.nproc)
-        return max(self.low, -(-ranks // self.nproc))
+        if self.even:
+            fitting = [n for n in self.usable if n <= top]
+            return fitting[-1] if fitting else None
+        top -= top % self.step
+        if top < self._round_up(self.low):
+            return None
+        ranks = fewest_ranks_as_fast(self.micro_batches, self.data_parallel(top))
+        return max(self._round_up(self.low), self._round_up(-(-ranks // self.per_worker)))
 
     def bands(self) -> list[Band]:
         """The usable counts grouped by speed, fastest first."""
         bands, high = [], self.high
-        while self.micro_batches and high >= self.low:
-            low = self.best(high)
-            assert low is not None
+        while (top := self.best(high)) is not None:
+            high = (
+                max(n for n in self.usable if n <= high) if self.even else high - high % self.step
+            )
             most = self.split(high).most
-            efficiency = (self.split(low).efficiency, self.split(high).efficiency)
-            bands.append(Band(low, high, most, efficiency, self.useful(low)))
-            high = low - 1
+            efficiency = (self.split(top).efficiency, self.split(high).efficiency)
+            bands.append(Band(top, high, most, efficiency, self.useful(top), self.step))
+            high = top - 1
         return bands
 
     def idle_above(self) -> int | None:
         """The largest count at which every process has a micro-batch, when ``high`` exceeds
         it: above it some processes only pad."""
-        most = self.micro_batches // self.nproc
+        if not self.per_worker:
+            return None
+        most = self.micro_batches // self.per_worker
         return most if self.micro_batches and self.high > most else None
+
+    def _round_up(self, workers: int) -> int:
+        return -(-workers // self.step) * self.step
+
+    def _divisor_counts(self) -> list[int]:
+        """Counts whose data-parallel degree divides the micro-batches, ascending."""
+        m, found = self.micro_batches, set[int]()
+        for d in range(1, math.isqrt(m) + 1):
+            if m % d == 0:
+                found.update((d, m // d))
+        return sorted(
+            dp // self.per_worker
+            for dp in found
+            if dp % self.per_worker == 0 and (dp // self.per_worker) % self.step == 0
+        )
 
 
 class Volume(Spec):
@@ -240,7 +319,7 @@ class PretrainJobSpec(RunConfig):
         )
         whole = stage.global_batch_size % stage.micro_batch_size == 0
         micro_batches = stage.global_batch_size // stage.micro_batch_size if whole else 0
-        return WorkerCounts(low, high, micro_batches, self.nproc_per_worker)
+        return WorkerCounts(low, high, micro_batches, self.nproc_per_worker, stage.parallelism)
 
     def problems(self) -> Iterator[Problem]:
         yield from super().problems()
@@ -249,6 +328,34 @@ class PretrainJobSpec(RunConfig):
                 ("elastic", "minWorkers"),
                 f"({self.elastic.min_workers}) exceeds maxWorkers ({self.elastic.max_count})",
             )
+        for i, stage in enumerate(self.stages):
+            yield from self._layout_problems(i, stage)
+
+    def _layout_problems(self, index: int, stage: Stage) -> Iterator[Problem]:
+        """A worker holds whole replicas, and some worker count in the bounds fits the layout."""
+        layout, path = stage.parallelism, ("stages", index, "parallelism")
+        if self.nproc_per_worker % layout.replica:
+            yield Problem(
+                path,
+                f"tensor x pipeline = {layout.replica} processes must divide nprocPerWorker "
+                f"({self.nproc_per_worker}): a worker holds whole replicas of the model",
+            )
+            return
+        counts = self.worker_counts(stage)
+        if layout.trivial or not counts.micro_batches or counts.usable:
+            return
+        bounds = ("stages", index, "workers") if stage.workers else ("elastic",)
+        wanted = [f"a multiple of expert ({layout.expert})"] if layout.expert > 1 else []
+        if counts.even:
+            wanted.append(f"a divisor of the {counts.micro_batches} micro-batches (pipeline)")
+        need = f"a data-parallel degree (workers x {counts.per_worker}) that is " + " and ".join(
+            wanted
+        )
+        yield Problem(
+            bounds,
+            f"no worker count in {counts.low}..{counts.high} fits stage {stage.name!r}: "
+            f"{layout.describe()} needs {need}",
+        )
 
     def warnings(self) -> Iterator[Problem]:
         """Legal but probably unintended settings, worth showing a user."""

@@ -34,6 +34,32 @@ def test_validate_summarises_every_stage_of_a_valid_job(capsys: pytest.CaptureFi
         assert words in out
 
 
+def test_validate_shows_each_stages_layout_and_data_parallel_degree_per_worker_count(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["validate", str(ROOT / "examples" / "deepseek-3stage.yaml")]) == 0
+    out = capsys.readouterr().out
+    for words in (
+        "layout  pipeline 8 (layers 12,12,12,12,12,12,12,11): 8 process(es) per replica, "
+        "1 replica(s) per worker",
+        "128 (data parallel 128): 32 per rank, 100%, as fast as 128",
+        "64 (data parallel 64): 64 per rank, 100%",
+        "layout  pipeline 2 (layers 48,47): 2 process(es) per replica, 4 replica(s) per worker",
+        "16 (data parallel 64): 16 per rank",
+    ):
+        assert words in out, words
+
+
+def test_an_invalid_layout_exits_2_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = with_stage(minimal_job(nprocPerWorker=2), parallelism={"tensor": 2, "pipeline": 3})
+    assert main(["validate", str(_write(tmp_path, doc))]) == 2
+    err = capsys.readouterr().err
+    assert "spec.stages[0].parallelism.pipeline: (3) exceeds model.layers (2)" in err
+    assert "spec.stages[0].parallelism: tensor x pipeline = 6 processes must divide" in err
+
+
 def test_validate_accepts_all_examples_at_once(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "--quiet", *map(str, EXAMPLES)]) == 0
     assert capsys.readouterr().out.count(": valid") == len(EXAMPLES)

@@ -218,6 +218,105 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "spec.data.sources[1].name",
         "duplicate source",
     ),
+    (
+        "tensor parallelism that does not divide the heads",
+        with_stage(_set(BASE, "spec/nprocPerWorker", 3), parallelism={"tensor": 3}),
+        "spec.stages[0].parallelism.tensor",
+        "(3) does not divide model.heads (4)",
+    ),
+    (
+        "tensor parallelism that does not divide the kv heads",
+        with_stage(
+            _set(_set(BASE, "spec/model/kvHeads", 1), "spec/nprocPerWorker", 2),
+            parallelism={"tensor": 2},
+        ),
+        "spec.stages[0].parallelism.tensor",
+        "(2) does not divide model.kvHeads (1)",
+    ),
+    (
+        "more pipeline stages than layers",
+        with_stage(_set(BASE, "spec/nprocPerWorker", 3), parallelism={"pipeline": 3}),
+        "spec.stages[0].parallelism.pipeline",
+        "(3) exceeds model.layers (2)",
+    ),
+    (
+        "pipeline that does not divide the layers",
+        with_stage(
+            _set(_set(BASE, "spec/model/layers", 3), "spec/nprocPerWorker", 2),
+            parallelism={"pipeline": 2},
+        ),
+        "spec.stages[0].parallelism.pipeline",
+        "give the split in pipelineLayers",
+    ),
+    (
+        "a pipeline split of the wrong length",
+        with_stage(
+            _set(BASE, "spec/nprocPerWorker", 2), parallelism={"pipeline": 2, "pipelineLayers": [2]}
+        ),
+        "spec.stages[0].parallelism.pipelineLayers",
+        "has 1 entries; pipeline is 2",
+    ),
+    (
+        "a pipeline split that misses layers",
+        with_stage(
+            _set(BASE, "spec/nprocPerWorker", 2),
+            parallelism={"pipeline": 2, "pipelineLayers": [1, 2]},
+        ),
+        "spec.stages[0].parallelism.pipelineLayers",
+        "sums to 3; model.layers is 2",
+    ),
+    (
+        "pipeline parallelism with ZeRO-2",
+        with_stage(_set(BASE, "spec/nprocPerWorker", 2), parallelism={"pipeline": 2}, zeroStage=2),
+        "spec.stages[0].parallelism.pipeline",
+        "needs zeroStage 1, not 2",
+    ),
+    (
+        "expert parallelism without experts",
+        with_stage(BASE, parallelism={"expert": 2}),
+        "spec.stages[0].parallelism.expert",
+        "needs model.moe",
+    ),
+    (
+        "expert parallelism that does not divide the experts",
+        with_stage(_set(BASE, "spec/model/moe", {"experts": 4}), parallelism={"expert": 3}),
+        "spec.stages[0].parallelism.expert",
+        "(3) does not divide model.moe.experts (4)",
+    ),
+    (
+        "expert parallelism with ZeRO-3",
+        with_stage(
+            _set(BASE, "spec/model/moe", {"experts": 4}), parallelism={"expert": 2}, zeroStage=3
+        ),
+        "spec.stages[0].parallelism.expert",
+        "needs zeroStage 0, 1 or 2, not 3",
+    ),
+    (
+        "a replica larger than a worker",
+        with_stage(BASE, parallelism={"tensor": 2}),
+        "spec.stages[0].parallelism",
+        "tensor x pipeline = 2 processes must divide nprocPerWorker (1)",
+    ),
+    (
+        "no worker count whose data-parallel degree is whole expert groups",
+        with_stage(_set(BASE, "spec/model/moe", {"experts": 4}), parallelism={"expert": 2}),
+        "spec.elastic",
+        "no worker count in 1..1 fits stage 'foundation': expert 2 needs a data-parallel "
+        "degree (workers x 1) that is a multiple of expert (2)",
+    ),
+    (
+        "no worker count whose data-parallel degree divides the batch under pipelining",
+        with_stage(
+            _set(
+                _set(BASE, "spec/nprocPerWorker", 2),
+                "spec/elastic",
+                {"minWorkers": 3, "maxWorkers": 3},
+            ),
+            parallelism={"pipeline": 2},
+        ),
+        "spec.elastic",
+        "a divisor of the 8 micro-batches (pipeline)",
+    ),
     ("missing image", _delete(BASE, "spec/image"), "spec.image", "required field is missing"),
     (
         "bad resource quantity",

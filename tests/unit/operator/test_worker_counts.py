@@ -7,11 +7,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pretrain_operator.api import WorkerCounts
+from pretrain_trainer.config import Parallelism
 
 
 def _brute_best(counts: WorkerCounts, available: int) -> int | None:
     """The rule spelled out: highest workers x efficiency, ties to the fewest workers."""
-    fitting = [n for n in counts.usable if n <= available]
+    fitting = [n for n in range(counts.low, counts.high + 1) if counts.fits(n) and n <= available]
     if not fitting:
         return None
     fastest = max(counts.useful(n) for n in fitting)
@@ -71,3 +72,63 @@ def test_workers_beyond_the_micro_batches_are_named_as_idle() -> None:
     assert WorkerCounts(1, 8, 12, 2).idle_above() == 6
     assert WorkerCounts(1, 6, 12, 2).idle_above() is None
     assert WorkerCounts(1, 8, 12, 2).best(8) == 6  # the last two would only pad
+
+
+LAYOUTS = st.builds(
+    Parallelism,
+    tensor=st.sampled_from([1, 2]),
+    pipeline=st.sampled_from([1, 2, 4]),
+    expert=st.sampled_from([1, 2, 3, 8]),
+)
+
+
+def _fits_by_definition(counts: WorkerCounts, workers: int) -> bool:
+    """The layout's rule spelled out on the world: ``config.parallel``'s own check."""
+    world = workers * counts.nproc
+    return counts.low <= workers <= counts.high and (
+        counts.parallelism.world_problem(world, micro_batches=counts.micro_batches) is None
+    )
+
+
+@given(
+    micro_batches=st.integers(1, 600),
+    replicas=st.integers(1, 4),
+    layout=LAYOUTS,
+    low=st.integers(1, 30),
+    span=st.integers(0, 60),
+    available=st.integers(0, 100),
+)
+def test_under_a_parallel_layout_only_counts_the_layout_can_split_run_and_best_is_the_fastest(
+    micro_batches: int, replicas: int, layout: Parallelism, low: int, span: int, available: int
+) -> None:
+    counts = WorkerCounts(low, low + span, micro_batches, replicas * layout.replica, layout)
+    fitting = [n for n in range(low, low + span + 1) if _fits_by_definition(counts, n)]
+    assert counts.usable == fitting
+    assert counts.best(available) == _brute_best(counts, available)
+    covered = [n for band in reversed(counts.bands()) for n in band.members()]
+    assert covered == fitting
+    for band in counts.bands():
+        assert {counts.split(n).most for n in band.members()} == {band.most}
+
+
+def test_pipeline_8_on_nodes_of_8_runs_only_worker_counts_that_divide_the_batch() -> None:
+    """The reference job's foundation stage: 4096 micro-batches, one pipeline of 8 per node."""
+    counts = WorkerCounts(64, 128, 4096, 8, Parallelism(pipeline=8))
+    assert counts.usable == [64, 128]
+    assert {available: counts.best(available) for available in (128, 127, 64, 63)} == {
+        128: 128,
+        127: 64,
+        64: 64,
+        63: None,
+    }
+    assert counts.split(128).even
+    assert counts.data_parallel(128) == 128
+
+
+def test_expert_groups_larger_than_a_worker_take_workers_in_whole_groups() -> None:
+    # Two data-parallel ranks per worker (tensor 4 on 8 processes), experts over 8 of them.
+    counts = WorkerCounts(3, 13, 64, 8, Parallelism(tensor=4, expert=8))
+    assert counts.step == 4
+    assert counts.usable == [4, 8, 12]
+    assert counts.best(11) == 8
+    assert counts.best(3) is None

@@ -2,6 +2,7 @@
 
 from .base import Checked, Problem, Spec, SpecError, format_path, prefixed
 from .model import MODULE_ROOTS, ModelConfig, MoE
+from .parallel import Coordinates, Layout, Parallelism
 from .split import BatchSplit, fewest_ranks_as_fast
 from .training import (
     Budget,
@@ -23,12 +24,15 @@ __all__ = [
     "Budget",
     "Checked",
     "CheckpointConfig",
+    "Coordinates",
     "DataConfig",
     "DataSource",
     "LRSchedule",
+    "Layout",
     "MoE",
     "ModelConfig",
     "Optimizer",
+    "Parallelism",
     "Problem",
     "RunConfig",
     "Spec",

@@ -27,6 +27,7 @@ from .base import (
     prefixed,
 )
 from .model import ModelConfig
+from .parallel import Parallelism
 from .split import BatchSplit
 
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
@@ -35,9 +36,10 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class WorldSizeError(PermanentError, ValueError):
-    """A stage cannot run at this world size: its global batch is not whole micro-batches, or
-    the world is empty. Permanent (validation refuses such a spec, so it means a spec or a
-    launcher is wrong), and a ``ValueError`` for callers that catch that."""
+    """A stage cannot run at this world size: its global batch is not whole micro-batches, the
+    world is empty, or it does not fit the stage's parallel layout. Permanent (validation
+    refuses such a spec, so it means a spec or a launcher is wrong), and a ``ValueError`` for
+    callers that catch that."""
 
 
 class DataSource(Spec):
@@ -216,6 +218,9 @@ class Stage(Spec):
     """Keep parameters in host memory (ZeRO 3)."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
+    parallelism: Parallelism = Parallelism()
+    """Tensor, pipeline and expert parallelism beside ZeRO data parallelism; a resize changes
+    only the data-parallel degree (world size / (tensor x pipeline))."""
     workers: WorkerRange | None = None
     """Overrides the job's elastic worker bounds for this stage."""
 
@@ -232,15 +237,21 @@ class Stage(Spec):
         return max(1, -(-tokens // self.tokens_per_step(model)))
 
     def split(self, world_size: int) -> BatchSplit:
-        """How each global batch splits into micro-batches over ``world_size`` processes
-        (:mod:`.split`): exact at any world size, uneven where it does not divide. Raises
-        :class:`WorldSizeError` when the batch is not whole micro-batches."""
+        """How each global batch splits into micro-batches over the data-parallel ranks of a
+        world of ``world_size`` processes (:mod:`.split`): exact at any world size, uneven
+        where it does not divide (never under pipeline parallelism, whose engine needs an
+        even split). Raises :class:`WorldSizeError` when the batch is not whole micro-batches
+        or the world does not fit the parallel layout."""
         if world_size < 1 or self.global_batch_size % self.micro_batch_size:
             raise WorldSizeError(
                 f"stage {self.name!r}: globalBatchSize {self.global_batch_size} is not whole "
                 f"micro-batches of {self.micro_batch_size} over world size {world_size}"
             )
-        return BatchSplit(self.global_batch_size // self.micro_batch_size, world_size)
+        micro_batches = self.global_batch_size // self.micro_batch_size
+        why = self.parallelism.world_problem(world_size, micro_batches=micro_batches)
+        if why:
+            raise WorldSizeError(f"stage {self.name!r}: {why}")
+        return BatchSplit(micro_batches, self.parallelism.data_parallel(world_size))
 
     def problems(self, model: ModelConfig, sources: set[str]) -> Iterator[Problem]:
         yield from prefixed(self.budget.problems(), "budget")
@@ -275,6 +286,8 @@ class Stage(Spec):
             yield Problem(("offloadOptimizer",), "needs zeroStage 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
             yield Problem(("offloadParams",), "needs zeroStage 3")
+        layout = self.parallelism.problems(model, zero_stage=self.zero_stage)
+        yield from prefixed(layout, "parallelism")
         if self.workers is not None and self.workers.min > self.workers.max:
             yield Problem(
                 ("workers", "min"), f"({self.workers.min}) exceeds workers.max ({self.workers.max})"
