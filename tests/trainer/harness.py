@@ -16,7 +16,7 @@ import torch
 import yaml
 from pretrain_operator.local.processes import signal_tree
 from pretrain_trainer import contract
-from pretrain_trainer.config import RunConfig
+from pretrain_trainer.config import BatchSplit, RunConfig
 from pretrain_trainer.data.loader import DataLoader
 from pretrain_trainer.optim import param_groups
 from pretrain_trainer.train import build_model, lm_loss
@@ -200,11 +200,15 @@ def reference_run(config: dict[str, Any], *, steps: int) -> tuple[list[float], l
         optimizer, lambda s: stage_.lr_schedule.lr_at(s, total_steps=total, lr=peak) / peak
     )
     losses, norms = [], []
+    whole = BatchSplit(stage_.global_batch_size // stage_.micro_batch_size, 1)  # any layout
+    coef = parsed.model.moe.aux_loss_coef if parsed.model.moe else 0.0
     for _ in range(steps):
-        batches = data.next_batch(rank=0, split=stage_.split(1), device=torch.device("cpu"))
+        batches = data.next_batch(rank=0, split=whole, device=torch.device("cpu"))
         step_loss = 0.0
         for inputs, targets in batches:
             loss = lm_loss(model(inputs), targets, label_smoothing=stage_.label_smoothing)
+            if coef:
+                loss = loss + coef * model.aux_loss()
             (loss / len(batches)).backward()
             step_loss += float(loss.detach())
         norm = torch.nn.utils.clip_grad_norm_(params, stage_.grad_clip or float("inf"))

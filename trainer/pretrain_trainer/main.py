@@ -24,7 +24,7 @@ import yaml
 
 from . import contract
 from .ckpt.store import check_writable
-from .config import BatchSplit, RunConfig, SpecError, Stage
+from .config import BatchSplit, Layout, RunConfig, SpecError, Stage
 from .contract import ExitCode, FailureReport, StageReport, Startup, TrainerEnv, write_report
 from .errors import PermanentError
 from .logging import log0
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch.nn import Module
 
     from .metrics import Health, TrainerMetrics
+    from .model import Transformer
     from .optim import GuardedAdamW
     from .train import Trainer
 
@@ -165,7 +166,10 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     )
     model = build_model(config, stage)
     checkpoints.prepare(model, ds_config)  # before DeepSpeed: it may change the engine's config
-    engine, optimizer, frozen = _engine(model, config=config, stage=stage, ds_config=ds_config)
+    layout = Layout.of(stage.parallelism, world_size)
+    engine, optimizer, frozen = _engine(
+        model, config=config, stage=stage, ds_config=ds_config, layout=layout
+    )
     engine_ready = time.time()
     metrics, health = _observability(env, config)
     trainer = Trainer(
@@ -179,6 +183,8 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
         health=health,
         rank=rank,
         world_size=world_size,
+        data_rank=layout.coordinates(rank).data,
+        pipelined=layout.pipeline > 1,
         step_log=Path(env.step_log) if env.step_log else None,
         attempt=env.attempt,
     )
@@ -203,10 +209,16 @@ def _split_text(split: BatchSplit) -> str:
 
 
 def _engine(
-    model: Module, *, config: RunConfig, stage: Stage, ds_config: dict[str, Any]
+    model: Transformer,
+    *,
+    config: RunConfig,
+    stage: Stage,
+    ds_config: dict[str, Any],
+    layout: Layout,
 ) -> tuple[DeepSpeedEngine, GuardedAdamW, int]:
-    """DeepSpeed's engine over ``model`` with the stage's frozen parameters and fresh
-    optimizer; returns it, the optimizer and how many parameters are frozen."""
+    """DeepSpeed's engine over ``model`` (its pipeline stage, under pipeline parallelism)
+    with the stage's frozen parameters and fresh optimizer; returns it, the optimizer and how
+    many parameters are frozen."""
     import deepspeed
 
     from .dsconfig import owns_clipping
@@ -214,14 +226,19 @@ def _engine(
     from .optim import build_optimizer
 
     frozen = freeze(model, list(stage.freeze))  # first: the optimizer takes what still trains
+    module: Module = model
+    if layout.pipeline > 1:
+        from .parallel.pipeline import pipeline_module
+
+        module = pipeline_module(model, stage, layout)  # this process's stage of it
     optimizer, scheduler = build_optimizer(
-        model,
+        module,
         stage=stage,
         trainer_config=config.trainer,
         total_steps=stage.total_steps(config.model),
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     if not owns_clipping(stage):
         optimizer.read_norm_from(engine)
@@ -232,10 +249,11 @@ def _stage(config: RunConfig, index: int) -> Stage:
     if index >= len(config.stages):
         raise PermanentError(f"stage index {index} out of range: {len(config.stages)} stages")
     stage = config.stages[index]
-    if not stage.parallelism.trivial:
+    layout = stage.parallelism
+    if layout.tensor > 1 or layout.expert > 1:
         raise PermanentError(
-            f"stage {stage.name!r}: parallelism {stage.parallelism.describe()} is not built "
-            "into this trainer yet"
+            f"stage {stage.name!r}: parallelism {layout.describe()} is not built into this "
+            "trainer yet (pipeline is)"
         )
     return stage
 

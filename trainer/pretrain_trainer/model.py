@@ -11,6 +11,7 @@ checkpoints reshardable like any dense model.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -162,9 +163,12 @@ class Transformer(nn.Module):
                 std /= math.sqrt(2 * self.config.layers)
             nn.init.normal_(param, mean=0.0, std=std)
 
+    def rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return cast(torch.Tensor, self.rope_cos), cast(torch.Tensor, self.rope_sin)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
-        cos, sin = self.rope_cos, self.rope_sin
+        cos, sin = self.rope_tables()
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)

@@ -87,6 +87,18 @@ def forward_backward_step(
     return total
 
 
+def pipeline_step(
+    engine: DeepSpeedEngine, optimizer: GuardedAdamW, batches: list[MicroBatch]
+) -> float:
+    """One optimizer step of DeepSpeed's pipeline engine over this data-parallel rank's
+    micro-batches (an even split: the engine runs a fixed count); returns the mean loss over
+    the global batch, which the engine gives every rank. The first stage reads the inputs,
+    the last the targets; the rest ignore them."""
+    optimizer.begin_step()
+    loss = engine.train_batch(data_iter=iter(batches))
+    return float(loss)
+
+
 def reduce_step(loss_sum: float, *, micro_batches: int, stop: bool) -> tuple[float, bool]:
     """The mean loss over the global batch from each rank's sum over its micro-batches, and
     whether any rank must stop."""
@@ -124,6 +136,11 @@ class Trainer:
     health: Health
     rank: int
     world_size: int
+    data_rank: int = 0
+    """This rank's place in the data-parallel dimension: which share of the batch it reads
+    (the rank itself without a parallel layout)."""
+    pipelined: bool = False
+    """Steps go through DeepSpeed's pipeline engine (:func:`pipeline_step`)."""
     step_log: Path | None = None
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
@@ -148,6 +165,8 @@ class Trainer:
 
     def __post_init__(self) -> None:
         self.split = self.stage.split(self.world_size)
+        if self.pipelined:  # the engine takes the optimizer step: a save still writing waits
+            self.optimizer.register_step_pre_hook(lambda *_: self.settle())
 
     @property
     def stage(self) -> Stage:
@@ -281,17 +300,24 @@ class Trainer:
         model_config, stage = self.config.model, self.stage
         tokens_per_step = stage.tokens_per_step(model_config)
         started, lr = time.perf_counter(), self.engine.get_lr()[0]  # this step's rate
-        batches = self.data.next_batch(rank=self.rank, split=self.split, device=self.engine.device)
-        local = forward_backward_step(
-            self.engine,
-            self.optimizer,
-            batches,
-            weight=self.split.weight(),
-            padding=self._padding(batches),
-            label_smoothing=stage.label_smoothing,
-            aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
-            before_update=self.settle,
+        batches = self.data.next_batch(
+            rank=self.data_rank, split=self.split, device=self.engine.device
         )
+        if self.pipelined:
+            # Every rank holds the global mean: each contributes its share to the reduction.
+            mean = pipeline_step(self.engine, self.optimizer, batches)
+            local = mean * self.split.micro_batches / self.world_size
+        else:
+            local = forward_backward_step(
+                self.engine,
+                self.optimizer,
+                batches,
+                weight=self.split.weight(),
+                padding=self._padding(batches),
+                label_smoothing=stage.label_smoothing,
+                aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
+                before_update=self.settle,
+            )
         # One all-reduce carries the loss and whether any rank was asked to stop, so every
         # rank leaves (and saves) after the same step.
         loss, stop = reduce_step(

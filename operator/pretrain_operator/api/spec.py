@@ -7,7 +7,7 @@ which stays exact at every count (docs/design.md, "Any worker count").
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -182,12 +182,13 @@ class WorkerCounts:
         )
 
     @property
-    def usable(self) -> list[int]:
+    def usable(self) -> Sequence[int]:
+        """The counts that fit, ascending."""
         if not self.micro_batches or not self.per_worker:
-            return []
+            return range(0)
         if self.even:  # divisors: few, however wide the bounds
             return [n for n in self._divisor_counts() if self.low <= n <= self.high]
-        return list(range(self._round_up(self.low), self.high + 1, self.step))
+        return range(self._round_up(self.low), self.high + 1, self.step)
 
     def allowed(self) -> str:
         if self.low == self.high:

@@ -83,7 +83,8 @@ def start(ctx: Pass, status: JobStatus, *, reason: Reason, message: str) -> Plan
 
 def _too_few(ctx: Pass, status: JobStatus, available: list[int]) -> Plan:
     """Not even the smallest group fits: stop everything and look again soon."""
-    least = ctx.spec.worker_counts(ctx.spec.stages[ctx.stage]).low
+    counts = ctx.spec.worker_counts(ctx.spec.stages[ctx.stage])
+    least = counts.usable[0] if counts.usable else counts.low  # the smallest the layout fits
     status = status.model_copy(
         update={"workers": WorkersStatus(desired=least, ready=len(available))}
     )

@@ -103,7 +103,7 @@ def test_under_a_parallel_layout_only_counts_the_layout_can_split_run_and_best_i
 ) -> None:
     counts = WorkerCounts(low, low + span, micro_batches, replicas * layout.replica, layout)
     fitting = [n for n in range(low, low + span + 1) if _fits_by_definition(counts, n)]
-    assert counts.usable == fitting
+    assert list(counts.usable) == fitting
     assert counts.best(available) == _brute_best(counts, available)
     covered = [n for band in reversed(counts.bands()) for n in band.members()]
     assert covered == fitting
@@ -114,7 +114,7 @@ def test_under_a_parallel_layout_only_counts_the_layout_can_split_run_and_best_i
 def test_pipeline_8_on_nodes_of_8_runs_only_worker_counts_that_divide_the_batch() -> None:
     """The reference job's foundation stage: 4096 micro-batches, one pipeline of 8 per node."""
     counts = WorkerCounts(64, 128, 4096, 8, Parallelism(pipeline=8))
-    assert counts.usable == [64, 128]
+    assert list(counts.usable) == [64, 128]
     assert {available: counts.best(available) for available in (128, 127, 64, 63)} == {
         128: 128,
         127: 64,
@@ -129,6 +129,6 @@ def test_expert_groups_larger_than_a_worker_take_workers_in_whole_groups() -> No
     # Two data-parallel ranks per worker (tensor 4 on 8 processes), experts over 8 of them.
     counts = WorkerCounts(3, 13, 64, 8, Parallelism(tensor=4, expert=8))
     assert counts.step == 4
-    assert counts.usable == [4, 8, 12]
+    assert list(counts.usable) == [4, 8, 12]
     assert counts.best(11) == 8
     assert counts.best(3) is None

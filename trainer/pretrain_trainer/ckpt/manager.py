@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..config import Layout
 from ..logging import log0
 from .engine import AsyncCheckpointEngine, Saved
 from .layout import RNG, WEIGHTS, checkpoint_dir, rank_file, stage_dir, step_name
@@ -81,12 +82,16 @@ class CheckpointManager:
         config_hash: str,
         memory: MemoryTier | None = None,
         memory_interval: int | None = None,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
         self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
         self.zero_stage, self.config_hash = zero_stage, config_hash
         self.memory = memory
         self.memory_interval = memory_interval or interval
+        # This rank's place among the ranks that hold the same part of the model, and their
+        # number: each saves a share of that part's full weights (everything, without a layout).
+        self.share = share if share is not None else (rank, world_size)
         self.writer: AsyncCheckpointEngine | None = None
         self._plan: RestorePlan | None = None
         self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
@@ -106,6 +111,7 @@ class CheckpointManager:
         """The manager of one stage of ``config``, at ``world_size`` processes, with the
         worker's in-memory tier if it has one."""
         stage = config.stages[stage_index]
+        layout = Layout.of(stage.parallelism, world_size)
         return cls(
             root=root,
             job=job,
@@ -119,6 +125,7 @@ class CheckpointManager:
             config_hash=config_hash(config),
             memory=memory,
             memory_interval=config.checkpoint.memory_interval,
+            share=(layout.coordinates(rank).data, layout.data),
         )
 
     @property
@@ -317,20 +324,24 @@ class CheckpointManager:
         return checkpoint_dir(self.root, stage=self.stage, step=step)
 
     def _weights_share(self, engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
-        """This rank's share of the full fp32 weights (parameter i goes to rank i % world).
+        """This rank's share of the full fp32 weights under the model's parameter names
+        (parameter i of the part this rank holds goes to the i % n-th of its n holders).
         Gathering is collective under ZeRO-3, so every rank walks every parameter."""
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
         from deepspeed.utils import safe_get_full_fp32_param
 
+        module = engine.module
+        named = getattr(module, "model_parameters", module.named_parameters)()
+        place, holders = self.share
         share: dict[str, torch.Tensor] = {}
-        for i, (name, param) in enumerate(engine.module.named_parameters()):
+        for i, (name, param) in enumerate(named):
             full = safe_get_full_fp32_param(param) if param.requires_grad else None
             if full is None and hasattr(param, "ds_id"):  # a frozen ZeRO-3 partition
                 with GatheredParameters([param]):
                     full = param.detach().float().clone()
             elif full is None:
                 full = param.detach().float()
-            if i % self.world_size == self.rank:
+            if i % holders == place:
                 share[name] = full.detach().to("cpu", copy=True)
         return share
 

@@ -1,0 +1,150 @@
+"""Parallel layouts under real DeepSpeed on CPU: each matches a plain single-process loop of the
+same model, data and optimizer; restarts change only the data-parallel degree; the stage
+hand-over crosses layouts."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pretrain_trainer.ckpt.layout import RANK_FILE_GLOB, WEIGHTS
+from pretrain_trainer.config import BatchSplit, RunConfig
+from pretrain_trainer.contract import ExitCode
+from pretrain_trainer.data import build_stdlib_corpus
+from pretrain_trainer.data.loader import DataLoader
+from pretrain_trainer.train import build_model, lm_loss
+
+from tests.trainer.harness import (
+    Run,
+    Started,
+    reference_run,
+    run_config,
+    run_trainer,
+    stage,
+    start_trainer,
+)
+
+pytestmark = pytest.mark.slow
+
+PIPELINE = {"pipeline": 2, "pipelineLayers": [1, 3]}  # uneven: the split is the layout's
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_stdlib_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _config(corpus: dict[str, Path], *stages: dict[str, Any], **model: Any) -> dict[str, Any]:
+    config = run_config(corpus, stages=list(stages))
+    config["model"].update(layers=4, **model)
+    return config
+
+
+def _worst(run: Run, expected: list[float]) -> float:
+    assert len(run.losses) == len(expected)
+    return max(abs(a - b) for a, b in zip(run.losses, expected, strict=True))
+
+
+def test_pipeline_2_matches_plain_pytorch_over_20_steps(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    config = _config(corpus, stage(parallelism=PIPELINE, budget={"steps": 20}))
+    run = run_trainer(tmp_path, config, nproc=2)
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    expected, norms = reference_run(config, steps=20)
+    assert _worst(run, expected) <= 1e-5
+    # Clipping and the stability guard see the norm of the whole model, not one stage's.
+    seen = [s["gradNorm"] for s in run.steps]
+    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+    assert run.report is not None
+    assert run.report["worldSize"] == 2
+
+
+def test_pipeline_2_by_data_2_with_experts_and_tied_embeddings_matches_plain_pytorch(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    """Four processes: two pipelines of two stages. The MoE balance loss of the first stage's
+    blocks reaches the loss on the last; the tied embedding's gradient joins both ends."""
+    moe = {"experts": 4, "topK": 2, "auxLossCoef": 0.01}
+    config = _config(
+        corpus, stage(parallelism=PIPELINE, budget={"steps": 20}), moe=moe, tieEmbeddings=True
+    )
+    run = run_trainer(tmp_path, config, nproc=4)
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    assert "micro-batches per rank 2" in run.stderr  # 4 micro-batches over 2 pipelines
+    assert _worst(run, reference_run(config, steps=20)[0]) <= 1e-5
+
+
+def _preempt_after(started: Started, step: int, timeout: float = 240) -> Run:
+    deadline = time.monotonic() + timeout
+    while started.step_count() < step:
+        assert started.process.poll() is None, started.log.read_text()
+        assert time.monotonic() < deadline, "the run never reached the step"
+        time.sleep(0.02)
+    started.signal(signal.SIGTERM)
+    return started.wait()
+
+
+def test_a_pipeline_restarted_at_another_data_parallel_degree_resumes_within_1e_5(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    """pipeline 2 x data 2 (4 processes), stopped, then pipeline 2 x data 1 (2 processes): the
+    checkpoint goes through the universal format; the layout never changes."""
+    config = _config(corpus, stage(parallelism=PIPELINE, budget={"steps": 20}), hidden=128)
+    config["checkpoint"] = {"intervalSteps": 5, "preemptionMinAgeSeconds": 0}
+    first = _preempt_after(start_trainer(tmp_path, config, nproc=4), step=6)
+    stopped = first.steps[-1]["step"]
+    assert stopped < 20
+    second = run_trainer(tmp_path, config, nproc=2)
+    assert second.returncode == ExitCode.STAGE_COMPLETE, second.stderr
+    assert "converted to the universal format" in second.stderr
+    assert second.steps[0]["step"] == stopped + 1
+    resumed = {s["step"]: s["loss"] for run in (first, second) for s in run.steps}
+    expected = reference_run(config, steps=20)[0]
+    assert sorted(resumed) == list(range(1, 21))
+    assert max(abs(resumed[s] - loss) for s, loss in enumerate(expected, start=1)) <= 1e-5
+
+
+def _evaluated(config: dict[str, Any], checkpoint: Path, *, stage_index: int) -> float:
+    """The mean loss of a checkpoint's full fp32 weights on a stage's first global batch, in
+    one process: what that stage's first step must report."""
+    parsed = RunConfig.parse(config)
+    stage_ = parsed.stages[stage_index]
+    model = build_model(parsed, stage_)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted((checkpoint / WEIGHTS).glob(RANK_FILE_GLOB)):
+        state.update(torch.load(shard, weights_only=True))
+    model.load_state_dict(state, strict=False)
+    assert {n for n, _ in model.named_parameters()} <= set(state)
+    data = DataLoader.build(parsed, stage_index=stage_index)
+    whole = BatchSplit(stage_.global_batch_size // stage_.micro_batch_size, 1)
+    batches = data.next_batch(rank=0, split=whole, device=torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        losses = [float(lm_loss(model(x), y, label_smoothing=0.0)) for x, y in batches]
+    return sum(losses) / len(losses)
+
+
+def test_the_stage_hand_over_crosses_layouts_pipeline_to_data_parallel_and_back(
+    corpus: dict[str, Path], tmp_path: Path
+) -> None:
+    stages = [
+        stage(parallelism=PIPELINE, budget={"steps": 10}),
+        stage(name="enhancement", budget={"steps": 3}, dataMix={"code": 1}),
+        stage(name="instruction", budget={"steps": 3}, parallelism={"pipeline": 2}),
+    ]
+    config = _config(corpus, *stages)
+    finals: list[Path] = []
+    for index in range(3):
+        run = run_trainer(tmp_path, config, nproc=2, stage_index=index)
+        assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+        if finals:
+            assert "starts from the final weights of" in run.stderr
+            first = _evaluated(config, finals[-1], stage_index=index)
+            assert abs(run.losses[0] - first) <= 1e-5
+        assert run.report is not None
+        finals.append(Path(run.report["checkpoint"]))
