@@ -9,6 +9,35 @@ from typing import Any
 
 from .config import Stage
 
+# How tensor parallelism splits the model's matrices (DeepSpeed's AutoTP training, regex specs
+# over our module names): the output projections split their inputs (row-parallel, summed
+# over the tensor group), the other projections their outputs (column-parallel). ``kv`` and
+# ``gate_up`` stack two matrices, so each is split as two: rank r holds [k_r; v_r].
+TENSOR_ROW = (r".*\.attn\.out\.weight$", r".*\.mlp\.down\.weight$")
+TENSOR_COLUMN = (r".*\.attn\.q\.weight$",)
+TENSOR_STACKED = (r".*\.attn\.kv\.weight$", r".*\.mlp\.gate_up\.weight$")
+
+
+def tensor_parallel(size: int) -> dict[str, Any]:
+    """DeepSpeed's ``tensor_parallel`` section: the embedding, the output layer, the norms and
+    MoE experts stay whole on every rank of the group."""
+    return {
+        "autotp_size": size,
+        "partition_config": {
+            "use_default_specs": False,
+            "layer_specs": [
+                {"patterns": list(TENSOR_ROW), "partition_type": "row"},
+                {"patterns": list(TENSOR_COLUMN), "partition_type": "column"},
+                {
+                    "patterns": list(TENSOR_STACKED),
+                    "partition_type": "column",
+                    "shape": [2, -1],
+                    "partition_dim": 0,
+                },
+            ],
+        },
+    }
+
 
 def owns_clipping(stage: Stage) -> bool:
     """Whether the trainer's optimizer clips gradients itself.
@@ -44,7 +73,7 @@ def deepspeed_config(stage: Stage, *, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if stage.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": split.most,
         "gradient_clipping": 0.0 if owns_clipping(stage) else stage.grad_clip,
@@ -56,3 +85,6 @@ def deepspeed_config(stage: Stage, *, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if stage.parallelism.tensor > 1:
+        config["tensor_parallel"] = tensor_parallel(stage.parallelism.tensor)
+    return config

@@ -250,10 +250,10 @@ def _stage(config: RunConfig, index: int) -> Stage:
         raise PermanentError(f"stage index {index} out of range: {len(config.stages)} stages")
     stage = config.stages[index]
     layout = stage.parallelism
-    if layout.tensor > 1 or layout.expert > 1:
+    if layout.expert > 1:
         raise PermanentError(
             f"stage {stage.name!r}: parallelism {layout.describe()} is not built into this "
-            "trainer yet (pipeline is)"
+            "trainer yet (pipeline and tensor are)"
         )
     return stage
 

@@ -56,9 +56,11 @@ class Attention(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # Head counts come from the projections' widths: under tensor parallelism each rank
+        # holds a contiguous share of the heads (and of the key/value heads they attend with).
         batch, seq, _ = x.shape
-        q = self.q(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).view(batch, seq, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.q(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(batch, seq, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(
             q,
@@ -66,7 +68,7 @@ class Attention(nn.Module):
             v,
             is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.heads,
+            enable_gqa=q.shape[1] != k.shape[1],
         )
         y = self.out(y.transpose(1, 2).reshape(batch, seq, -1))
         return F.dropout(y, self.dropout, self.training)

@@ -318,6 +318,7 @@ class Trainer:
                 aux_loss_coef=model_config.moe.aux_loss_coef if model_config.moe else 0.0,
                 before_update=self.settle,
             )
+            local /= self.world_size // self.split.ranks  # each tensor rank has the same sum
         # One all-reduce carries the loss and whether any rank was asked to stop, so every
         # rank leaves (and saves) after the same step.
         loss, stop = reduce_step(

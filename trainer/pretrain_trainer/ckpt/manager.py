@@ -83,15 +83,18 @@ class CheckpointManager:
         memory: MemoryTier | None = None,
         memory_interval: int | None = None,
         share: tuple[int, int] | None = None,
+        tensor_parallel: bool = False,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
         self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
         self.zero_stage, self.config_hash = zero_stage, config_hash
         self.memory = memory
         self.memory_interval = memory_interval or interval
-        # This rank's place among the ranks that hold the same part of the model, and their
-        # number: each saves a share of that part's full weights (everything, without a layout).
+        # This rank's place among the ranks that hold the same part of the model whole (a
+        # pipeline stage's, gathered over tensor groups), and their number: each saves a share
+        # of that part's full weights (everything, without a layout).
         self.share = share if share is not None else (rank, world_size)
+        self.tensor_parallel = tensor_parallel  # weights are split over tensor groups
         self.writer: AsyncCheckpointEngine | None = None
         self._plan: RestorePlan | None = None
         self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
@@ -125,7 +128,11 @@ class CheckpointManager:
             config_hash=config_hash(config),
             memory=memory,
             memory_interval=config.checkpoint.memory_interval,
-            share=(layout.coordinates(rank).data, layout.data),
+            share=(
+                layout.coordinates(rank).data * layout.tensor + layout.coordinates(rank).tensor,
+                layout.data * layout.tensor,
+            ),
+            tensor_parallel=layout.tensor > 1,
         )
 
     @property
@@ -341,6 +348,10 @@ class CheckpointManager:
                     full = param.detach().float().clone()
             elif full is None:
                 full = param.detach().float()
+            if self.tensor_parallel:
+                from ..parallel.tensor import gather_full
+
+                full = gather_full(name, full)  # collective over the tensor group
             if i % holders == place:
                 share[name] = full.detach().to("cpu", copy=True)
         return share

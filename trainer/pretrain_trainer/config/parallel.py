@@ -28,6 +28,9 @@ from .model import ModelConfig
 # and without ZeRO its gradient clipping measures only the first stage's gradients; its MoE
 # layer refuses ZeRO 3.
 PIPELINE_ZERO_STAGES = (1,)
+# Without ZeRO in fp32 the trainer's optimizer clips and measures the gradient norm itself,
+# which under tensor parallelism would be one shard's; ZeRO-3 with it is not built yet.
+TENSOR_ZERO_STAGES = (1, 2)
 EXPERT_ZERO_STAGES = (0, 1, 2)
 
 
@@ -36,7 +39,8 @@ class Parallelism(Spec):
 
     tensor: Annotated[int, Field(ge=1, le=64)] = 1
     """Tensor-parallel degree: each block's attention heads and feed-forward width are split
-    over this many processes. Divides heads, kvHeads and the feed-forward width."""
+    over this many processes. Divides heads, kvHeads and the feed-forward width; needs
+    zeroStage 1 or 2, and no pipeline parallelism in the same stage."""
     pipeline: Annotated[int, Field(ge=1, le=256)] = 1
     """Pipeline stages: the blocks are split into this many consecutive runs, one per process.
     Divides model.layers unless pipelineLayers gives the split; needs zeroStage 1, and a
@@ -105,11 +109,24 @@ class Parallelism(Spec):
         return " x ".join(parts) if parts else "data parallel only"
 
     def problems(self, model: ModelConfig, *, zero_stage: int) -> Iterator[Problem]:
-        yield from self._tensor_problems(model)
+        yield from self._tensor_problems(model, zero_stage=zero_stage)
         yield from self._pipeline_problems(model, zero_stage=zero_stage)
         yield from self._expert_problems(model, zero_stage=zero_stage)
 
-    def _tensor_problems(self, model: ModelConfig) -> Iterator[Problem]:
+    def _tensor_problems(self, model: ModelConfig, *, zero_stage: int) -> Iterator[Problem]:
+        if self.tensor == 1:
+            return
+        if self.pipeline > 1:
+            yield Problem(
+                ("tensor",), "tensor and pipeline parallelism in one stage are not built yet"
+            )
+        if zero_stage not in TENSOR_ZERO_STAGES:
+            why = (
+                "without ZeRO the trainer would clip by one shard's gradient norm"
+                if zero_stage == 0
+                else "ZeRO-3 with tensor parallelism is not built yet"
+            )
+            yield Problem(("tensor",), f"needs zeroStage 1 or 2, not {zero_stage}: {why}")
         for what, count in (
             ("model.heads", model.heads),
             ("model.kvHeads", model.kv_head_count),
