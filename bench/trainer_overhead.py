@@ -1,6 +1,7 @@
 """Trainer overhead: our training loop vs a minimal bare DeepSpeed loop, same run, same model.
 
     .venv/bin/python bench/trainer_overhead.py [--nproc 2] [--steps 20] [--rounds 5]
+    .venv/bin/python bench/trainer_overhead.py --parallel pipeline=2   # or tensor=2, ...
 
 Both loops use the same model, the same generated DeepSpeed config and the same world size, in
 the same processes, alternating in rounds so that machine noise hits both alike. Ours reads
@@ -8,6 +9,10 @@ real token shards through the mixture sampler, runs the stability guard, average
 across ranks and updates metrics every step; the bare loop feeds pre-built tensors to
 ``engine(x)``, ``engine.backward``, ``engine.step``. Prints the median step time of each and
 their ratio (goal: <= 1.03).
+
+``--parallel`` gives the stage a layout (``config.parallel``); the bare loop then runs
+DeepSpeed's own engine with the same layout: the same tensor-parallel config, or the same
+``PipelineModule`` driven by ``engine.train_batch``.
 """
 
 from __future__ import annotations
@@ -43,11 +48,18 @@ def _config(corpus: Path, args: argparse.Namespace) -> dict[str, object]:
                 "microBatchSize": args.micro_batch,
                 "precision": args.precision,
                 "zeroStage": args.zero,
+                "parallelism": _layout(args.parallel),
             }
         ],
         "checkpoint": {"path": str(corpus.parent / "checkpoints"), "intervalSteps": 10**9},
         "trainer": {"logEverySteps": 10**9},
     }
+
+
+def _layout(text: str) -> dict[str, int]:
+    """``tensor=2,pipeline=2`` as the stage's ``parallelism``."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    return {key: int(value) for key, value in pairs}
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -60,7 +72,7 @@ def launch(args: argparse.Namespace) -> int:
         config.write_text(yaml.safe_dump(_config(corpus, args)))
         threads = max(1, (os.cpu_count() or 2) // args.nproc)
         worker = ["--worker", f"--steps={args.steps}", f"--rounds={args.rounds}"]
-        worker.append(f"--warmup={args.warmup}")
+        worker += [f"--warmup={args.warmup}", f"--parallel={args.parallel}"]
         return rerun_under_torchrun(
             __file__, worker, nproc=args.nproc, config=config, threads=threads
         )
@@ -70,9 +82,11 @@ def worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from pretrain_trainer.config import Layout
     from pretrain_trainer.contract import TrainerEnv
     from pretrain_trainer.dsconfig import deepspeed_config
     from pretrain_trainer.main import load_run_config, setup
+    from pretrain_trainer.parallel.pipeline import pipeline_module
     from pretrain_trainer.train import build_model, lm_loss
 
     env = TrainerEnv.from_environ(os.environ)
@@ -80,19 +94,27 @@ def worker(args: argparse.Namespace) -> None:
     trainer = setup(env, config)
     stage, world = config.stages[0], dist.get_world_size()
 
-    # The bare loop: same model and DeepSpeed config, torch AdamW, tensors already in memory.
-    model = build_model(config, stage)
+    # The bare loop: same model, DeepSpeed config and layout, torch AdamW, tensors in memory.
+    layout = Layout.of(stage.parallelism, world)
+    model: torch.nn.Module = build_model(config, stage)
+    if layout.pipeline > 1:
+        model = pipeline_module(build_model(config, stage), stage, layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.optimizer.lr)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(stage, world_size=world)
     )
     accumulation = stage.split(world).most  # the bare loop needs a world that divides
     seq = stage.seq_len_for(config.model)
+    torch.manual_seed(0)  # ranks of a tensor group must read the same tokens
     tokens = torch.randint(0, 256, (accumulation, stage.micro_batch_size, seq + 1))
+    batches = [(micro[:, :-1], micro[:, 1:]) for micro in tokens]
 
     def bare_step() -> None:
-        for micro in tokens:
-            loss = lm_loss(engine(micro[:, :-1]), micro[:, 1:], label_smoothing=0.0)
+        if layout.pipeline > 1:
+            engine.train_batch(data_iter=iter(batches))
+            return
+        for inputs, targets in batches:
+            loss = lm_loss(engine(inputs), targets, label_smoothing=0.0)
             engine.backward(loss)
             engine.step()
 
@@ -115,6 +137,7 @@ def worker(args: argparse.Namespace) -> None:
         o, b = statistics.median(ours), statistics.median(bare)
         print(
             f"model {config.model.num_params() / 1e6:.1f}M params, world size {world}, "
+            f"{stage.parallelism.describe()}, "
             f"ZeRO-{stage.zero_stage} {stage.precision}, global batch {stage.global_batch_size} "
             f"x {seq} tokens, {args.rounds} rounds x {args.steps} steps"
         )
@@ -139,6 +162,9 @@ def main() -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--zero", type=int, default=1)
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument(
+        "--parallel", default="", help="the stage's layout, e.g. tensor=2 or pipeline=2"
+    )
     args = parser.parse_args()
     if args.worker:
         worker(args)

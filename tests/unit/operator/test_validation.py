@@ -234,6 +234,18 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "(2) does not divide model.kvHeads (1)",
     ),
     (
+        "tensor parallelism without ZeRO",
+        with_stage(_set(BASE, "spec/nprocPerWorker", 2), parallelism={"tensor": 2}, zeroStage=0),
+        "spec.stages[0].parallelism.tensor",
+        "needs zeroStage 1 or 2, not 0: without ZeRO the trainer would clip by one shard's",
+    ),
+    (
+        "tensor and pipeline parallelism together",
+        with_stage(_set(BASE, "spec/nprocPerWorker", 4), parallelism={"tensor": 2, "pipeline": 2}),
+        "spec.stages[0].parallelism.tensor",
+        "tensor and pipeline parallelism in one stage are not built yet",
+    ),
+    (
         "more pipeline stages than layers",
         with_stage(_set(BASE, "spec/nprocPerWorker", 3), parallelism={"pipeline": 3}),
         "spec.stages[0].parallelism.pipeline",
