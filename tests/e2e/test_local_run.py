@@ -161,6 +161,40 @@ def assert_recoveries_and_goodput(status: JobStatus, *, lost: int) -> None:
     assert figures.productive + sum(figures.badput.values()) == pytest.approx(figures.wall)
 
 
+def test_workers_lost_under_pipeline_and_tensor_layouts_change_only_the_data_parallel_degree(
+    tmp_path: Path,
+) -> None:
+    """examples/tiny-moe-cpu.yaml: 2 workers of 2 processes, a pipeline-2 stage and then a
+    tensor-2 stage. A lost worker leaves one whole replica, which resumes (through the
+    universal format) and grows back; the run ends where an undisturbed one ends."""
+    job = load_job(ROOT / "examples" / "tiny-moe-cpu.yaml")
+    calm = run(job, _prepared(tmp_path, "calm"), workers=2)
+    assert calm.phase == Phase.SUCCEEDED, calm.conditions
+    stormy_dir = _prepared(tmp_path, "stormy")
+    script: list[tuple[tuple[int, int], str]] = [
+        ((0, 25), "kill"),
+        ((0, 45), "add"),
+        ((1, 5), "kill"),
+        ((1, 15), "add"),
+    ]
+    stop = threading.Event()
+    chaos = threading.Thread(target=_chaos, args=(stormy_dir, script, stop, []))
+    chaos.start()
+    try:
+        stormy = run(job, stormy_dir, workers=2)
+    finally:
+        stop.set()
+        chaos.join()
+    assert stormy.phase == Phase.SUCCEEDED, stormy.conditions
+    assert stormy.restarts.by_reason.get("WorkerLost", 0) >= 1
+    records = [json.loads(line) for line in (stormy_dir / "steps.jsonl").read_text().splitlines()]
+    assert {(r["stage"], r["worldSize"]) for r in records} >= {(0, 2), (0, 4), (1, 2), (1, 4)}
+    for mine, undisturbed in zip(stormy.stages, calm.stages, strict=True):
+        assert mine.loss is not None
+        assert undisturbed.loss is not None
+        assert abs(mine.loss - undisturbed.loss) <= 1e-4
+
+
 def test_three_workers_train_a_batch_only_one_and_five_divide(tmp_path: Path) -> None:
     """5 sequences a step over 3 worker slots: the ranks run 2, 2 and 1 micro-batches (83%
     efficient, 2.5 workers' worth) instead of falling back to 1 worker, the largest divisor."""
