@@ -31,6 +31,7 @@ from tests.trainer.harness import (
 pytestmark = pytest.mark.slow
 
 PIPELINE = {"pipeline": 2, "pipelineLayers": [1, 3]}  # uneven: the split is the layout's
+MOE = {"experts": 4, "topK": 2, "auxLossCoef": 0.01}
 
 
 @pytest.fixture(scope="session")
@@ -69,9 +70,8 @@ def test_pipeline_2_by_data_2_with_experts_and_tied_embeddings_matches_plain_pyt
 ) -> None:
     """Four processes: two pipelines of two stages. The MoE balance loss of the first stage's
     blocks reaches the loss on the last; the tied embedding's gradient joins both ends."""
-    moe = {"experts": 4, "topK": 2, "auxLossCoef": 0.01}
     config = _config(
-        corpus, stage(parallelism=PIPELINE, budget={"steps": 20}), moe=moe, tieEmbeddings=True
+        corpus, stage(parallelism=PIPELINE, budget={"steps": 20}), moe=MOE, tieEmbeddings=True
     )
     run = run_trainer(tmp_path, config, nproc=4)
     assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
@@ -101,6 +101,35 @@ def test_tensor_parallelism_matches_plain_pytorch_over_20_steps(
     assert _worst(run, expected) <= 1e-5
     seen = [s["gradNorm"] for s in run.steps]
     assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("nproc", "fields"),
+    [
+        (2, {"parallelism": {"expert": 2}}),
+        # 3 micro-batches over 2 ranks: the short one pads, its tokens still meet the experts.
+        (2, {"parallelism": {"expert": 2}, "zeroStage": 2, "globalBatchSize": 6}),
+        # The example's layout: two pipelines of 2 stages, each stage's experts over both.
+        (4, {"parallelism": {"expert": 2, **PIPELINE}}),
+    ],
+    ids=["expert-2", "expert-2-uneven-zero2", "pipeline-2-expert-2"],
+)
+def test_expert_parallelism_matches_plain_pytorch_over_20_steps(
+    corpus: dict[str, Path], tmp_path: Path, nproc: int, fields: dict[str, Any]
+) -> None:
+    """Each rank holds 2 of the 4 experts; the reference holds all 4 in one process. The
+    experts' outputs and gradients are summed in another order across ranks (1e-7 apart), and
+    a token whose two best experts are that close may switch experts, after which the runs
+    part: at the harness's lr 3e-3 one did at step 8 (5e-4 apart by step 20); at 1e-3 none
+    does in 20 steps."""
+    config = _config(corpus, stage(budget={"steps": 20}, optimizer={"lr": 1e-3}, **fields), moe=MOE)
+    run = run_trainer(tmp_path, config, nproc=nproc)
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    expected, norms = reference_run(config, steps=20)
+    assert _worst(run, expected) <= 1e-5
+    seen = [s["gradNorm"] for s in run.steps]
+    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+    assert all(len(s["expertLoad"]) == 4 for s in run.steps)
 
 
 def _preempt_after(started: Started, step: int, timeout: float = 240) -> Run:
@@ -150,23 +179,40 @@ def _evaluated(config: dict[str, Any], checkpoint: Path, *, stage_index: int) ->
     batches = data.next_batch(rank=0, split=whole, device=torch.device("cpu"))
     model.eval()
     with torch.no_grad():
-        losses = [float(lm_loss(model(x), y, label_smoothing=0.0)) for x, y in batches]
+        coef = parsed.model.moe.aux_loss_coef if parsed.model.moe else 0.0
+        losses = [
+            float(lm_loss(model(x), y, label_smoothing=0.0) + coef * model.aux_loss())
+            for x, y in batches
+        ]
     return sum(losses) / len(losses)
 
 
-def test_the_stage_hand_over_crosses_layouts_pipeline_to_tensor_and_back(
-    corpus: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize(
+    ("layouts", "moe"),
+    [
+        ([PIPELINE, {"tensor": 2}, {"pipeline": 2}, {}], None),
+        ([{"expert": 2, **PIPELINE}, {"expert": 2}, {"pipeline": 2}, {}], MOE),
+    ],
+    ids=["pipeline-tensor-pipeline-data", "experts-over-pipelines-experts-pipeline-data"],
+)
+def test_the_stage_hand_over_crosses_layouts(
+    corpus: dict[str, Path],
+    tmp_path: Path,
+    layouts: list[dict[str, Any]],
+    moe: dict[str, Any] | None,
 ) -> None:
+    """Each stage starts from the previous one's full fp32 weights, whatever either's layout
+    (4 processes where experts spread over pipelines, else 2)."""
+    names = ["foundation", "enhancement", "instruction", "review"]
     stages = [
-        stage(parallelism=PIPELINE, budget={"steps": 10}),
-        stage(name="enhancement", budget={"steps": 3}, parallelism={"tensor": 2}),
-        stage(name="instruction", budget={"steps": 3}, parallelism={"pipeline": 2}),
-        stage(name="review", budget={"steps": 3}, dataMix={"code": 1}),
+        stage(name=name, budget={"steps": 10 if i == 0 else 3}, parallelism=layout)
+        for i, (name, layout) in enumerate(zip(names, layouts, strict=True))
     ]
-    config = _config(corpus, *stages)
+    config = _config(corpus, *stages, **({"moe": moe} if moe else {}))
     finals: list[Path] = []
-    for index in range(len(stages)):
-        run = run_trainer(tmp_path, config, nproc=2, stage_index=index)
+    for index, layout in enumerate(layouts):
+        nproc = 4 if layout.get("expert", 1) * layout.get("pipeline", 1) > 2 else 2
+        run = run_trainer(tmp_path, config, nproc=nproc, stage_index=index)
         assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
         if finals:
             assert "starts from the final weights of" in run.stderr

@@ -57,8 +57,9 @@ def lockstep(stage: Stage) -> bool:
     fewer micro-batches than the longest pads with zero-weighted dummy micro-steps, or the
     collectives fall out of step. ZeRO 0 and 1 reduce only at the accumulation boundary, which
     a short rank simply reaches sooner (it still needs one micro-step to reach it at all).
+    Experts spread over ranks exchange tokens inside every forward: lockstep too.
     """
-    return stage.zero_stage >= 2
+    return stage.zero_stage >= 2 or stage.parallelism.expert > 1
 
 
 def deepspeed_config(stage: Stage, *, world_size: int) -> dict[str, Any]:

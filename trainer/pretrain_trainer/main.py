@@ -227,6 +227,12 @@ def _engine(
 
     frozen = freeze(model, list(stage.freeze))  # first: the optimizer takes what still trains
     module: Module = model
+    if layout.expert > 1:
+        import torch.distributed as dist
+
+        from .parallel.expert import spread_experts
+
+        spread_experts(model, layout, rank=dist.get_rank())  # this rank's experts only
     if layout.pipeline > 1:
         from .parallel.pipeline import pipeline_module
 
@@ -249,12 +255,6 @@ def _stage(config: RunConfig, index: int) -> Stage:
     if index >= len(config.stages):
         raise PermanentError(f"stage index {index} out of range: {len(config.stages)} stages")
     stage = config.stages[index]
-    layout = stage.parallelism
-    if layout.expert > 1:
-        raise PermanentError(
-            f"stage {stage.name!r}: parallelism {layout.describe()} is not built into this "
-            "trainer yet (pipeline and tensor are)"
-        )
     return stage
 
 

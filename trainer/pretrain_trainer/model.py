@@ -4,8 +4,7 @@ Module names follow :data:`pretrain_trainer.config.MODULE_ROOTS` (``embed``, ``l
 ``norm``, ``head``) because stages freeze parameters by these prefixes.
 
 The MoE layer routes each token to its top-k experts and adds a Switch-style load-balancing
-loss; experts are replicated on every data-parallel rank (no expert parallelism), which keeps
-checkpoints reshardable like any dense model.
+loss; here every rank holds every expert, and ``parallel.expert`` spreads them over ranks.
 """
 
 from __future__ import annotations
@@ -86,36 +85,51 @@ class SwiGLU(nn.Module):
         return out
 
 
-class MoE(nn.Module):
-    """Top-k routed experts; ``aux_loss`` and ``load`` describe the last forward pass."""
+class Routed(nn.Module):
+    """A feed-forward layer that routes each token to its top-k experts; ``aux_loss`` and
+    ``load`` describe the last forward pass, whoever computes the experts (:class:`MoE` here,
+    ``parallel.expert`` across ranks)."""
+
+    def __init__(self, *, top_k: int, n_experts: int) -> None:
+        super().__init__()
+        self.top_k, self.n_experts = top_k, n_experts
+        self.aux_loss = torch.zeros(())
+        self.load = torch.zeros(n_experts)
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's renormalised top-k weights and experts, from the router's logits; the
+        balance loss and load of this pass are set from them."""
+        probs = F.softmax(logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        # Switch-Transformer balance loss: fraction routed x mean router probability, per expert.
+        routed = F.one_hot(chosen, self.n_experts).sum(1).float().mean(0) / self.top_k
+        self.aux_loss = self.n_experts * (routed * probs.mean(0)).sum()
+        self.load = routed.detach()
+        return weights / weights.sum(-1, keepdim=True), chosen
+
+
+class MoE(Routed):
+    """Top-k routed experts, every expert on every rank."""
 
     def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
         assert config.moe is not None
-        self.top_k, self.n_experts = config.moe.top_k, config.moe.experts
+        super().__init__(top_k=config.moe.top_k, n_experts=config.moe.experts)
         self.router = nn.Linear(config.hidden, self.n_experts, bias=False)
         self.experts = nn.ModuleList(
             SwiGLU(hidden=config.hidden, ffn=config.ffn_width) for _ in range(self.n_experts)
         )
-        self.aux_loss = torch.zeros(())
-        self.load = torch.zeros(self.n_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        probs = F.softmax(self.router(tokens).float(), dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
-        weights = (weights / weights.sum(-1, keepdim=True)).type_as(tokens)
+        weights, chosen = self.route(self.router(tokens))
+        weights = weights.type_as(tokens)
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
             # Run every expert, even on no tokens: each parameter then gets a (zero) gradient
             # on every rank, which ZeRO's gradient reduction requires to stay in lockstep.
             rows, slot = torch.nonzero(chosen == e, as_tuple=True)
             out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
-        # Switch-Transformer balance loss: fraction routed x mean router probability, per expert.
-        routed = F.one_hot(chosen, self.n_experts).sum(1).float().mean(0) / self.top_k
-        self.aux_loss = self.n_experts * (routed * probs.mean(0)).sum()
-        self.load = routed.detach()
         return out.view(shape)
 
 
@@ -180,12 +194,12 @@ class Transformer(nn.Module):
         return logits
 
     def aux_loss(self) -> torch.Tensor:
-        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE)]
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, Routed)]
         return torch.stack(losses).mean() if losses else torch.zeros(())
 
     def expert_load(self) -> torch.Tensor | None:
         """Mean fraction of tokens routed to each expert over the MoE layers (last pass)."""
-        loads = [m.load for m in self.modules() if isinstance(m, MoE)]
+        loads = [m.load for m in self.modules() if isinstance(m, Routed)]
         return torch.stack(loads).mean(0) if loads else None
 
 

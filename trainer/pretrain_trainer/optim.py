@@ -31,12 +31,19 @@ hands the wrapper to the factory."""
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: matrices decay, vectors (norm gains) do not."""
+    """Trainable parameters in two groups: matrices decay, vectors (norm gains) do not. With
+    experts spread over ranks (``parallel.expert``), each group splits again into the
+    experts' and the rest, as DeepSpeed's ZeRO requires (it reduces them over other ranks)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in trainable if p.dim() >= 2]},
-        {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
+    groups: list[dict[str, Any]] = [
+        {"name": "decay", "params": [p for p in trainable if p.dim() >= 2]},
+        {"name": "no-decay", "params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if any(getattr(p, "allreduce", True) is False for p in trainable):
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 class GuardedAdamW(torch.optim.AdamW):

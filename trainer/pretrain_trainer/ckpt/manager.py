@@ -58,6 +58,15 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointManager", "CorruptCheckpoint", "RestorePlan", "Restored"]
 
 
+def _expert_share(config: RunConfig, layout: Layout, rank: int) -> tuple[int, int, int]:
+    """A rank's first expert, its place among the ranks that hold the same experts (its
+    expert-data-parallel group) and their number."""
+    assert config.model.moe is not None
+    where = layout.coordinates(rank)
+    local = config.model.moe.experts // layout.expert
+    return where.expert * local, where.data // layout.expert, layout.data // layout.expert
+
+
 @dataclass(frozen=True)
 class SaveStarted:
     blocking: float
@@ -84,6 +93,7 @@ class CheckpointManager:
         memory_interval: int | None = None,
         share: tuple[int, int] | None = None,
         tensor_parallel: bool = False,
+        experts: tuple[int, int, int] | None = None,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
         self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
@@ -95,6 +105,9 @@ class CheckpointManager:
         # of that part's full weights (everything, without a layout).
         self.share = share if share is not None else (rank, world_size)
         self.tensor_parallel = tensor_parallel  # weights are split over tensor groups
+        # With experts spread over ranks: this rank's first expert, and its place among the
+        # ranks holding the same experts and their number.
+        self.experts = experts
         self.writer: AsyncCheckpointEngine | None = None
         self._plan: RestorePlan | None = None
         self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
@@ -133,6 +146,7 @@ class CheckpointManager:
                 layout.data * layout.tensor,
             ),
             tensor_parallel=layout.tensor > 1,
+            experts=None if layout.expert == 1 else _expert_share(config, layout, rank),
         )
 
     @property
@@ -339,9 +353,16 @@ class CheckpointManager:
 
         module = engine.module
         named = getattr(module, "model_parameters", module.named_parameters)()
-        place, holders = self.share
+        shares = {False: self.share}
+        if self.experts is not None:
+            from ..parallel.expert import model_name
+
+            first, *expert_share = self.experts
+            shares[True] = (expert_share[0], expert_share[1])
+        seen = {False: 0, True: 0}
         share: dict[str, torch.Tensor] = {}
-        for i, (name, param) in enumerate(named):
+        for name, param in named:
+            whole, expert = (name, False) if self.experts is None else model_name(name, first=first)
             full = safe_get_full_fp32_param(param) if param.requires_grad else None
             if full is None and hasattr(param, "ds_id"):  # a frozen ZeRO-3 partition
                 with GatheredParameters([param]):
@@ -352,8 +373,10 @@ class CheckpointManager:
                 from ..parallel.tensor import gather_full
 
                 full = gather_full(name, full)  # collective over the tensor group
-            if i % holders == place:
-                share[name] = full.detach().to("cpu", copy=True)
+            place, holders = shares[expert]
+            if seen[expert] % holders == place:
+                share[whole] = full.detach().to("cpu", copy=True)
+            seen[expert] += 1
         return share
 
     def settle(self) -> float:

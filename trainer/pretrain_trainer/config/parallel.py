@@ -173,6 +173,10 @@ class Parallelism(Spec):
                 ("expert",),
                 f"({self.expert}) does not divide model.moe.experts ({model.moe.experts})",
             )
+        if self.tensor > 1:
+            yield Problem(
+                ("expert",), "tensor and expert parallelism in one stage are not built yet"
+            )
         if zero_stage not in EXPERT_ZERO_STAGES:
             yield Problem(
                 ("expert",),

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Layout, ModelConfig, Stage
-from ..model import MoE, RMSNorm, Transformer
+from ..model import RMSNorm, Routed, Transformer
 
 Activations = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 TIED = "embed"
@@ -77,7 +77,7 @@ class _Block(nn.Module):
         h, aux = _hidden(x)
         h = self.block(h, self.rope_cos, self.rope_sin)
         mlp = self.block.mlp
-        if aux is None or not isinstance(mlp, MoE):
+        if aux is None or not isinstance(mlp, Routed):
             return h if aux is None else (h, aux)
         return h, aux + mlp.aux_loss.reshape(1)
 
@@ -165,8 +165,8 @@ class PipelinedTransformer(PipelineModule):  # type: ignore[misc]
             own, model = self._names[int(first)]
             yield model + rest.removeprefix(own), param
 
-    def _moe(self) -> list[MoE]:
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def _moe(self) -> list[Routed]:
+        return [m for m in self.modules() if isinstance(m, Routed)]
 
     def aux_loss(self) -> torch.Tensor:
         """Mean balance loss of this stage's MoE layers (the last pass)."""

@@ -1,0 +1,129 @@
+"""Expert parallelism through DeepSpeed's MoE layer.
+
+:func:`spread_experts` replaces each :class:`~pretrain_trainer.model.MoE` of the model (built
+whole, its weights initialised or loaded as for any layout) with an :class:`ExpertParallelMoE`:
+DeepSpeed's ``MoE`` holding this rank's ``experts / expert`` experts, copied from their
+global indices, which moves each token to its experts' ranks and back (all-to-all over the
+expert group). DeepSpeed marks the experts' parameters, so ZeRO reduces their gradients over
+the ranks that hold the same experts and everything else over the whole data-parallel group.
+
+Routing stays the model's: no capacity limit (``drop_tokens=False``), no random token
+selection and no sampling of the second expert, so the layer computes what ``MoE`` computes.
+The balance loss and the expert load are the model's too (``Routed.route``, from the same
+router weights): DeepSpeed's own loss counts only first choices.
+
+Process groups: DeepSpeed builds its expert groups assuming pipeline stages outermost in the
+rank order; ours have data outermost (``config.parallel``), so :func:`expert_groups` creates
+them from our :class:`~pretrain_trainer.config.Layout` first, under the names DeepSpeed
+looks up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import cast
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.utils import groups
+from torch import nn
+
+from ..config import Layout
+from ..model import MoE, Routed, SwiGLU, Transformer
+
+_ROUTER = re.compile(r"^(.*\.mlp)\.moe\.deepspeed_moe\.gate\.wg\.(.*)$")
+_EXPERT = re.compile(r"^(.*\.mlp)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.*)$")
+
+
+class ExpertParallelMoE(Routed):
+    """One MoE layer whose experts are spread over an expert group; this rank holds experts
+    ``first .. first + experts / size - 1``."""
+
+    def __init__(self, ours: MoE, *, size: int, place: int) -> None:
+        super().__init__(top_k=ours.top_k, n_experts=ours.n_experts)
+        hidden, ffn = ours.router.in_features, cast(SwiGLU, ours.experts[0]).down.in_features
+        self.moe = DeepSpeedMoE(
+            hidden,
+            expert=SwiGLU(hidden=hidden, ffn=ffn),
+            num_experts=ours.n_experts,
+            ep_size=size,
+            k=ours.top_k,
+            drop_tokens=False,
+            use_rts=False,
+            top2_2nd_expert_sampling=False,
+        )
+        local = self.moe.num_local_experts
+        self.first = place * local
+        with torch.no_grad():
+            self.router.weight.copy_(ours.router.weight)
+            for i, expert in enumerate(self.moe.deepspeed_moe.experts.deepspeed_experts):
+                expert.load_state_dict(ours.experts[self.first + i].state_dict())
+                for param, source in zip(
+                    expert.parameters(), ours.experts[self.first + i].parameters(), strict=True
+                ):
+                    param.requires_grad_(source.requires_grad)
+        self.router.weight.requires_grad_(ours.router.weight.requires_grad)
+
+    @property
+    def router(self) -> nn.Linear:
+        gate: nn.Linear = self.moe.deepspeed_moe.gate.wg
+        return gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The model's balance loss and load of this pass (the gate routes the same way).
+        self.route(self.router(x.reshape(-1, x.shape[-1])))
+        out: torch.Tensor = self.moe(x)[0]
+        return out
+
+
+def model_name(name: str, *, first: int) -> tuple[str, bool]:
+    """A parameter's name in the whole :class:`Transformer`, and whether it is an expert's:
+    DeepSpeed's ``...mlp.moe.deepspeed_moe.experts.deepspeed_experts.1.down.weight`` is the
+    model's ``...mlp.experts.<first + 1>.down.weight``."""
+    if found := _EXPERT.match(name):
+        prefix, local, rest = found.groups()
+        return f"{prefix}.experts.{first + int(local)}.{rest}", True
+    if found := _ROUTER.match(name):
+        return f"{found[1]}.router.{found[2]}", False
+    return name, False
+
+
+def expert_groups(layout: Layout, *, rank: int) -> None:
+    """Create the expert groups of ``layout`` (every rank, in the same order) under the names
+    DeepSpeed's MoE layers look up, before ``deepspeed.initialize``."""
+    name = f"ep_size_{layout.expert}"
+    if name in groups._get_expert_parallel_group_dict():
+        return
+    for kind, table, ranks in (
+        ("parallel", groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS),
+        ("data", groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS),
+    ):
+        members = layout.expert_groups() if kind == "parallel" else layout.expert_data_groups()
+        for group_ranks in members:
+            group = dist.new_group(group_ranks)
+            if rank in group_ranks:
+                table[name], ranks[name] = group, group_ranks
+
+
+def spread_experts(model: Transformer, layout: Layout, *, rank: int) -> int:
+    """Replace the model's MoE layers by expert-parallel ones holding this rank's experts;
+    returns the index of its first expert."""
+    expert_groups(layout, rank=rank)
+    place = layout.coordinates(rank).expert
+    first = 0
+    for block in model.layers:
+        if isinstance(block.mlp, MoE):
+            spread = ExpertParallelMoE(block.mlp, size=layout.expert, place=place)
+            block.mlp, first = spread, spread.first
+    return first
+
+
+def expert_parameters(
+    named: Iterator[tuple[str, nn.Parameter]], *, first: int
+) -> Iterator[tuple[str, nn.Parameter, bool]]:
+    """``named`` under the whole model's names, each with whether it is an expert's."""
+    for name, param in named:
+        whole, expert = model_name(name, first=first)
+        yield whole, param, expert
