@@ -142,20 +142,39 @@ def _preempt_after(started: Started, step: int, timeout: float = 240) -> Run:
     return started.wait()
 
 
-@pytest.mark.parametrize("layout", [PIPELINE, {"tensor": 2}], ids=["pipeline-2", "tensor-2"])
+@pytest.mark.parametrize(
+    ("layout", "moe", "how"),
+    [
+        (PIPELINE, None, "converted to the universal format"),
+        ({"tensor": 2}, None, "converted to the universal format"),
+        ({"expert": 2}, MOE, "goes back parameter by parameter"),
+    ],
+    ids=["pipeline-2", "tensor-2", "expert-2"],
+)
 def test_a_layout_restarted_at_another_data_parallel_degree_resumes_within_1e_5(
-    corpus: dict[str, Path], tmp_path: Path, layout: dict[str, Any]
+    corpus: dict[str, Path],
+    tmp_path: Path,
+    layout: dict[str, Any],
+    moe: dict[str, Any] | None,
+    how: str,
 ) -> None:
-    """Two replicas (4 processes), stopped, then one (2 processes): the checkpoint goes
-    through the universal format; the layout never changes."""
-    config = _config(corpus, stage(parallelism=layout, budget={"steps": 20}), hidden=128)
+    """4 processes, stopped, then 2: half the data-parallel degree, the same layout. The
+    checkpoint goes through the universal format, or, with experts spread over ranks (which
+    DeepSpeed's converter cannot reshard), back into the engine parameter by parameter."""
+    fields = {"optimizer": {"lr": 1e-3}} if moe else {}
+    config = _config(
+        corpus,
+        stage(parallelism=layout, budget={"steps": 20}, **fields),
+        hidden=128,
+        **({"moe": moe} if moe else {}),
+    )
     config["checkpoint"] = {"intervalSteps": 5, "preemptionMinAgeSeconds": 0}
     first = _preempt_after(start_trainer(tmp_path, config, nproc=4), step=6)
     stopped = first.steps[-1]["step"]
     assert stopped < 20
     second = run_trainer(tmp_path, config, nproc=2)
     assert second.returncode == ExitCode.STAGE_COMPLETE, second.stderr
-    assert "converted to the universal format" in second.stderr
+    assert how in second.stderr
     assert second.steps[0]["step"] == stopped + 1
     resumed = {s["step"]: s["loss"] for run in (first, second) for s in run.steps}
     expected = reference_run(config, steps=20)[0]

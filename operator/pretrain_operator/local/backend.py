@@ -114,11 +114,12 @@ class LocalBackend:
         )
 
     def _worker(self, slot: int, agent: AgentProcess) -> Worker:
-        lost = self.lost.get(slot)
-        if lost is not None and (lost.attempt or 0) >= self.attempt:
+        lost, group = self.lost.get(slot), self.group
+        if lost is not None and group is not None and lost.attempt == group.attempt:
             return lost
+        # Once the planner acted on the loss (a new attempt, or waiting for workers with none
+        # running), the slot's new agent is a worker like any other.
         self.lost.pop(slot, None)
-        group = self.group
         try:
             state = self.states[slot] = agent.state()
         except AgentError:  # still importing

@@ -94,6 +94,7 @@ class CheckpointManager:
         share: tuple[int, int] | None = None,
         tensor_parallel: bool = False,
         experts: tuple[int, int, int] | None = None,
+        layout: Layout | None = None,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
         self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
@@ -108,6 +109,7 @@ class CheckpointManager:
         # With experts spread over ranks: this rank's first expert, and its place among the
         # ranks holding the same experts and their number.
         self.experts = experts
+        self.layout = layout if layout is not None else Layout(1, 1, 1, world_size)
         self.writer: AsyncCheckpointEngine | None = None
         self._plan: RestorePlan | None = None
         self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
@@ -147,6 +149,7 @@ class CheckpointManager:
             ),
             tensor_parallel=layout.tensor > 1,
             experts=None if layout.expert == 1 else _expert_share(config, layout, rank),
+            layout=layout,
         )
 
     @property
@@ -168,6 +171,8 @@ class CheckpointManager:
             return chosen  # type: ignore[no-any-return]
         newest = chosen.manifest.step if chosen is not None and chosen.full else None
         recalled = recall(self.memory, stage=self.stage, at_least=newest)
+        if recalled is not None and recalled.universal and self.experts is not None:
+            recalled = None  # resharded parameter by parameter: from storage's files
         step = recalled.manifest.step if recalled is not None else newest
         self.memory.discard_after(stage=self.stage, step=step)
         if recalled is None:
@@ -194,6 +199,11 @@ class CheckpointManager:
         if not plan.full:
             self._prepared_seconds = plan.verify_seconds + load_weights(model, plan)
             log0(f"stage {self.stage_name} starts from the final weights of {plan.directory}")
+        elif plan.universal and self.experts is not None:
+            log0(
+                f"{plan.directory} was written at world size {plan.manifest.world_size}; its "
+                "optimizer state goes back parameter by parameter (experts spread over ranks)"
+            )
         elif plan.universal:
             self._prepared_seconds = convert_to_universal(plan, rank=self.rank)
             ds_config["checkpoint"] = {"load_universal": True}
@@ -243,8 +253,24 @@ class CheckpointManager:
     def restore(
         self, engine: DeepSpeedEngine, plan: RestorePlan, *, extra_seconds: float = 0.0
     ) -> Restored:
-        """Load ``plan``, a checkpoint of this stage, into ``engine`` (:func:`load_checkpoint`)."""
-        return load_checkpoint(engine, plan, rank=self.rank, extra_seconds=extra_seconds)
+        """Load ``plan``, a checkpoint of this stage, into ``engine`` (:func:`load_checkpoint`);
+        with experts spread over ranks, one of another world size goes back parameter by
+        parameter (``parallel.expert.restore_optimizer``)."""
+        by_parameter = None
+        if plan.universal and self.experts is not None:
+            from ..parallel.expert import restore_optimizer
+
+            layout = self.layout
+            old_data = plan.manifest.world_size // (layout.tensor * layout.pipeline)
+
+            def by_parameter(directory: Path) -> None:
+                restore_optimizer(
+                    engine, directory, old_data=old_data, layout=layout, rank=self.rank
+                )
+
+        return load_checkpoint(
+            engine, plan, rank=self.rank, extra_seconds=extra_seconds, by_parameter=by_parameter
+        )
 
     def _restore_newest(self, engine: DeepSpeedEngine, plan: RestorePlan) -> Restored:
         """Restore the newest checkpoint that loads and verifies, falling back past corrupt

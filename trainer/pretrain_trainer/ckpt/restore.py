@@ -22,6 +22,7 @@ import contextlib
 import io
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,11 +201,18 @@ def _ds_to_universal(source: Path, target: Path) -> None:
 
 
 def load_checkpoint(
-    engine: DeepSpeedEngine, plan: RestorePlan, *, rank: int, extra_seconds: float = 0.0
+    engine: DeepSpeedEngine,
+    plan: RestorePlan,
+    *,
+    rank: int,
+    extra_seconds: float = 0.0,
+    by_parameter: Callable[[Path], None] | None = None,
 ) -> Restored:
     """Load everything from a checkpoint of this stage, verifying its checksums on rank 0 in
     parallel with the load; raises :class:`CorruptCheckpoint` (on every rank) after
-    quarantining a checkpoint that fails."""
+    quarantining a checkpoint that fails. ``by_parameter``: the engine loads the weights
+    only, and it puts the optimizer state back (a checkpoint of another world size that the
+    universal format cannot carry)."""
     started = time.perf_counter()
     manifest = plan.manifest
     if plan.checks is not None:
@@ -217,8 +225,14 @@ def load_checkpoint(
             if rank == 0 or plan.checks is not None
             else None
         )
-        tag = plan.directory.name + (f"/{UNIVERSAL}" if plan.universal else "")
-        path, _ = engine.load_checkpoint(str(plan.directory.parent), tag=tag)
+        if by_parameter is not None:
+            path, _ = engine.load_checkpoint(
+                str(plan.directory.parent), tag=plan.directory.name, load_optimizer_states=False
+            )
+            by_parameter(plan.directory)
+        else:
+            tag = plan.directory.name + (f"/{UNIVERSAL}" if plan.universal else "")
+            path, _ = engine.load_checkpoint(str(plan.directory.parent), tag=tag)
         verification = checked.result() if checked is not None else None
     mine = None if verification is None else verification.problems
     problems = broadcast(mine) if plan.checks is None else _everyones(mine)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -127,3 +128,70 @@ def expert_parameters(
     for name, param in named:
         whole, expert = model_name(name, first=first)
         yield whole, param, expert
+
+
+def restore_optimizer(
+    engine: Any, directory: Path, *, old_data: int, layout: Layout, rank: int
+) -> None:
+    """Put a checkpoint's fp32 weights and Adam moments back into ``engine`` parameter by
+    parameter, when it was written at another data-parallel degree (call after
+    ``engine.load_checkpoint(..., load_optimizer_states=False)``, which loads the weights,
+    experts included, at any degree).
+
+    DeepSpeed cannot: its ZeRO refuses optimizer state of another data-parallel degree, and
+    its universal converter does not know its own MoE layer's expert partitions. Each ZeRO
+    file holds, per parameter group, this rank's slice of the flat fp32 weights and moments
+    and where each parameter lies in it (``param_slice_mappings``): the slices of the ranks
+    that shared a parameter (every data-parallel rank for the rest, the ranks holding the same
+    experts for an expert's) are joined in rank order, and DeepSpeed's own setters place them
+    in the new partitions."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+    place = layout.coordinates(rank).expert
+    pieces: dict[tuple[int | None, str], dict[str, list[torch.Tensor]]] = {}
+    step: Any = None
+    for old in range(old_data):
+        path = engine._get_rank_zero_ckpt_name(
+            str(directory.parent),
+            directory.name,
+            engine.checkpoint_mp_rank,
+            old,
+            engine.bfloat16_enabled(),
+        )
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = saved["optimizer_state_dict"]
+        moments = state["base_optimizer_state"]["state"]
+        for group, mapping in enumerate(state["param_slice_mappings"]):
+            flat = {
+                "fp32": state["single_partition_of_fp32_groups"][group],
+                "exp_avg": moments[group]["exp_avg"],
+                "exp_avg_sq": moments[group]["exp_avg_sq"],
+            }
+            step = moments[group]["step"]
+            for name, where in mapping.items():
+                key = (old % layout.expert if _EXPERT.match(name) else None, name)
+                for kind, tensor in flat.items():
+                    part = tensor.narrow(0, where.start, where.numel)
+                    pieces.setdefault(key, {}).setdefault(kind, []).append(part)
+    zero = engine.optimizer
+    for partition in zero.single_partition_of_fp32_groups:  # a fresh optimizer has no state
+        zero.optimizer.state[partition] = {
+            "step": torch.tensor(float(step)),
+            "exp_avg": torch.zeros_like(partition),
+            "exp_avg_sq": torch.zeros_like(partition),
+        }
+    for i, partition in enumerate(zero.single_partition_of_fp32_groups):
+        lazy_init_hp_params_optimizer_state(zero.bit16_groups[i], partition, zero.optimizer.state)
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        found = pieces[(place if _EXPERT.match(name) else None, name)]
+        whole = {kind: torch.cat(parts).view_as(param) for kind, parts in found.items()}
+        safe_set_full_fp32_param(param, whole["fp32"])
+        safe_set_full_optimizer_state(param, whole["exp_avg"], "exp_avg")
+        safe_set_full_optimizer_state(param, whole["exp_avg_sq"], "exp_avg_sq")
+    # The schedule came back with the engine's state; the rates it set live in the optimizer
+    # state that was not loaded.
+    for group, lr in zip(zero.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
