@@ -2,17 +2,18 @@
 
     .venv/bin/python bench/trainer_overhead.py [--nproc 2] [--steps 20] [--rounds 5]
     .venv/bin/python bench/trainer_overhead.py --parallel pipeline=2   # or tensor=2, ...
+    .venv/bin/python bench/trainer_overhead.py --parallel expert=2 --experts 4
 
 Both loops use the same model, the same generated DeepSpeed config and the same world size, in
 the same processes, alternating in rounds so that machine noise hits both alike. Ours reads
 real token shards through the mixture sampler, runs the stability guard, averages the loss
-across ranks and updates metrics every step; the bare loop feeds pre-built tensors to
-``engine(x)``, ``engine.backward``, ``engine.step``. Prints the median step time of each and
-their ratio (goal: <= 1.03).
+across ranks and updates metrics every step; the bare loop feeds the same stream's first
+steps, read ahead into memory, to ``engine(x)``, ``engine.backward``, ``engine.step``.
+Prints the median step time of each and their ratio (goal: <= 1.03).
 
 ``--parallel`` gives the stage a layout (``config.parallel``); the bare loop then runs
-DeepSpeed's own engine with the same layout: the same tensor-parallel config, or the same
-``PipelineModule`` driven by ``engine.train_batch``.
+DeepSpeed's own engine with the same layout: the same tensor-parallel config, the same
+``PipelineModule`` driven by ``engine.train_batch``, or the same DeepSpeed MoE layers.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def _config(corpus: Path, args: argparse.Namespace) -> dict[str, object]:
             "heads": args.hidden // 64,
             "vocabSize": 256,
             "seqLen": args.seq_len,
+            **({"moe": {"experts": args.experts, "topK": 2}} if args.experts else {}),
         },
         "data": {"sources": [{"name": n, "path": str(corpus / n)} for n in ("code", "prose")]},
         "stages": [
@@ -84,8 +86,11 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from pretrain_trainer.config import Layout
     from pretrain_trainer.contract import TrainerEnv
+    from pretrain_trainer.data.loader import DataLoader
     from pretrain_trainer.dsconfig import deepspeed_config
     from pretrain_trainer.main import load_run_config, setup
+    from pretrain_trainer.optim import param_groups
+    from pretrain_trainer.parallel.expert import spread_experts
     from pretrain_trainer.parallel.pipeline import pipeline_module
     from pretrain_trainer.train import build_model, lm_loss
 
@@ -96,25 +101,36 @@ def worker(args: argparse.Namespace) -> None:
 
     # The bare loop: same model, DeepSpeed config and layout, torch AdamW, tensors in memory.
     layout = Layout.of(stage.parallelism, world)
-    model: torch.nn.Module = build_model(config, stage)
-    if layout.pipeline > 1:
-        model = pipeline_module(build_model(config, stage), stage, layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.optimizer.lr)
+    whole = build_model(config, stage)
+    if layout.expert > 1:
+        spread_experts(whole, layout, rank=dist.get_rank())
+    model = pipeline_module(whole, stage, layout) if layout.pipeline > 1 else whole
+    optimizer = torch.optim.AdamW(param_groups(model), lr=stage.optimizer.lr)
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(stage, world_size=world)
     )
-    accumulation = stage.split(world).most  # the bare loop needs a world that divides
     seq = stage.seq_len_for(config.model)
-    torch.manual_seed(0)  # ranks of a tensor group must read the same tokens
-    tokens = torch.randint(0, 256, (accumulation, stage.micro_batch_size, seq + 1))
-    batches = [(micro[:, :-1], micro[:, 1:]) for micro in tokens]
+    # The same token stream as ours (an MoE's routing, and so its step time, depends on the
+    # tokens), read ahead of time: the first steps' micro-batches of this data-parallel rank.
+    stream = DataLoader.build(config, stage_index=0)
+    split, device = stage.split(world), engine.device
+    ahead = [
+        stream.next_batch(rank=trainer.data_rank, split=split, device=device)
+        for _ in range(args.steps)
+    ]
+    step_index = iter(range(10**9))
+
+    coef = config.model.moe.aux_loss_coef if config.model.moe else 0.0
 
     def bare_step() -> None:
+        batches = ahead[next(step_index) % len(ahead)]
         if layout.pipeline > 1:
             engine.train_batch(data_iter=iter(batches))
             return
         for inputs, targets in batches:
             loss = lm_loss(engine(inputs), targets, label_smoothing=0.0)
+            if coef:  # the balance loss, as any MoE loop adds it
+                loss = loss + coef * engine.module.aux_loss()
             engine.backward(loss)
             engine.step()
 
@@ -165,6 +181,7 @@ def main() -> int:
     parser.add_argument(
         "--parallel", default="", help="the stage's layout, e.g. tensor=2 or pipeline=2"
     )
+    parser.add_argument("--experts", type=int, default=0, help="an MoE model of this many")
     args = parser.parse_args()
     if args.worker:
         worker(args)

@@ -66,6 +66,10 @@ def test_kubectl_explains_the_fields_from_the_models_docstrings(
     assert "decay" in explained
     decay = controlplane.kubectl("explain", "pretrainjob.spec.stages.lrSchedule.decay").stdout
     assert "Shape of the decay after warmup." in decay
+    layout = controlplane.kubectl("explain", "pretrainjob.spec.stages.parallelism").stdout
+    assert "Tensor, pipeline and expert parallelism beside ZeRO data parallelism" in layout
+    for field in ("tensor", "pipeline", "pipelineLayers", "expert"):
+        assert field in layout
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])

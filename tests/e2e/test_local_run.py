@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pretrain_operator.api import JobStatus, MicroBatchesStatus, Phase
+from pretrain_operator.api import JobStatus, MicroBatchesStatus, Phase, PretrainJob
 from pretrain_operator.cli import main
 from pretrain_operator.local.backend import read_capacity, write_capacity
 from pretrain_operator.local.processes import descendants
@@ -98,6 +98,20 @@ def _chaos(
         write_capacity(run_dir, capacity, down)
 
 
+def _run_with_chaos(
+    job: PretrainJob, run_dir: Path, script: list[tuple[tuple[int, int], str]], cut: list[Path]
+) -> JobStatus:
+    """Run the job on 2 workers while ``_chaos`` plays ``script`` against it."""
+    stop = threading.Event()
+    chaos = threading.Thread(target=_chaos, args=(run_dir, script, stop, cut))
+    chaos.start()
+    try:
+        return run(job, run_dir, workers=2)
+    finally:
+        stop.set()
+        chaos.join()
+
+
 def _prepared(tmp_path: Path, name: str) -> Path:
     run_dir = tmp_path / name
     build_stdlib_corpus(run_dir / "data")
@@ -117,14 +131,8 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
         ((1, 3), "kill"),  # right after a stage transition
         ((1, 20), "add"),
     ]
-    stop, cut = threading.Event(), []
-    chaos = threading.Thread(target=_chaos, args=(stormy_dir, script, stop, cut))
-    chaos.start()
-    try:
-        stormy = run(job, stormy_dir, workers=2)
-    finally:
-        stop.set()
-        chaos.join()
+    cut: list[Path] = []
+    stormy = _run_with_chaos(job, stormy_dir, script, cut)
     assert cut, "the kill did not land during a save"
     assert not cut[0].exists()  # the half-written checkpoint was removed, never restored
     logs = "".join(log.read_text() for log in stormy_dir.glob("workers/*/attempt-*.log"))
@@ -183,14 +191,7 @@ def test_workers_lost_under_parallel_layouts_change_only_the_data_parallel_degre
         ((1, 5), "kill"),
         ((1, 15), "add"),
     ]
-    stop = threading.Event()
-    chaos = threading.Thread(target=_chaos, args=(stormy_dir, script, stop, []))
-    chaos.start()
-    try:
-        stormy = run(job, stormy_dir, workers=2)
-    finally:
-        stop.set()
-        chaos.join()
+    stormy = _run_with_chaos(job, stormy_dir, script, [])
     assert stormy.phase == Phase.SUCCEEDED, stormy.conditions
     assert stormy.restarts.by_reason.get("WorkerLost", 0) >= 2
     records = [json.loads(line) for line in (stormy_dir / "steps.jsonl").read_text().splitlines()]

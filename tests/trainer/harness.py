@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -166,6 +168,17 @@ def start_trainer(workdir: Path, config: dict[str, Any], **launch: Unpack[Launch
 
 def _limit_files(size: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def preempt_after(started: Started, step: int, timeout: float = 240) -> Run:
+    """SIGTERM the run once it has finished ``step`` steps; wait for it to exit."""
+    deadline = time.monotonic() + timeout
+    while started.step_count() < step:
+        assert started.process.poll() is None, started.log.read_text()
+        assert time.monotonic() < deadline, "the run never reached the step"
+        time.sleep(0.02)
+    started.signal(signal.SIGTERM)
+    return started.wait()
 
 
 def run_trainer(

@@ -15,7 +15,14 @@ from pretrain_trainer.ckpt import read_manifest, verify
 from pretrain_trainer.contract import ExitCode
 from pretrain_trainer.data import build_stdlib_corpus
 
-from tests.trainer.harness import Run, Started, run_config, run_trainer, stage, start_trainer
+from tests.trainer.harness import (
+    Run,
+    preempt_after,
+    run_config,
+    run_trainer,
+    stage,
+    start_trainer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +38,6 @@ def _config(corpus: dict[str, Path], steps: int, **fields: Any) -> dict[str, Any
     config["stages"][0]["lrSchedule"] = {"warmupSteps": 3, "decay": "cosine"}
     config["checkpoint"] = {"intervalSteps": 5, "keep": 3, "preemptionMinAgeSeconds": 0}
     return config
-
-
-def _preempt_after(started: Started, step: int, timeout: float = 240) -> Run:
-    """SIGTERM the run once it has finished ``step`` steps; wait for it to exit."""
-    deadline = time.monotonic() + timeout
-    while started.step_count() < step:
-        assert started.process.poll() is None, started.log.read_text()
-        assert time.monotonic() < deadline, "the run never reached the step"
-        time.sleep(0.02)
-    started.signal(signal.SIGTERM)
-    return started.wait()
 
 
 def _manifest(workdir: Path, step: int) -> dict[str, Any]:
@@ -60,7 +56,7 @@ def _by_step(*runs: Run) -> dict[int, float]:
 def test_sigterm_saves_and_exits_with_the_retryable_code(
     corpus: dict[str, Path], tmp_path: Path
 ) -> None:
-    run = _preempt_after(start_trainer(tmp_path, _config(corpus, 400), torchrun=False), step=7)
+    run = preempt_after(start_trainer(tmp_path, _config(corpus, 400), torchrun=False), step=7)
     assert run.returncode == ExitCode.RETRYABLE, run.stderr
     last = run.steps[-1]["step"]
     assert f"preempted: saved step {last}" in run.stderr
@@ -74,7 +70,7 @@ def test_a_stop_during_a_stages_last_step_finishes_the_stage_with_its_final_chec
 ) -> None:
     # SIGTERM lands while step 8 of 8 runs: a preemption save there would be a stage's last
     # checkpoint that is not final, and the next stage could never start from it.
-    run = _preempt_after(start_trainer(tmp_path, _config(corpus, 8), torchrun=False), step=7)
+    run = preempt_after(start_trainer(tmp_path, _config(corpus, 8), torchrun=False), step=7)
     last = run.steps[-1]["step"]
     if run.returncode == ExitCode.RETRYABLE:  # the stop was seen at step 7: a plain preemption
         assert last == 7, run.stderr
@@ -93,7 +89,7 @@ def test_resume_at_the_same_world_size_is_bitwise_identical(
     config = _config(corpus, 30, zeroStage=1)
     straight = run_trainer(tmp_path / "straight", config, nproc=2)
     assert straight.returncode == 0, straight.stderr
-    first = _preempt_after(start_trainer(tmp_path / "cut", config, nproc=2), step=12)
+    first = preempt_after(start_trainer(tmp_path / "cut", config, nproc=2), step=12)
     stopped_at = first.steps[-1]["step"]
     assert stopped_at < 30
     second = run_trainer(tmp_path / "cut", config, nproc=2)
@@ -118,8 +114,8 @@ def test_resume_two_three_two_processes_matches_an_uninterrupted_run(
     straight = run_trainer(tmp_path / "straight", config, nproc=2)
     assert straight.returncode == 0, straight.stderr
     work = tmp_path / "elastic"
-    a = _preempt_after(start_trainer(work, config, nproc=2), step=8)
-    b = _preempt_after(start_trainer(work, config, nproc=3), step=a.steps[-1]["step"] + 8)
+    a = preempt_after(start_trainer(work, config, nproc=2), step=8)
+    b = preempt_after(start_trainer(work, config, nproc=3), step=a.steps[-1]["step"] + 8)
     assert "converted to the universal format" in b.stderr
     c = run_trainer(work, config, nproc=2)
     assert c.returncode == 0, c.stderr
@@ -250,7 +246,7 @@ def test_a_full_disk_fails_the_save_clearly_and_keeps_the_earlier_checkpoints(
     corpus: dict[str, Path], tmp_path: Path
 ) -> None:
     config = _config(corpus, 400)
-    first = _preempt_after(start_trainer(tmp_path, config, torchrun=False), step=7)
+    first = preempt_after(start_trainer(tmp_path, config, torchrun=False), step=7)
     kept = first.steps[-1]["step"]
     assert _manifest(tmp_path, kept)["step"] == kept
     # Every file the trainer writes from now on is capped below a checkpoint's size.

@@ -4,8 +4,6 @@ hand-over crosses layouts."""
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from pretrain_trainer.train import build_model, lm_loss
 
 from tests.trainer.harness import (
     Run,
-    Started,
+    preempt_after,
     reference_run,
     run_config,
     run_trainer,
@@ -50,17 +48,22 @@ def _worst(run: Run, expected: list[float]) -> float:
     return max(abs(a - b) for a, b in zip(run.losses, expected, strict=True))
 
 
+def _assert_matches_plain_pytorch(run: Run, config: dict[str, Any]) -> None:
+    """Losses to 1e-5 and gradient norms to 1e-4 of the single-process loop over 20 steps:
+    clipping and the stability guard see the norm of the whole model, not one rank's part."""
+    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
+    expected, norms = reference_run(config, steps=20)
+    assert _worst(run, expected) <= 1e-5
+    seen = [s["gradNorm"] for s in run.steps]
+    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+
+
 def test_pipeline_2_matches_plain_pytorch_over_20_steps(
     corpus: dict[str, Path], tmp_path: Path
 ) -> None:
     config = _config(corpus, stage(parallelism=PIPELINE, budget={"steps": 20}))
     run = run_trainer(tmp_path, config, nproc=2)
-    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
-    expected, norms = reference_run(config, steps=20)
-    assert _worst(run, expected) <= 1e-5
-    # Clipping and the stability guard see the norm of the whole model, not one stage's.
-    seen = [s["gradNorm"] for s in run.steps]
-    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+    _assert_matches_plain_pytorch(run, config)
     assert run.report is not None
     assert run.report["worldSize"] == 2
 
@@ -96,11 +99,7 @@ def test_tensor_parallelism_matches_plain_pytorch_over_20_steps(
     layout = stage(parallelism={"tensor": 2}, budget={"steps": 20}, **fields)
     config = _config(corpus, layout, kvHeads=2)
     run = run_trainer(tmp_path, config, nproc=nproc)
-    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
-    expected, norms = reference_run(config, steps=20)
-    assert _worst(run, expected) <= 1e-5
-    seen = [s["gradNorm"] for s in run.steps]
-    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+    _assert_matches_plain_pytorch(run, config)
 
 
 @pytest.mark.parametrize(
@@ -124,22 +123,8 @@ def test_expert_parallelism_matches_plain_pytorch_over_20_steps(
     does in 20 steps."""
     config = _config(corpus, stage(budget={"steps": 20}, optimizer={"lr": 1e-3}, **fields), moe=MOE)
     run = run_trainer(tmp_path, config, nproc=nproc)
-    assert run.returncode == ExitCode.STAGE_COMPLETE, run.stderr
-    expected, norms = reference_run(config, steps=20)
-    assert _worst(run, expected) <= 1e-5
-    seen = [s["gradNorm"] for s in run.steps]
-    assert max(abs(a - b) / b for a, b in zip(seen, norms, strict=True)) <= 1e-4
+    _assert_matches_plain_pytorch(run, config)
     assert all(len(s["expertLoad"]) == 4 for s in run.steps)
-
-
-def _preempt_after(started: Started, step: int, timeout: float = 240) -> Run:
-    deadline = time.monotonic() + timeout
-    while started.step_count() < step:
-        assert started.process.poll() is None, started.log.read_text()
-        assert time.monotonic() < deadline, "the run never reached the step"
-        time.sleep(0.02)
-    started.signal(signal.SIGTERM)
-    return started.wait()
 
 
 @pytest.mark.parametrize(
@@ -169,7 +154,7 @@ def test_a_layout_restarted_at_another_data_parallel_degree_resumes_within_1e_5(
         **({"moe": moe} if moe else {}),
     )
     config["checkpoint"] = {"intervalSteps": 5, "preemptionMinAgeSeconds": 0}
-    first = _preempt_after(start_trainer(tmp_path, config, nproc=4), step=6)
+    first = preempt_after(start_trainer(tmp_path, config, nproc=4), step=6)
     stopped = first.steps[-1]["step"]
     assert stopped < 20
     second = run_trainer(tmp_path, config, nproc=2)
