@@ -212,6 +212,14 @@ def _permanent(run: Any, *words: str) -> None:
         ),
         ("unknown field", ("invalid run config", "stages[0].bogus: unknown field")),
         ("stage out of range", ("stage index 5 out of range",)),
+        (
+            "layout that does not fit the model",
+            ("stages[0].parallelism.tensor", "(3) does not divide model.heads (4)"),
+        ),
+        (
+            "world that is not whole replicas",
+            ("world size 1 is not whole replicas of tensor x pipeline = 2 processes",),
+        ),
     ],
 )
 def test_bad_input_fails_permanently_with_one_clear_message(
@@ -232,6 +240,10 @@ def test_bad_input_fails_permanently_with_one_clear_message(
         config["stages"][0].update(globalBatchSize=6, microBatchSize=4)
     elif change == "unknown field":
         config["stages"][0]["bogus"] = 1
+    elif change == "layout that does not fit the model":
+        config["stages"][0]["parallelism"] = {"tensor": 3}
+    elif change == "world that is not whole replicas":
+        config["stages"][0]["parallelism"] = {"pipeline": 2}
     else:
         stage_index = 5
     run = run_trainer(tmp_path, config, stage_index=stage_index, env=env, torchrun=False)
