@@ -228,22 +228,6 @@ class Layout:
         pipeline, data = rest % self.pipeline, rest // self.pipeline
         return Coordinates(data, pipeline, tensor, data % self.expert)
 
-    def tensor_groups(self) -> list[list[int]]:
-        """Ranks that split the same blocks' matrices (one per replica and pipeline stage)."""
-        return [
-            [self.rank(data=d, pipeline=p, tensor=t) for t in range(self.tensor)]
-            for d in range(self.data)
-            for p in range(self.pipeline)
-        ]
-
-    def pipeline_groups(self) -> list[list[int]]:
-        """Ranks that pass one replica's activations from stage to stage."""
-        return [
-            [self.rank(data=d, pipeline=p, tensor=t) for p in range(self.pipeline)]
-            for d in range(self.data)
-            for t in range(self.tensor)
-        ]
-
     def data_groups(self) -> list[list[int]]:
         """Ranks holding the same part of the model: ZeRO reduces and partitions over these."""
         return [

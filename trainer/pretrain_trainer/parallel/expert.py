@@ -21,7 +21,6 @@ looks up.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -108,26 +107,13 @@ def expert_groups(layout: Layout, *, rank: int) -> None:
                 table[name], ranks[name] = group, group_ranks
 
 
-def spread_experts(model: Transformer, layout: Layout, *, rank: int) -> int:
-    """Replace the model's MoE layers by expert-parallel ones holding this rank's experts;
-    returns the index of its first expert."""
+def spread_experts(model: Transformer, layout: Layout, *, rank: int) -> None:
+    """Replace the model's MoE layers by expert-parallel ones holding this rank's experts."""
     expert_groups(layout, rank=rank)
     place = layout.coordinates(rank).expert
-    first = 0
     for block in model.layers:
         if isinstance(block.mlp, MoE):
-            spread = ExpertParallelMoE(block.mlp, size=layout.expert, place=place)
-            block.mlp, first = spread, spread.first
-    return first
-
-
-def expert_parameters(
-    named: Iterator[tuple[str, nn.Parameter]], *, first: int
-) -> Iterator[tuple[str, nn.Parameter, bool]]:
-    """``named`` under the whole model's names, each with whether it is an expert's."""
-    for name, param in named:
-        whole, expert = model_name(name, first=first)
-        yield whole, param, expert
+            block.mlp = ExpertParallelMoE(block.mlp, size=layout.expert, place=place)
 
 
 def restore_optimizer(
