@@ -127,7 +127,8 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self.on_saved, self.memory = on_saved, memory
         # Set before each save by the manager:
         self.manifest_fields: dict[str, Any] = {}
-        self.extra_files: dict[str, Any] = {}  # relative path -> object, saved by this rank
+        # Relative path -> object, saved by this rank (torch.save; ``bytes`` are written raw).
+        self.extra_files: dict[str, Any] = {}
         self.to_storage = True  # False: a memory snapshot only
         self._pending: _Pending | None = None
         self._settled = threading.Event()  # the last save no longer needs the live tensors
@@ -219,7 +220,10 @@ class AsyncCheckpointEngine(CheckpointEngine):  # type: ignore[misc]
         self._failed = pending.first  # until the write below has succeeded
         target.parent.mkdir(parents=True, exist_ok=True)
         with HashingFile(target) as out:
-            torch.save(value, cast(IO[bytes], out))
+            if isinstance(value, bytes):  # a file as it is (the tokenizer), not a pickle
+                out.write(value)
+            else:
+                torch.save(value, cast(IO[bytes], out))
         pending.records.append(out.record(relative_to=pending.first))
         self._failed = None
 

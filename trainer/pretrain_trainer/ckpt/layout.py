@@ -6,6 +6,7 @@ Layout under a job's root (docs/design.md, "Checkpoints")::
     <root>/stage-<s>/step-<n>/...               DeepSpeed's files, any names, subfolders allowed
     <root>/stage-<s>/step-<n>/rng/rank-<r>.pt   each rank's RNG state
     <root>/stage-<s>/step-<n>/weights/rank-<r>.pt  final checkpoints: fp32 weights, by rank
+    <root>/stage-<s>/step-<n>/tokenizer/<file>  the data's tokenizers JSON file, when known
     <root>/stage-<s>/step-<n>/universal/        added by a restore at another world size
     <root>/stage-<s>/step-<n>/.rank-<r>.json    rank markers, until the manifest is written
     <root>/stage-<s>/step-<n>/manifest.json     written last: the checkpoint now exists
@@ -23,6 +24,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 WEIGHTS = "weights"
 RNG = "rng"
+TOKENIZER = "tokenizer"
 UNIVERSAL = "universal"
 CORRUPT_SUFFIX = ".corrupt"
 
@@ -87,7 +89,10 @@ def rank_file(folder: str, rank: int) -> str:
 
 def file_rank(path: str) -> int | None:
     """The rank that alone reads ``path`` (relative to its checkpoint) back at the world size
-    it was written at; None for a file every rank reads (DeepSpeed's module states)."""
+    it was written at; None for a file every rank reads (DeepSpeed's module states). The
+    tokenizer is rank 0's: no rank reads it back, and rank 0 wrote it."""
+    if path.startswith(f"{TOKENIZER}/"):
+        return 0
     found = _RANK_OWNED.search(path)
     if found is None:
         return None

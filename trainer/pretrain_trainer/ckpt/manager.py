@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import Layout
+from ..data.shards import DataError, open_source, tokenizer_file
 from ..logging import log0
 from .engine import AsyncCheckpointEngine, Saved
-from .layout import RNG, WEIGHTS, checkpoint_dir, rank_file, stage_dir, step_name
+from .layout import RNG, TOKENIZER, WEIGHTS, checkpoint_dir, rank_file, stage_dir, step_name
 from .manifest import config_hash
 from .memory import MemoryTier
 from .recall import directory_of, recall
@@ -50,7 +51,7 @@ from .restore import (
 if TYPE_CHECKING:
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from ..config import RunConfig
+    from ..config import RunConfig, Stage
     from ..data.loader import DataLoader
     from ..metrics import TrainerMetrics
     from ..optim import GuardedAdamW
@@ -65,6 +66,33 @@ def _expert_share(config: RunConfig, layout: Layout, rank: int) -> tuple[int, in
     where = layout.coordinates(rank)
     local = config.model.moe.experts // layout.expert
     return where.expert * local, where.data // layout.expert, layout.data // layout.expert
+
+
+def _tokenizer(config: RunConfig, stage: Stage) -> tuple[dict[str, Any], bytes | None]:
+    """What the stage's data was tokenized with (the first source's shards, by name): its
+    name and end-of-sequence id, and the tokenizers file ``prepare`` kept beside the shards
+    when there is one. Problems with the data are the data loader's to report."""
+    paths = {s.name: s.path for s in config.data.sources}
+    try:
+        shard = open_source(paths[min(stage.data_mix)]).shards[0]
+    except (DataError, KeyError):
+        return {"name": None, "eosId": None}, None
+    file = tokenizer_file(shard)
+    return {"name": shard.tokenizer, "eosId": shard.eos_id}, (
+        file.read_bytes() if file is not None else None
+    )
+
+
+def recorded_facts(config: RunConfig, stage: Stage) -> dict[str, Any]:
+    """What every manifest of a stage records beside the loss (``extra``), so that a
+    checkpoint explains itself (``pretrain_trainer.export`` reads them): the model, the
+    stage's layout, precision and frozen prefixes."""
+    return {
+        "model": config.model.model_dump(mode="json", by_alias=True),
+        "parallelism": stage.parallelism.model_dump(mode="json", by_alias=True),
+        "precision": stage.precision,
+        "freeze": list(stage.freeze),
+    }
 
 
 @dataclass(frozen=True)
@@ -95,6 +123,8 @@ class CheckpointManager:
         tensor_parallel: bool = False,
         experts: tuple[int, int, int] | None = None,
         layout: Layout | None = None,
+        facts: Mapping[str, Any] | None = None,
+        tokenizer: tuple[str, bytes] | None = None,
     ) -> None:
         self.root, self.job, self.stage, self.stage_name = root, job, stage, stage_name
         self.rank, self.world_size, self.keep, self.interval = rank, world_size, keep, interval
@@ -110,6 +140,10 @@ class CheckpointManager:
         # ranks holding the same experts and their number.
         self.experts = experts
         self.layout = layout if layout is not None else Layout(1, 1, 1, world_size)
+        # Recorded in every manifest's extra; the tokenizers file (name, bytes) goes into
+        # every checkpoint, written by rank 0.
+        self.facts = dict(facts or {})
+        self.tokenizer = tokenizer
         self.writer: AsyncCheckpointEngine | None = None
         self._plan: RestorePlan | None = None
         self._prepared_seconds = 0.0  # spent by prepare(): weights loaded, or conversion
@@ -130,6 +164,7 @@ class CheckpointManager:
         worker's in-memory tier if it has one."""
         stage = config.stages[stage_index]
         layout = Layout.of(stage.parallelism, world_size)
+        tokenizer, file = _tokenizer(config, stage)
         return cls(
             root=root,
             job=job,
@@ -150,6 +185,8 @@ class CheckpointManager:
             tensor_parallel=layout.tensor > 1,
             experts=None if layout.expert == 1 else _expert_share(config, layout, rank),
             layout=layout,
+            facts={**recorded_facts(config, stage), "tokenizer": tokenizer},
+            tokenizer=(tokenizer["name"], file) if file is not None else None,
         )
 
     @property
@@ -346,7 +383,10 @@ class CheckpointManager:
             config_hash=self.config_hash,
             final=last_step,
             sampler=sampler,
-            extra={"loss": loss if loss is not None and math.isfinite(loss) else None},
+            extra={
+                "loss": loss if loss is not None and math.isfinite(loss) else None,
+                **self.facts,
+            },
         )
         extra: dict[str, Any] = {
             rank_file(RNG, self.rank): {
@@ -356,6 +396,9 @@ class CheckpointManager:
         }
         if last_step:
             extra[rank_file(WEIGHTS, self.rank)] = self._weights_share(engine)
+        if self.tokenizer is not None and self.rank == 0:
+            name, content = self.tokenizer
+            extra[f"{TOKENIZER}/{name}"] = content
         self.writer.extra_files = extra
         self.writer.to_storage = storage
         engine.save_checkpoint(

@@ -13,6 +13,8 @@ any other value
     The path of a Hugging Face ``tokenizers`` JSON file. Its vocabulary size includes added
     tokens; the separator is the first of :data:`EOS_TOKENS` it knows, or none. Special tokens
     of its post-processor (``[CLS]`` and the like) are not added: pretraining wants raw text.
+    A copy of the file is kept beside the shard (``out/tokenizer/<file name>``), so the
+    job's checkpoints can carry it and an export needs nothing else.
 
 Files that are not UTF-8 text (or hold NUL) are skipped and counted, not fatal: a corpus
 directory routinely holds a stray binary, and the caller reports the count.
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .shards import DataError, ShardWriter
+from .shards import DataError, ShardWriter, keep_tokenizer
 
 BYTE = "byte"
 EOS_TOKENS = ("</s>", "<|endoftext|>", "<eos>", "[SEP]")
@@ -106,6 +108,8 @@ def prepare(
     if Path(name).name != name or name in (".", ".."):
         raise DataError(f"{name}: a shard name is a file name, without directories")
     encode, vocab, eos, tokenizer_name = load_tokenizer(tokenizer)
+    if tokenizer != BYTE:
+        keep_tokenizer(Path(tokenizer), out)
     files = list(_text_files([Path(s) for s in sources]))
     written = skipped = 0
     with ShardWriter(out / name, vocab_size=vocab, tokenizer=tokenizer_name, eos_id=eos) as shard:

@@ -11,6 +11,10 @@ A shard is two files side by side:
          "tokens": N, "vocabSize": V, "tokenizer": "byte" | "<tokenizer file name>",
          "eosId": int | null}
 
+A shard prepared with a tokenizers JSON file keeps a copy of it beside, as
+``tokenizer/<file name>`` (a subfolder: a source reads every ``*.json`` directly in its
+directory as a header), so a checkpoint can carry the tokenizer its data was made with.
+
 The header is written last, through a temporary file and ``os.replace``, so a shard whose
 header exists is complete: a writer that dies midway leaves a ``.bin`` without a header, which
 readers ignore. A *source* (``DataConfig.sources[].path``) is one shard or a directory of shards
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +46,7 @@ FORMAT = "pretrain-tokens"
 VERSION = 1
 DTYPES: dict[str, type[np.unsignedinteger[Any]]] = {"uint16": np.uint16, "uint32": np.uint32}
 _FIELDS = ("dtype", "tokens", "vocabSize", "tokenizer", "eosId")
+TOKENIZER_DIR = "tokenizer"
 
 
 class DataError(PermanentError):
@@ -151,6 +157,27 @@ class Shard:
     tokenizer: str
     eos_id: int | None
     tokens: npt.NDArray[np.unsignedinteger[Any]]
+
+
+def keep_tokenizer(file: Path, directory: Path) -> Path:
+    """Copy the tokenizers JSON ``file`` to ``directory/tokenizer/<its name>``, whole or not
+    at all; returns the copy."""
+    target = directory / TOKENIZER_DIR / file.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    shutil.copyfile(file, partial)
+    os.replace(partial, target)
+    return target
+
+
+def tokenizer_file(shard: Shard) -> Path | None:
+    """The copy of ``shard``'s tokenizer kept beside it (:func:`keep_tokenizer`), or None:
+    the ``byte`` tokenizer needs no file, and shards prepared before copies were kept lack
+    one."""
+    if Path(shard.tokenizer).name != shard.tokenizer:  # not a file name: no copy kept
+        return None
+    path = shard.header_path.parent / TOKENIZER_DIR / shard.tokenizer
+    return path if path.is_file() else None
 
 
 def _field(header: Mapping[str, Any], name: str, path: Path) -> Any:
