@@ -146,6 +146,23 @@ def overview() -> board.Dashboard:
     )
     dash = dash.with_panel(
         _series(
+            "Held-out loss by stage and source",
+            _query(
+                f"max by (stage, source) (pretrainjob_eval_loss{{{JOB}}})", "{{stage}} {{source}}"
+            ),
+        )
+    )
+    dash = dash.with_panel(
+        _series(
+            "Held-out perplexity",
+            _query(
+                f"max by (stage, source) (pretrainjob_eval_perplexity{{{JOB}}})",
+                "{{stage}} {{source}}",
+            ),
+        )
+    )
+    dash = dash.with_panel(
+        _series(
             "Learning rate",
             _query(f"max by (stage) (pretrainjob_learning_rate{{{JOB}}})", "{{stage}}"),
         )

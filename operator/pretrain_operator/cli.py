@@ -98,18 +98,22 @@ def _data_prepare(args: argparse.Namespace, out: Console) -> int:
             Path(args.out),
             tokenizer=args.tokenizer,
             name=args.name,
+            split_eval=args.split_eval,
         )
     except (DataError, OSError) as error:
         _error(f"error: {error}")
         return EXIT_INVALID
-    if done.skipped:
-        _error(f"warning: skipped {done.skipped} files that are not UTF-8 text")
-    out.print(
-        f"wrote {done.header}: {done.tokens} tokens from {done.files} files "
-        f"(vocab {done.vocab_size})",
-        markup=False,
-        highlight=False,
-    )
+    skipped = done.skipped + (done.held_out.skipped if done.held_out else 0)
+    if skipped:
+        _error(f"warning: skipped {skipped} files that are not UTF-8 text")
+    for shard, what in ((done, ""), (done.held_out, "held out: ")):
+        if shard is not None:
+            out.print(
+                f"{what}wrote {shard.header}: {shard.tokens} tokens from {shard.files} files "
+                f"(vocab {shard.vocab_size})",
+                markup=False,
+                highlight=False,
+            )
     return EXIT_OK
 
 
@@ -152,6 +156,29 @@ def _checkpoints_command(commands: Commands) -> None:
     checkpoints.set_defaults(run=_checkpoints)
 
 
+def _export(args: argparse.Namespace, out: Console) -> int:
+    from pretrain_trainer.export import run
+
+    return run(args)
+
+
+def _export_command(commands: Commands) -> None:
+    # Torch-free until it runs: the operator image has no torch, and says so in one line.
+    from pretrain_trainer.export import add_arguments
+
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint as a Hugging Face model directory",
+        description="Write CHECKPOINT (<root>/<job>/stage-<s>/step-<n>) to the new directory "
+        "DIR as a LlamaForCausalLM or MixtralForCausalLM: safetensors weights, config.json, "
+        "generation_config.json and the tokenizer its data was prepared with, if it carries "
+        "one. Checksums are verified first; a bad input is one line and exit 2, and leaves "
+        "no DIR.",
+    )
+    add_arguments(export)
+    export.set_defaults(run=_export)
+
+
 def _data_stdlib(args: argparse.Namespace, out: Console) -> int:
     from pretrain_trainer.data import build_stdlib_corpus
 
@@ -179,6 +206,14 @@ def _data_command(commands: Commands) -> None:
         help="'byte' (UTF-8 bytes, vocab 256) or a Hugging Face tokenizers JSON file",
     )
     prepare.add_argument("--name", default="tokens", help="shard name (default: tokens)")
+    prepare.add_argument(
+        "--split-eval",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="set this fraction of the documents aside, whole, into DIR/eval/NAME: a "
+        "held-out source for data.evalSources that shares no document with DIR/NAME",
+    )
     prepare.set_defaults(run=_data_prepare)
     stdlib = data_commands.add_parser(
         "stdlib",
@@ -387,6 +422,7 @@ def parser() -> argparse.ArgumentParser:
         _crd_command,
         _data_command,
         _checkpoints_command,
+        _export_command,
         _run_command,
         _workers_command,
         _render_command,

@@ -25,6 +25,7 @@ from pretrain_trainer.data import (
     read_samples,
     write_shard,
 )
+from pretrain_trainer.data.prepare import held_out
 
 from tests.conftest import ROOT
 
@@ -253,6 +254,57 @@ def test_cli_data_prepare_prints_one_line(
     captured = capsys.readouterr()
     assert captured.out == f"wrote {out}/web.json: 13 tokens from 2 files (vocab 256)\n"
     assert captured.err == "warning: skipped 1 files that are not UTF-8 text\n"
+
+
+def _documents(shard: Path) -> list[bytes]:
+    """A byte shard's documents (NUL-separated)."""
+    tokens = open_source(shard).window(0, length=len(open_source(shard)))
+    return [d for d in bytes(tokens.astype("uint8")).split(b"\0") if d]
+
+
+def test_split_eval_sets_whole_documents_aside_without_overlap(tmp_path: Path) -> None:
+    texts = tmp_path / "texts"
+    for i in range(200):
+        (texts / f"d{i // 50}").mkdir(parents=True, exist_ok=True)
+        (texts / f"d{i // 50}" / f"{i}.txt").write_text(f"document number {i}\n")
+    done = prepare([texts], tmp_path / "out", split_eval=0.1)
+    assert done.held_out is not None
+    assert done.held_out.header == tmp_path / "out" / "eval" / "tokens.json"
+    trained, held = _documents(tmp_path / "out"), _documents(tmp_path / "out" / "eval")
+    assert not set(trained) & set(held)
+    assert sorted(trained + held) == sorted(f"document number {i}\n".encode() for i in range(200))
+    assert 5 <= len(held) <= 40  # about a tenth, by path hash
+    assert (done.files, done.held_out.files) == (len(trained), len(held))
+    # The same split on every run, and a document's side does not depend on the others.
+    (texts / "more").mkdir()
+    for i in range(200, 260):
+        (texts / "more" / f"{i}.txt").write_text(f"document number {i}\n")
+    prepare([texts], tmp_path / "again", split_eval=0.1)
+    held_again = set(_documents(tmp_path / "again" / "eval"))
+    assert held_again & set(trained + held) == set(held)
+
+
+def test_held_out_takes_at_least_one_document_and_never_all() -> None:
+    assert len(held_out(["a", "b"], fraction=1e-9)) == 1
+    assert len(held_out(["a", "b", "c"], fraction=0.999999)) == 2
+    assert held_out(["only"], fraction=0.5) == set()
+    assert held_out(["a", "b"], fraction=0.0) == set()
+
+
+def test_cli_split_eval_prints_both_shards_and_refuses_a_whole_fraction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(8):
+        (texts / f"{i}.txt").write_text(f"text {i}")
+    out = tmp_path / "out"
+    assert main(["data", "prepare", str(texts), "--out", str(out), "--split-eval", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'tokens.json'}" in printed
+    assert f"held out: wrote {out / 'eval' / 'tokens.json'}" in printed
+    assert main(["data", "prepare", str(texts), "--out", str(out), "--split-eval", "1"]) == 2
+    assert "--split-eval 1.0: the held-out fraction must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_cli_data_prepare_reports_a_missing_source_in_one_line(

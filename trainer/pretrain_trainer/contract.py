@@ -215,6 +215,8 @@ class Usage(_Record):
     """When its restore was done."""
     first_step_time: float | None = None
     """When its first step ended."""
+    eval_seconds: float = 0.0
+    """Seconds spent measuring the held-out loss."""
 
 
 class StageReport(_Record):
@@ -225,6 +227,8 @@ class StageReport(_Record):
     step: int
     tokens: int
     loss: Loss = None
+    eval_loss: Mapping[str, Loss] | None = None
+    """The held-out loss of each eval source at the stage's end."""
     checkpoint: str
     """Directory of the stage's final checkpoint."""
     # What the control plane needs is above; the rest describes the run.
@@ -360,6 +364,10 @@ class StepRecord(_Record):
     aux_loss: float | None = None
     expert_load: list[float] | None = None
     """MoE models: the share of tokens routed to each expert (mean over the MoE layers)."""
+    eval_loss: Mapping[str, Loss] | None = None
+    """After an evaluation: the held-out loss of each eval source."""
+    eval_seconds: float | None = None
+    """After an evaluation: what it took (not part of ``seconds``)."""
 
     def slim(self) -> StepRecord:
         """The record without its per-expert detail (what accounting keeps of every step)."""

@@ -133,6 +133,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     from .ckpt.memory import MemoryTier
     from .data.loader import DataLoader
     from .dsconfig import deepspeed_config
+    from .evaluate import Evaluator
     from .train import Trainer, build_model
 
     launcher = launcher_started()
@@ -141,6 +142,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
     # A bad config, data or storage fails here, in one line, before any peer waits on this one.
     ds_config = deepspeed_config(stage, world_size=int(os.environ["WORLD_SIZE"]))
     data = DataLoader.build(config, stage_index=env.stage)
+    evaluator = Evaluator.build(config, stage_index=env.stage)
     root = Path(env.checkpoint_root or config.checkpoint.path) / env.job
     check_writable(root, name=f"rank-{os.environ['RANK']}")
     init_distributed(timeout_seconds=config.trainer.collective_timeout_seconds)
@@ -185,6 +187,7 @@ def setup(env: TrainerEnv, config: RunConfig) -> Trainer:
         world_size=world_size,
         data_rank=layout.coordinates(rank).data,
         pipelined=layout.pipeline > 1,
+        evaluator=evaluator,
         step_log=Path(env.step_log) if env.step_log else None,
         attempt=env.attempt,
     )
@@ -292,6 +295,7 @@ def run(env: TrainerEnv, config: RunConfig) -> int:
             step=trainer.progress.step,
             tokens=trainer.progress.tokens,
             loss=trainer.progress.loss,
+            eval_loss=trainer.progress.eval_loss,
             skipped_steps=trainer.optimizer.skipped_steps,
             checkpoint=str(final),
             world_size=trainer.world_size,

@@ -106,12 +106,31 @@ class TrainerMetrics:
             (*names, "expert"),
             registry=self.registry,
         )
+        self.eval_seconds = counter(
+            "eval_seconds", "Seconds spent measuring the held-out loss (data.evalSources)."
+        )
+        self._eval_loss = Gauge(
+            PREFIX + "eval_loss",
+            "Held-out loss per token on each eval source, at the stage's newest evaluation.",
+            (*names, "source"),
+            registry=self.registry,
+        )
+        self._eval_perplexity = Gauge(
+            PREFIX + "eval_perplexity",
+            "Held-out perplexity (exp of eval_loss) on each eval source.",
+            (*names, "source"),
+            registry=self.registry,
+        )
         self._labels = values
         for unknown in (self.loss, self.tokens_per_second, self.learning_rate, self.grad_norm):
             unknown.set(float("nan"))  # not zero: nothing is known before the first step
 
     def startup(self, event: str, timestamp: float) -> None:
         self._startup.labels(*self._labels, event).set(timestamp)
+
+    def held_out(self, source: str, *, loss: float, perplexity: float) -> None:
+        self._eval_loss.labels(*self._labels, source).set(loss)
+        self._eval_perplexity.labels(*self._labels, source).set(perplexity)
 
     def expert_load(self, loads: Iterable[float]) -> None:
         for expert, load in enumerate(loads):

@@ -19,6 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
+IGNORE = -100
+"""A target that counts in no loss (cross-entropy's ``ignore_index``): padding rows."""
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, *, eps: float) -> None:

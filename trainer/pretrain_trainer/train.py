@@ -28,6 +28,7 @@ from .ckpt.restore import Restored
 from .config import BatchSplit, RunConfig, Stage
 from .data.loader import DataLoader, MicroBatch
 from .dsconfig import lockstep
+from .evaluate import Evaluator, Ranks, perplexity
 from .logging import log0
 from .metrics import Health, TrainerMetrics
 from .model import Transformer
@@ -122,6 +123,8 @@ class Progress:
     step: int = 0
     tokens: int = 0
     loss: float = float("nan")
+    eval_loss: dict[str, float] | None = None
+    """The newest held-out loss of each eval source."""
 
 
 @dataclass
@@ -141,6 +144,8 @@ class Trainer:
     (the rank itself without a parallel layout)."""
     pipelined: bool = False
     """Steps go through DeepSpeed's pipeline engine (:func:`pipeline_step`)."""
+    evaluator: Evaluator | None = None
+    """Measures the held-out loss when one is due (none without eval sources)."""
     step_log: Path | None = None
     progress: Progress = field(default_factory=Progress)
     last_checkpoint: Path | None = None
@@ -157,6 +162,8 @@ class Trainer:
     _unreported_blocking: float = 0.0
     _unsettled: tuple[int, float] | None = None  # a save still writing: its step, blocking
     _unreported_checkpoint: int | None = None
+    _unreported_eval: dict[str, float] | None = None
+    _eval_seconds: float = 0.0
     _seconds_at: dict[int, float] = field(default_factory=dict)  # step seconds at each save
     _spent: contract.Usage | None = None  # what this process spent (``usage()``)
     _spending: threading.Lock = field(default_factory=threading.Lock)  # the writer thread too
@@ -331,10 +338,45 @@ class Trainer:
         self.progress.loss = loss
         load = self.engine.module.expert_load()  # once: the metrics and the step record share it
         expert_load = load.tolist() if load is not None else None
+        aux = float(self.engine.module.aux_loss().detach()) if load is not None else None
+        held_out = self.evaluate()
         self._record(loss=loss, lr=lr, seconds=seconds, tokens=tokens_per_step, load=expert_load)
-        self._log_step(loss=loss, lr=lr, seconds=seconds, load=expert_load)
+        self._log_step(loss=loss, lr=lr, seconds=seconds, load=expert_load, aux=aux)
         self._log_progress(loss=loss, lr=lr, tokens_per_step=tokens_per_step)
+        if held_out is not None:
+            log0(
+                f"stage {stage.name} step {self.progress.step} eval "
+                + ", ".join(
+                    f"{k} loss {v:.4f} ppl {perplexity(v):.2f}" for k, v in held_out.items()
+                )
+                + f" ({self._eval_seconds:.2f}s)"
+            )
         return loss
+
+    def evaluate(self) -> dict[str, float] | None:
+        """The held-out loss of each eval source if an evaluation is due after this step
+        (collective: every rank decides alike), else None."""
+        step = self.progress.step
+        if self.evaluator is None or not self.evaluator.due(
+            step, last_step=step == self.total_steps
+        ):
+            return None
+        started = time.perf_counter()
+        ranks = Ranks(
+            data_rank=self.data_rank,
+            data_ranks=self.split.ranks,
+            replicas=self.world_size // self.split.ranks,  # a replica's tensor ranks
+            pipelined=self.pipelined,
+        )
+        held_out = self.evaluator.run(self.engine, ranks=ranks)
+        self._eval_seconds = time.perf_counter() - started
+        self.progress.eval_loss = held_out
+        self._unreported_eval = held_out
+        for source, value in held_out.items():
+            self.metrics.held_out(source, loss=value, perplexity=perplexity(value))
+        self.metrics.eval_seconds.inc(self._eval_seconds)
+        self._spend(eval_seconds=self.usage().eval_seconds + self._eval_seconds)
+        return held_out
 
     def begin(self, startup: contract.Startup) -> None:
         """The attempt's start is over (``startup``): the first step record, the usage and
@@ -394,7 +436,13 @@ class Trainer:
         self._window_start, self._window_steps = time.perf_counter(), 0
 
     def _log_step(
-        self, *, loss: float, lr: float, seconds: float, load: list[float] | None
+        self,
+        *,
+        loss: float,
+        lr: float,
+        seconds: float,
+        load: list[float] | None,
+        aux: float | None,
     ) -> None:
         if self.step_log is None or self.rank != 0:
             return
@@ -420,9 +468,12 @@ class Trainer:
             checkpoint_blocking=self._unreported_blocking or None,
             checkpointed=checkpointed,
             startup=self.startup,
-            aux_loss=float(self.engine.module.aux_loss().detach()) if load is not None else None,
+            aux_loss=aux,
             expert_load=load,
+            eval_loss=self._unreported_eval,
+            eval_seconds=self._eval_seconds if self._unreported_eval else None,
         )
+        self._unreported_eval = None
         self.unreported_restore = self._unreported_blocking = 0.0
         self.startup = None
         contract.append_step(self.step_log, record)

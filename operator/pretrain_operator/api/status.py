@@ -110,6 +110,8 @@ class StageRecord(Status):
     """Tokens trained in the stage."""
     loss: Loss = None
     """Final training loss."""
+    eval_loss: dict[str, float] | None = None
+    """Held-out loss per token on each of data.evalSources at the stage's end."""
     checkpoint: str | None = None
     """Path of the stage's final checkpoint."""
 
@@ -181,8 +183,8 @@ class GoodputStatus(Status):
     productive_seconds: float = 0.0
     """Inside steps whose result survived."""
     badput_seconds: dict[str, float] = {}
-    """Wall time lost, by reason (restart, restore, checkpoint_blocking, stage_transition,
-    waiting_for_workers, startup, other)."""
+    """Wall time lost, by reason (restart, restore, checkpoint_blocking, evaluation,
+    stage_transition, waiting_for_workers, startup, other)."""
     attempts: int = 0
     """Attempts accounted so far."""
     attempt: int = 0

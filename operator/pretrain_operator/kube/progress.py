@@ -72,6 +72,7 @@ def _usage(values: dict[str, float], startup: dict[str, float]) -> TrainerUsage 
         step_seconds=values.get("step_seconds_sum", 0.0),
         restore_seconds=values.get("checkpoint_restore_seconds", 0.0),
         blocking_seconds=values.get("checkpoint_save_blocking_seconds_sum", 0.0),
+        eval_seconds=values.get("eval_seconds_total", 0.0),
         checkpoint_step=checkpoint_step if written else None,
         checkpoint_step_seconds=checkpoint_seconds if written else 0.0,
         checkpoint_time=positive(values.get("last_checkpoint_timestamp_seconds"))

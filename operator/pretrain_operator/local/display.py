@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -75,7 +76,9 @@ class Display:
 def results_table(job: PretrainJob, status: JobStatus) -> Table:
     """What each stage did, printed when a local run ends."""
     table = Table(title=f"{job.name}: {status.phase}")
-    for column in ("stage", "steps", "tokens", "final loss", "time", "checkpoint"):
+    sources = sorted({source for r in status.stages for source in r.eval_loss or {}})
+    columns = ("stage", "steps", "tokens", "final loss", *(f"eval {s}" for s in sources))
+    for column in (*columns, "time", "checkpoint"):
         table.add_column(column)
     for record in status.stages:
         seconds = (
@@ -88,6 +91,7 @@ def results_table(job: PretrainJob, status: JobStatus) -> Table:
             str(record.step or 0),
             f"{record.tokens or 0:,}",
             f"{record.loss:.4f}" if record.loss is not None else "-",
+            *(_held_out((record.eval_loss or {}).get(source)) for source in sources),
             f"{seconds:.0f}s",
             record.checkpoint or "-",
         )
@@ -100,6 +104,11 @@ def results_table(job: PretrainJob, status: JobStatus) -> Table:
         caption += f" (badput: {lost or 'none'})"
     table.caption = caption
     return table
+
+
+def _held_out(loss: float | None) -> str:
+    """A held-out loss with its perplexity, for the results table."""
+    return "-" if loss is None else f"{loss:.4f} (ppl {math.exp(min(loss, 700)):.2f})"
 
 
 def recovery_table(status: JobStatus) -> Table | None:

@@ -54,6 +54,7 @@ class UsageFold:
             "step_seconds": seconds,
             "restore_seconds": usage.restore_seconds + (record.restore_seconds or 0.0),
             "blocking_seconds": usage.blocking_seconds + (record.checkpoint_blocking or 0.0),
+            "eval_seconds": usage.eval_seconds + (record.eval_seconds or 0.0),
             "last_step_time": record.time,
         }
         durable = record.checkpointed

@@ -9,6 +9,8 @@ failure streak (and with it the restart back-off) starts over.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pretrain_trainer.contract import StageReport
 
 from ..api import JobStatus, Phase, Reason, StageRecord, WorkersStatus
@@ -26,6 +28,13 @@ def finished(current: list[Worker]) -> StageReport | None:
     return None
 
 
+def _finite(losses: Mapping[str, float | None] | None) -> dict[str, float] | None:
+    """The held-out losses that are numbers (a diverged one is reported as none)."""
+    if not losses:
+        return None
+    return {source: loss for source, loss in losses.items() if loss is not None}
+
+
 def complete(ctx: Pass, status: JobStatus, report: StageReport) -> Plan:
     """Record the pass's stage as finished, then start the next one or succeed the job."""
     started = status.stage.started_at if status.stage is not None else None
@@ -37,6 +46,7 @@ def complete(ctx: Pass, status: JobStatus, report: StageReport) -> Plan:
         step=report.step,
         tokens=report.tokens,
         loss=report.loss,
+        eval_loss=_finite(report.eval_loss),
         checkpoint=report.checkpoint,
     )
     status = status.model_copy(

@@ -17,6 +17,7 @@ Every second since the job's first pass (suspensions excluded) lands in one buck
   start, and that attempt's start-up up to its restore;
 - ``restore``: loading the checkpoint;
 - ``checkpoint_blocking``: training stopped while a save copied the state out;
+- ``evaluation``: measuring the held-out loss (``data.evalSources``);
 - ``stage_transition``: the same as ``restart`` for the attempt that starts the next stage;
 - ``waiting_for_workers``: no group could run for lack of workers;
 - ``startup``: the same for the job's first attempt;
@@ -42,6 +43,7 @@ REASONS = (
     "restart",
     "restore",
     "checkpoint_blocking",
+    "evaluation",
     "stage_transition",
     "waiting_for_workers",
     "startup",
@@ -82,8 +84,10 @@ def attempt_share(usage: TrainerUsage | None, *, started: float, cause: str) -> 
     loop = end - restored
     steps = min(usage.step_seconds, loop)
     blocking = min(usage.blocking_seconds, loop - steps)
+    evaluation = min(usage.eval_seconds, loop - steps - blocking)
     badput["checkpoint_blocking"] += blocking
-    badput["other"] += loop - steps - blocking
+    badput["evaluation"] += evaluation
+    badput["other"] += loop - steps - blocking - evaluation
     return _Share(end, steps, badput)
 
 

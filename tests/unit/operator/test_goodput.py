@@ -82,6 +82,28 @@ def assert_every_second_counted(figures: Goodput) -> None:
     assert figures.productive + sum(figures.badput.values()) == pytest.approx(figures.wall)
 
 
+def test_held_out_evaluation_is_its_own_bucket_not_other() -> None:
+    """An attempt's loop: 6 s in steps, 1 s blocked by a save, 2 s evaluating, the rest
+    (data, logging) other."""
+    passes = Passes()
+    read = usage(
+        1,
+        restored_time=2.0,
+        steps=6,
+        step=6,
+        step_seconds=6.0,
+        blocking_seconds=1.0,
+        eval_seconds=2.0,
+        last_step_time=12.0,
+    )
+    figures = passes.run(12.0, running(1, started=0.0), read)
+    assert figures.productive == pytest.approx(6.0)
+    assert figures.badput["evaluation"] == pytest.approx(2.0)
+    assert figures.badput["checkpoint_blocking"] == pytest.approx(1.0)
+    assert figures.badput["other"] == pytest.approx(10.0 - 6.0 - 1.0 - 2.0)
+    assert_every_second_counted(figures)
+
+
 def test_a_failure_charges_lost_work_as_restart_with_the_gap_and_the_next_start_up() -> None:
     passes = Passes()
     passes.run(0.0, running(1, started=0.0))
@@ -125,6 +147,7 @@ def test_a_failure_charges_lost_work_as_restart_with_the_gap_and_the_next_start_
             "restart": 2.0 + 3.0 + 1.0,  # steps 4-5 lost, the gap, the start-up before restore
             "restore": 2.0,
             "checkpoint_blocking": 0.5,
+            "evaluation": 0.0,
             "other": 0.5 + 1.0,
             "stage_transition": 0.0,
             "waiting_for_workers": 0.0,

@@ -269,6 +269,44 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "has 1 entries; pipeline is 2",
     ),
     (
+        "stage eval without any eval source",
+        with_stage(BASE, eval={"intervalSteps": 5}),
+        "spec.stages[0].eval",
+        "needs data.evalSources",
+    ),
+    (
+        "stage eval names an unknown eval source",
+        with_stage(
+            _set(BASE, "spec/data/evalSources", [{"name": "held", "path": "h"}]),
+            eval={"sources": ["held", "web"]},
+        ),
+        "spec.stages[0].eval.sources[1]",
+        "unknown eval source 'web'; data.evalSources has held",
+    ),
+    (
+        "an eval source that is a training source",
+        _set(BASE, "spec/data/evalSources", [{"name": "held", "path": "p"}]),
+        "spec.data.evalSources[0].path",
+        "is also training source 'prose'",
+    ),
+    (
+        "duplicate eval source",
+        _set(
+            BASE, "spec/data/evalSources", [{"name": "h", "path": "a"}, {"name": "h", "path": "b"}]
+        ),
+        "spec.data.evalSources[1].name",
+        "duplicate eval source 'h'",
+    ),
+    (
+        "zero eval batches",
+        with_stage(
+            _set(BASE, "spec/data/evalSources", [{"name": "held", "path": "h"}]),
+            eval={"batches": 0},
+        ),
+        "spec.stages[0].eval.batches",
+        "greater than or equal to 1",
+    ),
+    (
         "a pipeline split that misses layers",
         with_stage(
             _set(BASE, "spec/nprocPerWorker", 2),

@@ -1,6 +1,7 @@
 """Typed configuration of a training run. Imports neither torch nor Kubernetes libraries."""
 
 from .base import Checked, Problem, Spec, SpecError, format_path, prefixed
+from .evaluation import Evaluation
 from .model import MODULE_ROOTS, ModelConfig, MoE
 from .parallel import Coordinates, Layout, Parallelism
 from .split import BatchSplit, fewest_ranks_as_fast
@@ -27,6 +28,7 @@ __all__ = [
     "Coordinates",
     "DataConfig",
     "DataSource",
+    "Evaluation",
     "LRSchedule",
     "Layout",
     "MoE",

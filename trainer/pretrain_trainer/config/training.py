@@ -26,6 +26,7 @@ from .base import (
     Spec,
     prefixed,
 )
+from .evaluation import Evaluation
 from .model import ModelConfig
 from .parallel import Parallelism
 from .split import BatchSplit
@@ -58,6 +59,9 @@ class DataConfig(Spec):
     """Token sources, referred to by name from each stage's dataMix."""
     seed: Annotated[int, Field(ge=0, le=2**62)] = 0  # exact as a JSON double: the CRD can bound it
     """Seed of the mixture sampler; the same seed gives the same sample stream at any world size."""
+    eval_sources: Annotated[list[DataSource], Field(max_length=64)] = []
+    """Held-out token sources, never trained on: every stage is evaluated on them (see
+    stages[].eval) and reports its loss and perplexity on each."""
 
     def seed_for(self, stage: int) -> int:
         """The sampler seed of one stage: stages that read the same source do not replay its
@@ -218,6 +222,9 @@ class Stage(Spec):
     """Keep parameters in host memory (ZeRO 3)."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass to save memory."""
+    eval: Evaluation | None = None
+    """Held-out evaluation of this stage; with data.evalSources and no eval, every source at
+    the stage's end."""
     parallelism: Parallelism = Parallelism()
     """Tensor, pipeline and expert parallelism beside ZeRO data parallelism; a resize changes
     only the data-parallel degree (world size / (tensor x pipeline))."""
@@ -253,8 +260,12 @@ class Stage(Spec):
             raise WorldSizeError(f"stage {self.name!r}: {why}")
         return BatchSplit(micro_batches, self.parallelism.data_parallel(world_size))
 
-    def problems(self, model: ModelConfig, sources: set[str]) -> Iterator[Problem]:
+    def problems(
+        self, model: ModelConfig, sources: set[str], eval_sources: list[str]
+    ) -> Iterator[Problem]:
         yield from prefixed(self.budget.problems(), "budget")
+        if self.eval is not None:
+            yield from prefixed(self.eval.problems(eval_sources), "eval")
         unknown = sorted(set(self.data_mix) - sources)
         for name in unknown:
             yield Problem(
@@ -359,6 +370,19 @@ class RunConfig(Checked):
         for i, source in enumerate(self.data.sources):
             if names[source.name] > 1:
                 yield Problem(("data", "sources", i, "name"), f"duplicate source {source.name!r}")
+        held_out = Counter(s.name for s in self.data.eval_sources)
+        trained = {s.path: s.name for s in self.data.sources}
+        for i, source in enumerate(self.data.eval_sources):
+            if held_out[source.name] > 1:
+                yield Problem(
+                    ("data", "evalSources", i, "name"), f"duplicate eval source {source.name!r}"
+                )
+            if source.path in trained:
+                yield Problem(
+                    ("data", "evalSources", i, "path"),
+                    f"is also training source {trained[source.path]!r}: held-out data must not "
+                    "be trained on",
+                )
         memory = self.checkpoint.memory_interval_steps
         if memory is not None and memory > self.checkpoint.interval_steps:
             yield Problem(
@@ -373,7 +397,15 @@ class RunConfig(Checked):
                     f"duplicate stage name {stage.name!r} (also stages[{first[stage.name]}])",
                 )
             first.setdefault(stage.name, i)
-            yield from prefixed(stage.problems(self.model, set(names)), "stages", i)
+            eval_names = [s.name for s in self.data.eval_sources]
+            yield from prefixed(stage.problems(self.model, set(names), eval_names), "stages", i)
+
+    def evaluation(self, stage_index: int) -> Evaluation | None:
+        """How a stage is evaluated: its own ``eval``, else every eval source at its end;
+        None without eval sources."""
+        if not self.data.eval_sources:
+            return None
+        return self.stages[stage_index].eval or Evaluation()
 
     def stage_index(self, name: str) -> int:
         return [s.name for s in self.stages].index(name)

@@ -28,6 +28,7 @@ from pathlib import Path
 from .prepare import prepare
 
 CODE_BYTES = 4 << 20
+SPLIT_EVAL = 0.02  # of each source's documents, held out
 SKIPPED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 _DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
@@ -69,8 +70,12 @@ def _fresh(directory: Path) -> Path:
     return directory
 
 
-def build_stdlib_corpus(out: Path, *, max_files: int | None = None) -> dict[str, Path]:
-    """Write ``out/text/{code,prose}/`` and their byte-level shards ``out/{code,prose}/``.
+def build_stdlib_corpus(
+    out: Path, *, max_files: int | None = None, split_eval: float = SPLIT_EVAL
+) -> dict[str, Path]:
+    """Write ``out/text/{code,prose}/`` and their byte-level shards ``out/{code,prose}/``,
+    each with a held-out ``split_eval`` of its documents in ``out/{code,prose}/eval/`` (for
+    ``DataConfig.evalSources``).
 
     ``max_files`` bounds the modules visited (a small corpus for tests). Returns the shard
     directories by source name, ready for ``DataConfig.sources``. The text and shard
@@ -97,5 +102,5 @@ def build_stdlib_corpus(out: Path, *, max_files: int | None = None) -> dict[str,
     shards = {}
     for name, directory in text.items():
         shards[name] = _fresh(out / name)
-        prepare([directory], shards[name], tokenizer="byte", name=name)
+        prepare([directory], shards[name], tokenizer="byte", name=name, split_eval=split_eval)
     return shards

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import Layout, ModelConfig, Stage
-from ..model import RMSNorm, Routed, Transformer
+from ..model import IGNORE, RMSNorm, Routed, Transformer
 
 Activations = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 TIED = "embed"
@@ -122,6 +122,18 @@ def lm_pipeline_loss(
     if aux is not None and aux_loss_coef:
         loss = loss + aux_loss_coef * aux.sum() / moe_layers
     return loss
+
+
+def held_out_loss(outputs: Activations, targets: torch.Tensor) -> torch.Tensor:
+    """The last stage's loss while evaluating: the summed cross-entropy of the tokens whose
+    target is not ``IGNORE`` (padding rows), without the balance loss or label smoothing."""
+    logits, _ = _hidden(outputs)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
 
 
 def topology(layout: Layout) -> ProcessTopology:
