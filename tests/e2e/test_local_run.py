@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -20,12 +21,14 @@ import yaml
 from pretrain_operator.api import JobStatus, MicroBatchesStatus, Phase, PretrainJob
 from pretrain_operator.cli import main
 from pretrain_operator.local.backend import read_capacity, write_capacity
+from pretrain_operator.local.display import results_table
 from pretrain_operator.local.processes import descendants
 from pretrain_operator.local.runner import Update, run
 from pretrain_operator.manifests import load_job
 from pretrain_operator.telemetry.goodput import goodput
 from pretrain_operator.telemetry.recovery import PHASES, TOTAL
 from pretrain_trainer.data import build_stdlib_corpus
+from rich.console import Console
 
 from tests.conftest import ROOT
 
@@ -123,6 +126,7 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
     calm_dir = _prepared(tmp_path, "calm")
     calm = run(job, calm_dir, workers=2)
     assert calm.phase == Phase.SUCCEEDED
+    assert_held_out_loss_falls_stage_by_stage(job, calm, calm_dir)
 
     stormy_dir = _prepared(tmp_path, "stormy")
     script: list[tuple[tuple[int, int], str]] = [
@@ -150,6 +154,33 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
     assert expected is not None
     assert abs(final - expected) <= 0.02 * expected
     assert_recoveries_and_goodput(stormy, lost=stormy.restarts.by_reason["WorkerLost"])
+
+
+def assert_held_out_loss_falls_stage_by_stage(
+    job: PretrainJob, status: JobStatus, run_dir: Path
+) -> None:
+    """Every stage reports its held-out loss on both eval sources in the status and the run's
+    table; the mean over them falls from stage to stage; the step log has the evaluations of
+    foundation's interval (50) and of every stage's end."""
+    held_out = [record.eval_loss for record in status.stages]
+    assert all(losses is not None and set(losses) == {"code", "prose"} for losses in held_out)
+    means = [sum(losses.values()) / len(losses) for losses in held_out if losses]
+    assert means == sorted(means, reverse=True), held_out
+    assert means[0] < math.log(256)  # far below chance over bytes
+    evaluated = [
+        (r["stage"], r["step"])
+        for r in map(json.loads, (run_dir / "steps.jsonl").read_text().splitlines())
+        if r.get("evalLoss")
+    ]
+    assert sorted(set(evaluated)) == [(0, 50), (0, 100), (1, 60), (2, 40)]
+    console = Console(record=True, width=200)
+    console.print(results_table(job, status))
+    table = console.export_text()
+    assert "eval code" in table
+    assert "eval prose" in table
+    first = held_out[0]
+    assert first is not None
+    assert f"{first['code']:.4f} (ppl {math.exp(first['code']):.2f})" in table
 
 
 def assert_recoveries_and_goodput(status: JobStatus, *, lost: int) -> None:
