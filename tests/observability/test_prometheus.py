@@ -107,6 +107,9 @@ def test_prometheus_sees_every_panel_and_alert_and_goodput_matches_the_run(
     assert goodput.productive == pytest.approx(sum(kept.values()), rel=0.05)
     restored = sum(r.get("restoreSeconds", 0.0) for r in records)
     assert goodput.badput["restore"] == pytest.approx(restored, rel=0.05)
+    evaluating = sum(r.get("evalSeconds") or 0.0 for r in records)
+    assert evaluating > 0
+    assert goodput.badput["evaluation"] == pytest.approx(evaluating, rel=0.05)
     assert goodput.productive + sum(goodput.badput.values()) == pytest.approx(goodput.wall)
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     lost = next(e["time"] for e in events if e["reason"] == "WorkerLost")

@@ -83,8 +83,9 @@ def attempt_share(usage: TrainerUsage | None, *, started: float, cause: str) -> 
     badput["restore"] += restore
     loop = end - restored
     steps = min(usage.step_seconds, loop)
-    blocking = min(usage.blocking_seconds, loop - steps)
-    evaluation = min(usage.eval_seconds, loop - steps - blocking)
+    # Evaluations lie inside the loop; the final save's blocking may end after its last step.
+    evaluation = min(usage.eval_seconds, loop - steps)
+    blocking = min(usage.blocking_seconds, loop - steps - evaluation)
     badput["checkpoint_blocking"] += blocking
     badput["evaluation"] += evaluation
     badput["other"] += loop - steps - blocking - evaluation
