@@ -63,6 +63,8 @@ def freeze(value: Any) -> Any:
     copied now (schedulers and counters change in between)."""
     if isinstance(value, torch.Tensor):
         return value.detach()
+    if isinstance(value, torch.Size):  # a tuple, but readers call .numel() on it (zero_to_fp32)
+        return value
     if isinstance(value, OrderedDict):
         return OrderedDict((k, freeze(v)) for k, v in value.items())
     if isinstance(value, dict):
