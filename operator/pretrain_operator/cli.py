@@ -179,29 +179,6 @@ def _export_command(commands: Commands) -> None:
     export.set_defaults(run=_export)
 
 
-def _export(args: argparse.Namespace, out: Console) -> int:
-    from pretrain_trainer.export import run
-
-    return run(args)
-
-
-def _export_command(commands: Commands) -> None:
-    # Torch-free until it runs: the operator image has no torch, and says so in one line.
-    from pretrain_trainer.export import add_arguments
-
-    export = commands.add_parser(
-        "export",
-        help="export a checkpoint as a Hugging Face model directory",
-        description="Write CHECKPOINT (<root>/<job>/stage-<s>/step-<n>) to the new directory "
-        "DIR as a LlamaForCausalLM or MixtralForCausalLM: safetensors weights, config.json, "
-        "generation_config.json and the tokenizer its data was prepared with, if it carries "
-        "one. Checksums are verified first; a bad input is one line and exit 2, and leaves "
-        "no DIR.",
-    )
-    add_arguments(export)
-    export.set_defaults(run=_export)
-
-
 def _data_stdlib(args: argparse.Namespace, out: Console) -> int:
     from pretrain_trainer.data import build_stdlib_corpus
 
@@ -445,7 +422,6 @@ def parser() -> argparse.ArgumentParser:
         _crd_command,
         _data_command,
         _checkpoints_command,
-        _export_command,
         _export_command,
         _run_command,
         _workers_command,
