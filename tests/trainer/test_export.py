@@ -152,8 +152,8 @@ def _assert_same_model(trained: Trained, state: dict[str, torch.Tensor], out: Pa
             prompt[:1, :8],
             attention_mask=torch.ones_like(prompt[:1, :8]),  # id 0 is a token, not padding
             max_new_tokens=20,
-            min_new_tokens=20,  # never stops early at eos
             do_sample=False,
+            eos_token_id=[],  # no stop at eos: ours decodes 20 tokens whatever they are
             pad_token_id=0,
         )
         assert generated[0, 8:].tolist() == _greedy(ours, prompt[:1, :8])
