@@ -40,3 +40,34 @@ def test_a_stage_evaluates_at_its_interval_and_always_at_its_end() -> None:
     assert [s for s in range(1, 13) if end_only.due(s, last_step=s == 12)] == [12]
     assert end_only.names(["a", "b"]) == ["a", "b"]
     assert Evaluation(sources=["b"]).names(["a", "b"]) == ["b"]
+
+
+def test_a_report_with_the_most_eval_sources_fits_a_termination_message() -> None:
+    """Kubernetes keeps 4096 bytes of a container's termination message: the stage report,
+    with every counter of its usage set and the longest names, must fit with a kilobyte to
+    spare for fields to come."""
+    from pretrain_trainer.config.training import MAX_EVAL_SOURCES
+    from pretrain_trainer.contract import StageReport, Usage
+
+    long = "x" * 60
+    usage = Usage(
+        **{
+            name: 2**31 if field.annotation in (int, int | None) else 1.2345678901234567e9
+            for name, field in Usage.model_fields.items()
+            if name != "attempt"
+        },
+        attempt=2**31,
+    )
+    report = StageReport(
+        job="j" * 63,
+        stage=63,
+        stage_name="s" * 63,
+        step=2**40,
+        tokens=2**60,
+        loss=1.2345678901234567,
+        eval_loss={f"{long}{i:02d}": 1.2345678901234567 for i in range(MAX_EVAL_SOURCES)},
+        checkpoint="/checkpoints/" + "j" * 63 + "/stage-63/step-1099511627776",
+        world_size=2**20,
+        usage=usage,
+    )
+    assert len(report.to_json().encode()) + 1 <= 4096 - 1000, len(report.to_json())

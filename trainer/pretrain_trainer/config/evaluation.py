@@ -22,7 +22,7 @@ SourceName = Annotated[str, Field(pattern=SOURCE_NAME, max_length=63)]
 class Evaluation(Spec):
     """When and on what a stage's held-out loss is measured."""
 
-    sources: Annotated[list[SourceName], Field(min_length=1, max_length=64)] | None = None
+    sources: Annotated[list[SourceName], Field(min_length=1, max_length=16)] | None = None
     """Names from data.evalSources; all of them by default."""
     interval_steps: Count | None = None
     """Also evaluate every this many steps (always at the stage's end)."""

@@ -43,6 +43,9 @@ class WorldSizeError(PermanentError, ValueError):
     callers that catch that."""
 
 
+MAX_EVAL_SOURCES = 16
+
+
 class DataSource(Spec):
     """A named set of token shards."""
 
@@ -59,9 +62,10 @@ class DataConfig(Spec):
     """Token sources, referred to by name from each stage's dataMix."""
     seed: Annotated[int, Field(ge=0, le=2**62)] = 0  # exact as a JSON double: the CRD can bound it
     """Seed of the mixture sampler; the same seed gives the same sample stream at any world size."""
-    eval_sources: Annotated[list[DataSource], Field(max_length=64)] = []
+    eval_sources: Annotated[list[DataSource], Field(max_length=MAX_EVAL_SOURCES)] = []
     """Held-out token sources, never trained on: every stage is evaluated on them (see
-    stages[].eval) and reports its loss and perplexity on each."""
+    stages[].eval) and reports its loss and perplexity on each (at most 16: a stage's report
+    carries them in a pod's termination message, 4 KiB)."""
 
     def seed_for(self, stage: int) -> int:
         """The sampler seed of one stage: stages that read the same source do not replay its
