@@ -49,7 +49,7 @@ def tiny_job(tmp_path: Path) -> dict[str, Any]:
     spec["stages"] = spec["stages"][:2]
     spec["stages"][0]["budget"] = {"steps": 60}
     spec["stages"][1]["budget"] = {"steps": 20}
-    for source in spec["data"]["sources"]:
+    for source in [*spec["data"]["sources"], *spec["data"]["evalSources"]]:
         source["path"] = str(tmp_path / "data" / source["path"].removeprefix("data/"))
     spec["checkpoint"] = {"path": str(tmp_path / "checkpoints"), "intervalSteps": 10}
     spec["resources"] = {"limits": {"nvidia.com/gpu": 8}}
