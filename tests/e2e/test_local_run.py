@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pretrain_operator.api import JobStatus, MicroBatchesStatus, Phase, PretrainJob
 from pretrain_operator.cli import main
@@ -28,9 +29,11 @@ from pretrain_operator.manifests import load_job
 from pretrain_operator.telemetry.goodput import goodput
 from pretrain_operator.telemetry.recovery import PHASES, TOTAL
 from pretrain_trainer.data import build_stdlib_corpus
+from pretrain_trainer.train import build_model
 from rich.console import Console
 
 from tests.conftest import ROOT
+from tests.support.hf import assert_same_model
 
 pytestmark = pytest.mark.slow
 TINY = ROOT / "examples" / "tiny-cpu.yaml"
@@ -127,6 +130,7 @@ def test_workers_killed_and_returning_do_not_change_the_outcome(tmp_path: Path) 
     calm = run(job, calm_dir, workers=2)
     assert calm.phase == Phase.SUCCEEDED
     assert_held_out_loss_falls_stage_by_stage(job, calm, calm_dir)
+    assert_the_final_checkpoint_was_exported(job, calm, calm_dir)
 
     stormy_dir = _prepared(tmp_path, "stormy")
     script: list[tuple[tuple[int, int], str]] = [
@@ -181,6 +185,27 @@ def assert_held_out_loss_falls_stage_by_stage(
     first = held_out[0]
     assert first is not None
     assert f"{first['code']:.4f} (ppl {math.exp(first['code']):.2f})" in table
+
+
+def assert_the_final_checkpoint_was_exported(
+    job: PretrainJob, status: JobStatus, run_dir: Path
+) -> None:
+    """spec.export: before Succeeded, the last stage's final checkpoint became a Hugging Face
+    model in the run directory that transformers loads and that computes what ours does."""
+    pytest.importorskip("transformers")
+    export = status.export
+    assert export is not None
+    assert export.finished_at is not None
+    assert export.checkpoint == status.stages[-1].checkpoint
+    out = run_dir / export.path
+    provenance = json.loads((out / "export.json").read_text())
+    assert (provenance["checkpoint"], provenance["format"]) == ("stage-2/step-40", "hf")
+    ours = build_model(job.spec.run_config(), job.spec.stages[-1])
+    weights: dict[str, torch.Tensor] = {}
+    for shard in sorted((Path(export.checkpoint) / "weights").glob("rank-*.pt")):
+        weights.update(torch.load(shard, weights_only=True))
+    ours.load_state_dict(weights, strict=False)
+    assert_same_model(ours, out)
 
 
 def assert_recoveries_and_goodput(status: JobStatus, *, lost: int) -> None:

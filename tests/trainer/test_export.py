@@ -9,7 +9,6 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from pretrain_trainer.export.checkpoint import (
 from pretrain_trainer.export.files import parse_size
 from pretrain_trainer.model import Transformer
 
+from tests.support.hf import assert_same_model, prompt
 from tests.trainer.harness import run_trainer, stage
 
 transformers = pytest.importorskip("transformers")
@@ -128,35 +128,11 @@ def _ours(trained: Trained, state: dict[str, torch.Tensor]) -> Transformer:
 
 
 def _prompt(trained: Trained, rows: int = 2, length: int = 24) -> torch.Tensor:
-    return torch.randint(0, trained.config.model.vocab_size, (rows, length), generator=_seed())
-
-
-def _seed() -> torch.Generator:
-    return torch.Generator().manual_seed(0)
-
-
-def _greedy(model: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor) -> list[int]:
-    tokens = prompt
-    for _ in range(20):
-        tokens = torch.cat((tokens, model(tokens)[:, -1:].argmax(-1)), dim=1)
-    return tokens[0, prompt.shape[1] :].tolist()
+    return prompt(trained.config.model.vocab_size, rows, length)
 
 
 def _assert_same_model(trained: Trained, state: dict[str, torch.Tensor], out: Path) -> None:
-    ours = _ours(trained, state)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    prompt = _prompt(trained)
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(prompt).logits, ours(prompt), rtol=0, atol=1e-4)
-        generated = theirs.generate(
-            prompt[:1, :8],
-            attention_mask=torch.ones_like(prompt[:1, :8]),  # id 0 is a token, not padding
-            max_new_tokens=20,
-            do_sample=False,
-            eos_token_id=[],  # no stop at eos: ours decodes 20 tokens whatever they are
-            pad_token_id=0,
-        )
-        assert generated[0, 8:].tolist() == _greedy(ours, prompt[:1, :8])
+    assert_same_model(_ours(trained, state), out)
 
 
 @pytest.mark.parametrize("model", ["dense", "moe"])
@@ -391,3 +367,26 @@ def test_shard_sizes_read_as_hugging_face_writes_them(text: str, size: int) -> N
 def test_a_shard_size_that_is_not_one_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)
+
+
+def test_keep_existing_keeps_only_an_export_of_the_same_checkpoint(
+    dense: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a retried export pod relies on: a finished export of the same checkpoint, written
+    the same way, is kept (exit 0, nothing rewritten); anything else in the way is refused."""
+    out = tmp_path / "hf"
+    _export(dense.checkpoint(4), out)
+    provenance = json.loads((out / "export.json").read_text())
+    assert (provenance["checkpoint"], provenance["step"], provenance["dtype"]) == (
+        "stage-0/step-4",
+        4,
+        "fp32",
+    )
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    _export(dense.checkpoint(4), out, "--keep-existing")
+    assert "already holds the export of stage-0/step-4: kept" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+    for other in ([str(dense.checkpoint(2))], [str(dense.checkpoint(4)), "--dtype", "bf16"]):
+        code = pretrainctl(["export", *other, "--out", str(out), "--keep-existing"])
+        assert code == 2
+        assert "already exists" in capsys.readouterr().err

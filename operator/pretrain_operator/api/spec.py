@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -274,6 +275,26 @@ class Volume(Spec):
     """Mount read-only (data sets)."""
 
 
+class ExportSpec(Spec):
+    """Export the last stage's final checkpoint as a model other tools load, before the job
+    is Succeeded."""
+
+    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    """The directory to write (it must not exist yet); on a cluster, on one of spec.volumes
+    (relative paths resolve against the run directory locally)."""
+    format: Literal["hf"] = "hf"
+    """hf: a Hugging Face model directory (LlamaForCausalLM or MixtralForCausalLM,
+    safetensors, its config and the tokenizer the data was prepared with)."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """The weights' type in the export (fp32: as checkpointed)."""
+
+
+def _under(path: str, mount: str) -> bool:
+    """Whether ``path`` lies strictly inside the directory ``mount``."""
+    parts, base = PurePosixPath(path).parts, PurePosixPath(mount).parts
+    return len(parts) > len(base) and parts[: len(base)] == base
+
+
 class PretrainJobSpec(RunConfig):
     """Desired state of a PretrainJob: the training run and how to run it on the cluster."""
 
@@ -301,6 +322,8 @@ class PretrainJobSpec(RunConfig):
     """Elastic policy: worker bounds, restarts, back-off and cool-down."""
     suspend: bool = False
     """Stop all workers and keep the checkpoints; set back to false to resume."""
+    export: ExportSpec | None = None
+    """Export the trained model when the last stage finishes (status.export says where)."""
 
     def run_config(self) -> RunConfig:
         """What the trainer is given: the spec less how to run it on the cluster."""
@@ -331,6 +354,16 @@ class PretrainJobSpec(RunConfig):
             )
         for i, stage in enumerate(self.stages):
             yield from self._layout_problems(i, stage)
+        if self.export is not None and ".." in PurePosixPath(self.export.path).parts:
+            yield Problem(("export", "path"), f"{self.export.path}: '..' is not allowed")
+        elif self.export is not None and self.volumes and self.export.path.startswith("/"):
+            writable = [v.mount_path for v in self.volumes if not v.read_only]
+            if not any(_under(self.export.path, mount) for mount in writable):
+                yield Problem(
+                    ("export", "path"),
+                    f"{self.export.path} is on no writable volume; spec.volumes mounts "
+                    + (", ".join(writable) or "none writable"),
+                )
 
     def _layout_problems(self, index: int, stage: Stage) -> Iterator[Problem]:
         """A worker holds whole replicas, and some worker count in the bounds fits the layout."""

@@ -53,6 +53,8 @@ class Reason(StrEnum):
     RESTART_LIMIT_EXCEEDED = "RestartLimitExceeded"
     PERMANENT_ERROR = "PermanentError"
     WAITING_FOR_WORKERS = "WaitingForWorkers"
+    EXPORTING = "Exporting"
+    EXPORT_FAILED = "ExportFailed"
 
 
 class Status(BaseModel):
@@ -151,6 +153,25 @@ class RestartsStatus(Status):
     """All restarts."""
     by_reason: dict[str, int] = {}
     """Restarts per reason (WorkerLost, WorkerFailed, Preempted, Resized, ...)."""
+
+
+class ExportStatus(Status):
+    """The export of the trained model (spec.export)."""
+
+    checkpoint: str
+    """The checkpoint exported: the last stage's final one."""
+    path: str
+    """Where the export is (complete once finishedAt is set)."""
+    format: str
+    """The export's format (hf)."""
+    dtype: str = "fp32"
+    """The weights' type in it."""
+    attempt: int = 1
+    """Tries so far; a lost export pod is tried again, up to three times."""
+    started_at: datetime | None = None
+    """When the export began."""
+    finished_at: datetime | None = None
+    """When the export was complete."""
 
 
 class CheckpointStatus(Status):
@@ -327,6 +348,8 @@ class JobStatus(Status):
     """Restart counts."""
     last_checkpoint: CheckpointStatus | None = None
     """Newest valid checkpoint."""
+    export: ExportStatus | None = None
+    """The trained model's export (spec.export), once the last stage finished."""
     last_recovery_seconds: float | None = None
     """Time from the last worker loss to training progressing again."""
     last_recovery: RecoveryStatus | None = None

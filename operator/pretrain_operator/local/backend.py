@@ -13,6 +13,7 @@ Run directory::
 
     run.yaml  status.json  capacity.json  steps.jsonl  checkpoints/
     workers/<slot>/agent.log  workers/<slot>/attempt-<a>.log  workers/<slot>/report-<a>.json
+    export/attempt-<n>.log    (spec.export: the export's tries, :mod:`.exporter`)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pretrain_trainer.fsio import write_json_atomic
 from ..api import PretrainJob
 from ..plan import Group, Observed, Plan, Worker, WorkerState, agent_exited
 from .agents import AgentProcess, memory_base
+from .exporter import Exporter
 
 CAPACITY = "capacity.json"
 STOP_GRACE = 60.0  # seconds a stopped trainer has to save before it is killed
@@ -66,6 +68,7 @@ class LocalBackend:
         self.lost: dict[int, Worker] = {}  # a slot whose agent died, reported once
         self.attempt = 0
         self.group: Group | None = None
+        self.exporter = Exporter(run_dir=run_dir, env=worker_env(job, run_dir))
 
     # -- observe ---------------------------------------------------------------------------
     def observe(self) -> Observed:
@@ -84,7 +87,7 @@ class LocalBackend:
             if agent is None:
                 self.agents[slot] = agent = self._agent(slot)
             workers.append(self._worker(slot, agent))
-        return Observed(tuple(workers))
+        return Observed(tuple(workers), export=self.exporter.observe())
 
     def _forget(self, slot: int, agent: AgentProcess, *, reason: str) -> None:
         """A slot's agent is gone: its running attempt's worker is lost (reported once)."""
@@ -150,6 +153,7 @@ class LocalBackend:
     # -- apply -------------------------------------------------------------------------------
     def apply(self, result: Plan) -> None:
         self.attempt, self.group = result.status.attempt, result.group
+        self.exporter.apply(result.export)
         for slot in result.stop:
             self.stop(slot)
         group = result.group
@@ -192,6 +196,7 @@ class LocalBackend:
     def shutdown(self, *, timeout: float = 60.0) -> None:
         """Stop every worker, waiting for them (their preemption saves included), then the
         agents; their memory goes with them."""
+        self.exporter.stop()
         for slot in list(self.agents):
             self.stop(slot)
         deadline = time.monotonic() + timeout

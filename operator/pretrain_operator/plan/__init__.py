@@ -9,6 +9,8 @@ from .elastic import choose_world
 from .model import (
     FAILURES,
     Event,
+    ExportRun,
+    ExportTask,
     Group,
     Observed,
     Plan,
@@ -21,6 +23,8 @@ from .model import (
 __all__ = [
     "FAILURES",
     "Event",
+    "ExportRun",
+    "ExportTask",
     "Group",
     "Observed",
     "Plan",

@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from ..api import JobStatus, Phase, PretrainJobSpec, Reason
-from . import elastic, restart, stages
+from . import elastic, exporting, restart, stages
 from .context import Pass
 from .model import Event, Group, Observed, Plan, Worker, WorkerState
 from .phase import set_phase
@@ -30,6 +30,8 @@ def plan(*, spec: PretrainJobSpec, status: JobStatus, observed: Observed, now: d
     ctx = Pass(spec=spec, observed=observed, now=now, stage=stage)
     if spec.suspend:
         return _suspend(ctx, status)
+    if status.export is not None and status.export.finished_at is None:
+        return exporting.proceed(ctx, status, status.export)
     if status.attempt == 0 or status.phase == Phase.SUSPENDED or not status.workers.slots:
         return _begin(ctx, status)
     current = observed.of_attempt(status.attempt)

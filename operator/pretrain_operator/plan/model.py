@@ -91,8 +91,47 @@ def agent_exited(slot: int, state: AgentState) -> Worker:
 
 
 @dataclass(frozen=True)
+class ExportTask:
+    """The export that should run (spec.export): one try of it."""
+
+    checkpoint: str
+    path: str
+    format: str
+    dtype: str
+    attempt: int
+
+    def arguments(self) -> list[str]:
+        """The trainer's ``export`` command line after ``python -m pretrain_trainer``. A try
+        after one that finished its work but was not seen to keeps what that one wrote."""
+        return [
+            "export",
+            self.checkpoint,
+            "--out",
+            self.path,
+            "--format",
+            self.format,
+            "--dtype",
+            self.dtype,
+            "--keep-existing",
+        ]
+
+
+@dataclass(frozen=True)
+class ExportRun:
+    """What a backend sees of one try of the export."""
+
+    attempt: int
+    state: WorkerState
+    exit_code: int | None = None
+    message: str | None = None
+    """Why it failed, in its own words (its last line), where the backend has them."""
+
+
+@dataclass(frozen=True)
 class Observed:
     workers: tuple[Worker, ...] = ()
+    export: ExportRun | None = None
+    """The newest try of the export, if one was started."""
 
     def available(self) -> list[int]:
         """Slots that could run a worker right now."""
@@ -140,6 +179,8 @@ class Plan:
     """Slots whose worker belongs to an older attempt and must stop."""
     requeue_after: float | None = None
     """Seconds until the planner should look again without any change."""
+    export: ExportTask | None = None
+    """The export that should run; None stops any."""
 
     def with_events(self, prefix: tuple[Event, ...]) -> Plan:
         """This plan with ``prefix`` said first: a step that decided something before handing

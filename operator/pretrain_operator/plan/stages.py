@@ -4,7 +4,8 @@ A stage is finished when every worker of the attempt exited 0 and at least one r
 (the trainer's stage report). The report's step, tokens, loss and final checkpoint go into
 ``status.stages``; the next stage starts as a new attempt whose workers load that checkpoint,
 at the world size the next stage's global batch allows. A finished stage is progress, so the
-failure streak (and with it the restart back-off) starts over.
+failure streak (and with it the restart back-off) starts over. After the last stage, a job
+with ``spec.export`` exports its final checkpoint first (``exporting``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pretrain_trainer.contract import StageReport
 from ..api import JobStatus, Phase, Reason, StageRecord, WorkersStatus
 from .context import Pass
 from .elastic import start
+from .exporting import begin
 from .model import Event, Plan, Worker, WorkerState
 from .phase import set_phase
 
@@ -63,10 +65,12 @@ def complete(ctx: Pass, status: JobStatus, report: StageReport) -> Plan:
         after = ctx.next_stage()
         message += f"; starting {after.stage_name}"
         return start(after, status, reason=Reason.STAGE_COMPLETED, message=message)
+    said = (Event(Reason.STAGE_COMPLETED, message),)
+    if ctx.spec.export is not None:
+        return begin(ctx, status, ctx.spec.export, checkpoint=report.checkpoint, said=said)
     status = status.model_copy(update={"workers": WorkersStatus()})
     all_done = "all stages finished"
     status = set_phase(
         status, Phase.SUCCEEDED, reason=Reason.SUCCEEDED, message=all_done, now=ctx.now
     )
-    said = (Event(Reason.STAGE_COMPLETED, message), Event(Reason.SUCCEEDED, all_done))
-    return Plan(group=None, status=status, events=said)
+    return Plan(group=None, status=status, events=(*said, Event(Reason.SUCCEEDED, all_done)))

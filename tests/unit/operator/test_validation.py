@@ -269,6 +269,31 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
         "has 1 entries; pipeline is 2",
     ),
     (
+        "an export path off every writable volume",
+        _set(
+            _set(BASE, "spec/export", {"path": "/data/model"}),
+            "spec/volumes",
+            [
+                {"name": "data", "claimName": "d", "mountPath": "/data", "readOnly": True},
+                {"name": "ckpt", "claimName": "c", "mountPath": "/checkpoints"},
+            ],
+        ),
+        "spec.export.path",
+        "/data/model is on no writable volume; spec.volumes mounts /checkpoints",
+    ),
+    (
+        "an export path that climbs out",
+        _set(BASE, "spec/export", {"path": "/checkpoints/../etc"}),
+        "spec.export.path",
+        "'..' is not allowed",
+    ),
+    (
+        "an unknown export format",
+        _set(BASE, "spec/export", {"path": "model", "format": "gguf"}),
+        "spec.export.format",
+        "'hf'",
+    ),
+    (
         "stage eval without any eval source",
         with_stage(BASE, eval={"intervalSteps": 5}),
         "spec.stages[0].eval",

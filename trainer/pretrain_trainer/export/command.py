@@ -10,6 +10,7 @@ can build its parser on a machine without them.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from .checkpoint import Source
 
 FORMATS = ("hf",)
+PROVENANCE = "export.json"
+"""Written into every export: the checkpoint it came from (job, stage, step, when it was saved,
+its config hash) and how it was written, so an export can always be traced back, and a rerun
+with ``keep_existing`` knows it is already done."""
 DTYPES = ("fp32", "bf16")
 EXIT_OK, EXIT_INVALID = 0, 2
 
@@ -51,14 +56,17 @@ def export_checkpoint(
     dtype: str = "fp32",
     max_shard_size: str = "5GB",
     config: RunConfig | Path | None = None,
+    keep_existing: bool = False,
     log: Callable[[str], None] = print,
-) -> Exported:
+) -> Exported | None:
     """Export the checkpoint directory ``checkpoint`` (``<root>/<job>/stage-<s>/step-<n>``)
     to the new directory ``out`` as ``format`` (``hf``: safetensors weights in ``dtype``,
     config.json, generation_config.json and, when the checkpoint carries one, the tokenizer).
     ``config``: the job's run config (or a file holding it or its PretrainJob), needed only
-    for checkpoints whose manifest records no model. Raises :class:`ExportError` (one line)
-    for bad input; ``out`` is then left absent."""
+    for checkpoints whose manifest records no model. ``keep_existing``: an ``out`` that
+    already holds this checkpoint's export, written the same way (its ``export.json`` says
+    so), is kept and None returned (a retried export pod). Raises :class:`ExportError` (one
+    line) for bad input; ``out`` is then left absent."""
     from .checkpoint import ExportError, full_weights, open_checkpoint, read_config
 
     if format not in FORMATS:
@@ -71,16 +79,29 @@ def export_checkpoint(
         max_bytes = parse_size(max_shard_size)
     except ValueError as error:
         raise ExportError(f"--max-shard-size: {error}") from None
+    if isinstance(config, Path):
+        config = read_config(config)
+    if keep_existing and (out / PROVENANCE).is_file():
+        source = open_checkpoint(checkpoint, config=config)
+        if _provenance_of(out) == provenance(source, format=format, dtype=dtype):
+            log(f"{out} already holds the export of {source.name}: kept")
+            return None
     if out.exists() or out.is_symlink():
         raise ExportError(f"{out} already exists; give a new directory to export into")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: no such directory to export into")
-    if isinstance(config, Path):
-        config = read_config(config)
     source = open_checkpoint(checkpoint, config=config)
     state = full_weights(source)
     try:
-        return _write_hf(source, state, out=out, dtype=dtype, max_bytes=max_bytes, log=log)
+        return _write_hf(
+            source,
+            state,
+            out=out,
+            dtype=dtype,
+            max_bytes=max_bytes,
+            log=log,
+            written=provenance(source, format=format, dtype=dtype),
+        )
     except FileExistsError as error:
         raise ExportError(str(error)) from None
 
@@ -93,6 +114,7 @@ def _write_hf(
     dtype: str,
     max_bytes: int,
     log: Callable[[str], None],
+    written: dict[str, object],
 ) -> Exported:
     from .files import staged, write_json, write_safetensors
     from .hf import DTYPES as TORCH_DTYPES
@@ -106,7 +128,8 @@ def _write_hf(
         )
         write_json(directory / "config.json", config)
         write_json(directory / "generation_config.json", generation_config(eos_id=facts.eos_id))
-        files += ["config.json", "generation_config.json"]
+        write_json(directory / PROVENANCE, written)
+        files += ["config.json", "generation_config.json", PROVENANCE]
         tokenizer = source.tokenizer_file
         if tokenizer is not None:
             text = tokenizer.read_text(encoding="utf-8")
@@ -126,6 +149,29 @@ def _write_hf(
     if tokenizer is None:
         log(_no_tokenizer(facts.tokenizer))
     return exported
+
+
+def provenance(source: Source, *, format: str, dtype: str) -> dict[str, object]:
+    """What an export's ``export.json`` says: where it came from and how it was written."""
+    manifest = source.manifest
+    return {
+        "job": manifest.job,
+        "checkpoint": source.name,
+        "stage": manifest.stage,
+        "stageName": manifest.stage_name,
+        "step": manifest.step,
+        "savedAt": manifest.saved_at,
+        "configHash": manifest.config_hash,
+        "format": format,
+        "dtype": dtype,
+    }
+
+
+def _provenance_of(out: Path) -> object:
+    try:
+        return json.loads((out / PROVENANCE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def _no_tokenizer(name: str | None) -> str:
@@ -155,6 +201,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="the job's run config or PretrainJob, for checkpoints that do not record the model",
     )
+    parser.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help=f"succeed, keeping DIR, when it already holds this checkpoint's export written "
+        f"the same way (its {PROVENANCE} says so)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -175,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             config=Path(args.config) if args.config else None,
+            keep_existing=args.keep_existing,
         )
     except (PermanentError, OSError) as error:
         _error(f"error: {error}")
