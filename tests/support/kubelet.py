@@ -242,9 +242,16 @@ class Kubelet:
             content_type=MERGE,
         )
 
-    def finish(self, name: str, *, exit_code: int, report: dict[str, Any] | None = None) -> None:
-        """The trainer in pod ``name`` exits, leaving ``report`` as its termination message (or
-        with its agent, which reports it and stays)."""
+    def finish(
+        self,
+        name: str,
+        *,
+        exit_code: int,
+        report: dict[str, Any] | None = None,
+        message: str | None = None,
+    ) -> None:
+        """The trainer in pod ``name`` exits, leaving ``report`` (or ``message``) as its
+        termination message (or with its agent, which reports it and stays)."""
         with self.lock:
             double = self.agents.get(name)
         if double is not None:
@@ -257,8 +264,8 @@ class Kubelet:
             "startedAt": _now(),
             "finishedAt": _now(),
         }
-        if report is not None:
-            terminated["message"] = json.dumps(report)
+        if report is not None or message is not None:
+            terminated["message"] = json.dumps(report) if report is not None else message
         self._status(
             name,
             {

@@ -4,8 +4,9 @@ started from each pod's own command and environment.
 
 What a node would provide is mapped onto this machine: the pod's run config comes from its
 ConfigMap (written to a file), the rendezvous service's address is the local store's, the
-termination message is a file read when the container exits, and rank 0 serves its metrics on
-the port the operator scrapes at the pod's IP (127.0.0.1); other ranks pick a free port. A
+termination message is a file read when the container exits (or, for a failed export, its
+log's last lines), and rank 0 serves its metrics on the port the operator scrapes at the pod's
+IP (127.0.0.1); other ranks pick a free port. An export pod runs the trainer's export. A
 pod that is deleted gets SIGTERM, then SIGKILL after its grace period, and its deletion is
 confirmed once its processes are gone. A node that stops answering takes its pods' processes
 with it (SIGKILL), as a machine that dies does, while its pods stay as they were.
@@ -36,6 +37,8 @@ from pretrain_trainer.lifetime import die_with_parent
 
 from tests.support.controlplane import ControlPlane
 from tests.support.kubelet import Kubelet
+
+LOG_TAIL_LINES = 80  # what a kubelet keeps of a failed container's log as its message
 
 
 def free_port() -> int:
@@ -98,6 +101,8 @@ class RunningKubelet(Kubelet):
                 }
             with self.lock:
                 self.started.append((name, meta["uid"], time.time()))
+        elif role == "export":
+            command = [sys.executable, *container["command"][1:]]  # after "python"
         else:
             return  # a standby sleeps: nothing to run
         log = (self.workdir / f"{name}.log").open("ab")
@@ -168,8 +173,12 @@ class RunningKubelet(Kubelet):
         report = contract.read_report(self.workdir / "pods" / name / "report.json")
         exit_code = code if code >= 0 else 128 - code
         payload = report.model_dump(mode="json", by_alias=True) if report else None
+        message = None
+        if payload is None and exit_code:  # terminationMessagePolicy FallbackToLogsOnError
+            log = (self.workdir / f"{name}.log").read_text(errors="replace")
+            message = "\n".join(log.splitlines()[-LOG_TAIL_LINES:])
         with contextlib.suppress(Exception):
-            self.finish(name, exit_code=exit_code, report=payload)
+            self.finish(name, exit_code=exit_code, report=payload, message=message)
 
     def _terminate(self, pod: dict[str, Any]) -> None:
         name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]

@@ -8,6 +8,8 @@ tested as data:
 
 - terminal phases (Succeeded, Failed, Suspended) delete every pod; checkpoints stay on their
   volume;
+- while the model is exported (spec.export, after the last stage) only the export's pod of
+  the current try runs: it is created, every other pod goes but earlier tries that ended;
 - the rendezvous pod is replaced when it failed or its node is down (same DNS name, a new
   store); the job's other objects are created with it;
 - a worker pod of an older attempt goes when its slot must stop, it finished, or its attempt
@@ -43,11 +45,12 @@ from typing import Any
 from pretrain_trainer.contract import AGENT_PORT, AgentState, AttemptOrder
 
 from ..api import JobStatus, Phase, PretrainJob
-from ..plan import Group, Plan
+from ..plan import ExportTask, Group, Plan
 from .cache import DELETING
 from .objects import (
     ALIVE,
     ATTEMPT,
+    EXPORT,
     FINISHED,
     PREFIX,
     ROLE,
@@ -58,6 +61,8 @@ from .objects import (
     agent_pod,
     attempt_name,
     config_map,
+    export_name,
+    export_pod,
     group_labels,
     job_objects,
     rendezvous_name,
@@ -189,6 +194,8 @@ def actions(
     -> Ready; ``agents`` (with ``options.agents``): slot pod name -> its agent's state."""
     if result.status.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
         return [a for pod in pods for a in _delete(pod, nodes)]
+    if result.export is not None:
+        return _export(job, result.export, pods, nodes=nodes)
     by_name = {p["metadata"]["name"]: p for p in pods}
     placing = _placing(job, result.group, by_name, options=options)
     standbys = _standbys(
@@ -209,6 +216,27 @@ def actions(
         *standbys,
         *_checkpoint_annotations(result, pods),
     ]
+
+
+def _export(
+    job: PretrainJob,
+    task: ExportTask,
+    pods: Sequence[Mapping[str, Any]],
+    *,
+    nodes: Mapping[str, bool],
+) -> list[Action]:
+    """The export's try runs, alone: the workers, standbys and store go (training is over),
+    an older try that still runs goes, one that ended stays for its logs until the job ends."""
+    name = export_name(job, task.attempt)
+    found: list[Action] = []
+    for pod in pods:
+        if pod["metadata"]["name"] == name:
+            continue
+        if _label(pod, ROLE) != EXPORT or PodPhase.of(pod) not in FINISHED:
+            found += _delete(pod, nodes)
+    if not any(pod["metadata"]["name"] == name for pod in pods):
+        found.append(Create(export_pod(job, task)))
+    return found
 
 
 def checkpoint_annotations(status: JobStatus) -> dict[str, str]:

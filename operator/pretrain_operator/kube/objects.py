@@ -5,8 +5,9 @@ with the rendered run config, a ServiceAccount with no API rights, and the rende
 hosts the c10d store. Per slot: either the worker pod of the current attempt
 (``<job>-a<attempt>-w<slot>``) or a *standby* pod (``<job>-standby-w<slot>``) that asks the
 scheduler for a worker's resources and sleeps: when it runs, capacity for one more worker
-exists, which is how the group grows back after a node returns. Names are deterministic, so a
-create that races another (or a restarted operator) meets 409 and changes nothing.
+exists, which is how the group grows back after a node returns. After the last stage, a job
+with spec.export runs one export pod per try (``<job>-export-<try>``). Names are deterministic,
+so a create that races another (or a restarted operator) meets 409 and changes nothing.
 
 No API calls here, no kubernetes import: plain dicts, tested as data.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from pretrain_trainer import contract
 
 from ..api import API_VERSION, KIND, PretrainJob
-from ..plan import Group
+from ..plan import ExportTask, Group
 
 PREFIX = "pretrain.dev"
 JOB = f"{PREFIX}/job"
@@ -30,7 +31,7 @@ STAGE = f"{PREFIX}/stage"
 ATTEMPT = f"{PREFIX}/attempt"
 SLOT = f"{PREFIX}/slot"
 RANK = f"{PREFIX}/rank"
-WORKER, STANDBY, RENDEZVOUS = "worker", "standby", "rendezvous"
+WORKER, STANDBY, RENDEZVOUS, EXPORT = "worker", "standby", "rendezvous", "export"
 
 
 class PodPhase(StrEnum):
@@ -147,6 +148,10 @@ def slot_pod_name(job: PretrainJob, slot: int) -> str:
 
 def standby_name(job: PretrainJob, slot: int) -> str:
     return f"{job.name}-standby-w{slot}"
+
+
+def export_name(job: PretrainJob, attempt: int) -> str:
+    return f"{job.name}-export-{attempt}"
 
 
 def rendezvous_endpoint(job: PretrainJob, namespace: str) -> str:
@@ -270,9 +275,7 @@ def _pod(
         if spec.node_selector:
             pod_spec["nodeSelector"] = dict(spec.node_selector)
         if spec.tolerations:
-            pod_spec["tolerations"] = [
-                t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
-            ]
+            pod_spec["tolerations"] = _tolerations(job)
         if spec.priority_class_name:
             pod_spec["priorityClassName"] = spec.priority_class_name
         if spec.scheduler_name:
@@ -333,21 +336,32 @@ def _worker_like(
             {"name": "memory", "emptyDir": {"medium": "Memory"}},
             {"name": "attempts", "emptyDir": {}},
         ]
-    for volume in spec.volumes:
-        mounts.append(
-            {"name": volume.name, "mountPath": volume.mount_path, "readOnly": volume.read_only}
-        )
-        volumes.append(
-            {"name": volume.name, "persistentVolumeClaim": {"claimName": volume.claim_name}}
-        )
-    container["volumeMounts"] = mounts
-    pod_spec["volumes"] = volumes
+    claims, claimed = _claims(job)
+    container["volumeMounts"] = mounts + claimed
+    pod_spec["volumes"] = volumes + claims
     if spec.queue_name:  # Kueue's pod groups: admitted together
         pod["metadata"]["labels"][KUEUE_GROUP_LABEL] = attempt_name(job, group.attempt)
         count = group.world if members is None else members
         pod["metadata"]["annotations"] = {KUEUE_COUNT_ANNOTATION: str(count)}
     options.gang.mark(pod, job, group)
     return pod
+
+
+def _tolerations(job: PretrainJob) -> list[dict[str, Any]]:
+    return [t.model_dump(by_alias=True, exclude_none=True) for t in job.spec.tolerations]
+
+
+def _claims(job: PretrainJob) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """spec.volumes as a pod's volumes and its container's mounts."""
+    volumes = [
+        {"name": v.name, "persistentVolumeClaim": {"claimName": v.claim_name}}
+        for v in job.spec.volumes
+    ]
+    mounts = [
+        {"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only}
+        for v in job.spec.volumes
+    ]
+    return volumes, mounts
 
 
 def _contract_env(job: PretrainJob, options: Options) -> dict[str, str]:
@@ -492,9 +506,31 @@ def rendezvous_pod(job: PretrainJob) -> dict[str, Any]:
         "limits": {"memory": "1Gi"},
     }
     if job.spec.tolerations:  # may share the workers' tainted nodes
-        pod["spec"]["tolerations"] = [
-            t.model_dump(by_alias=True, exclude_none=True) for t in job.spec.tolerations
-        ]
+        pod["spec"]["tolerations"] = _tolerations(job)
+    return pod
+
+
+def export_pod(job: PretrainJob, task: ExportTask) -> dict[str, Any]:
+    """One try of the export (spec.export): the trainer's ``export`` command on the final
+    checkpoint, on the job's volumes. It needs no accelerator (the weights go through host
+    memory), so it asks for none and may run on any node the workers' tolerations allow. Its
+    last log lines are its termination message when it fails: the command's one-line error."""
+    pod = _pod(
+        job,
+        export_name(job, task.attempt),
+        _labels(job, EXPORT, attempt=task.attempt),
+        command=["python", "-m", "pretrain_trainer", *task.arguments()],
+        worker_like=False,
+    )
+    pod["spec"]["terminationGracePeriodSeconds"] = 10  # a stopped export leaves nothing behind
+    if job.spec.tolerations:
+        pod["spec"]["tolerations"] = _tolerations(job)
+    container = pod["spec"]["containers"][0]
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    container["resources"] = {"requests": {"cpu": "1", "memory": "1Gi"}}
+    volumes, mounts = _claims(job)
+    if volumes:
+        pod["spec"]["volumes"], container["volumeMounts"] = volumes, mounts
     return pod
 
 

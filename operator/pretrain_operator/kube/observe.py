@@ -17,6 +17,10 @@ agent's state (``GET /`` on the pod, read by the caller) says what runs there: t
 attempt Running or exited (with the report the agent kept), an older one still leaving, or
 nothing (Idle: warm capacity). The pod itself is lost as above; a pod whose agent ended (the
 container exited) is a failed worker of the attempt it ran.
+
+The export's newest try (:func:`observe_export`) is its pod: Pending, Running, Succeeded, or
+Failed with its exit code and the last line of its logs (its termination message); lost as a
+worker is.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from typing import Any
 
 from pretrain_trainer.contract import AgentState, FailureReport, StageReport, parse_report
 
-from ..plan import Observed, Worker, WorkerState, agent_exited, exited
+from ..plan import ExportRun, Observed, Worker, WorkerState, agent_exited, exited
 from .objects import (
     ALIVE,
     ATTEMPT,
     CONTAINER,
+    EXPORT,
     FINISHED,
     ROLE,
     SLOT,
@@ -343,3 +348,37 @@ def observe_agents(
         if worker is not None:
             workers.append(worker)
     return Observed(tuple(workers))
+
+
+def observe_export(
+    pods: Iterable[Mapping[str, Any]], nodes: Mapping[str, bool]
+) -> ExportRun | None:
+    """The newest try of the export, from its pod; None before the first."""
+    tries = {
+        attempt: pod
+        for pod in pods
+        if pod["metadata"].get("labels", {}).get(ROLE) == EXPORT
+        and (attempt := _int_label(pod, ATTEMPT)) is not None
+    }
+    if not tries:
+        return None
+    attempt = max(tries)
+    pod = tries[attempt]
+    lost = _lost_because(pod, nodes)
+    if lost is not None:
+        return ExportRun(attempt=attempt, state=WorkerState.LOST, message=lost)
+    phase = PodPhase.of(pod) or PodPhase.PENDING
+    if phase == PodPhase.SUCCEEDED:
+        return ExportRun(attempt=attempt, state=WorkerState.SUCCEEDED, exit_code=0)
+    if phase == PodPhase.FAILED:
+        terminated = _terminated(pod)
+        code = terminated.get("exitCode")
+        lines = str(terminated.get("message") or "").strip().splitlines()
+        return ExportRun(
+            attempt=attempt,
+            state=WorkerState.FAILED,
+            exit_code=code if isinstance(code, int) else None,
+            message=lines[-1][:500] if lines else None,
+        )
+    state = WorkerState.RUNNING if phase == PodPhase.RUNNING else WorkerState.PENDING
+    return ExportRun(attempt=attempt, state=state)

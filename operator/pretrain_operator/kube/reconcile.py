@@ -18,7 +18,7 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -42,7 +42,7 @@ from .actions import Action, Annotate, Create, Delete, Order, Replace, Stop, act
 from .agents import AgentReader, read_agents
 from .client import KubeClient
 from .objects import Options, selector
-from .observe import observe, observe_agents, ready_nodes
+from .observe import observe, observe_agents, observe_export, ready_nodes
 
 log = logging.getLogger(__name__)
 ProgressReader = Callable[[Sequence[Mapping[str, Any]], int], TrainerProgress | None]
@@ -143,6 +143,8 @@ def reconcile(
         )
     else:
         observed = observe(pods, readiness, attempt=attempt, group_slots=group, slots=slots)
+    if old.export is not None:
+        observed = replace(observed, export=observe_export(pods, readiness))
     result = plan(spec=job.spec, status=old, observed=observed, now=now)
     todo = actions(job, result, pods, nodes=readiness, options=options, agents=states)
     applied = apply(client, todo, namespace=job.metadata.namespace or "default", connect=connect)
