@@ -81,6 +81,7 @@ def export_checkpoint(
         raise ExportError(f"--max-shard-size: {error}") from None
     if isinstance(config, Path):
         config = read_config(config)
+    source = None
     if keep_existing and (out / PROVENANCE).is_file():
         source = open_checkpoint(checkpoint, config=config)
         if _provenance_of(out) == provenance(source, format=format, dtype=dtype):
@@ -90,7 +91,7 @@ def export_checkpoint(
         raise ExportError(f"{out} already exists; give a new directory to export into")
     if not out.parent.is_dir():
         raise ExportError(f"{out.parent}: no such directory to export into")
-    source = open_checkpoint(checkpoint, config=config)
+    source = source or open_checkpoint(checkpoint, config=config)
     state = full_weights(source)
     try:
         return _write_hf(
